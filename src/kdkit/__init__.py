@@ -1,0 +1,26 @@
+"""kdkit: distil a large teacher into a small, fast student, measure it, ship it.
+
+Public API (everything a user needs; the rest is importable from submodules):
+
+- :func:`distill`, :func:`train`, :func:`evaluate` — train and measure models.
+- :func:`load_config`, :func:`run_config` — config-driven runs (what the CLI calls).
+- :func:`create_model`, :func:`list_models`, :func:`register_model` — the model zoo.
+- :data:`METHODS`, :func:`register_method`, :class:`Method` — distillation methods.
+- :class:`Teacher` — the frozen teacher wrapper.
+- :class:`KdkitError` — every expected error.
+"""
+
+from .api import Run, distill, evaluate_run, run_config, train
+from .config import RunConfig, load_config
+from .data import DATASETS, ArrayData
+from .errors import KdkitError
+from .evaluate import evaluate
+from .methods import METHODS, Method, list_methods, register_method
+from .models import create_model, list_models, register_model
+from .teacher import Teacher
+
+__version__ = "0.1.0"
+
+__all__ = ["ArrayData", "DATASETS", "KdkitError", "METHODS", "Method", "Run", "RunConfig", "Teacher", "create_model",
+           "distill", "evaluate", "evaluate_run", "list_methods", "list_models", "load_config", "register_method",
+           "register_model", "run_config", "train", "__version__"]

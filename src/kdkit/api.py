@@ -1,0 +1,268 @@
+"""The Python API: ``train``, ``distill``, ``evaluate``, and running a config end to end.
+
+    run = kdkit.distill(teacher, student, train_data, val_data, method="kd",
+                        temperature=4.0, alpha=0.9, epochs=10, out_dir="runs/my-kd")
+    run.metrics   # test/validation numbers of the student (and teacher)
+    run.student   # the trained student (best validation weights)
+
+Data may be a ``torch.utils.data.Dataset``, a DataLoader, an ``(x, y)`` tuple of
+tensors or arrays, or a tensor of inputs alone (an unlabelled transfer set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import yaml
+from torch import nn
+
+from .checkpoint import load_weights, weights_path
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config
+from .data import DATASETS, UNLABELLED, ArrayData, DataSplits, as_dataset, hide_labels
+from .engine import History, fit, resolve_device
+from .errors import KdkitError
+from .evaluate import evaluate
+from .methods import METHODS, Method
+from .models import create_model, resolve_factory
+from .registry import call_checked, check_kwargs
+from .report import format_table, write_report
+from .rundir import create_run_dir, read_metrics
+from .teacher import Teacher, as_teacher
+
+
+@dataclass
+class Run:
+    """What ``train``/``distill`` hand back.
+
+    Attributes:
+        student: the trained model, with the best validation weights loaded when a run directory was written.
+        metrics: ``{"student": {...}, "teacher": {...}}`` numbers on the test split (validation when no test split).
+        history: one record per epoch, as in ``metrics.jsonl``.
+        dir: the run directory, if any.
+    """
+
+    student: nn.Module
+    metrics: Dict[str, Dict[str, Any]]
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    dir: Optional[Path] = None
+
+
+def _split_options(options: Dict[str, Any]) -> Tuple[TrainConfig, Dict[str, Any]]:
+    train_keys = set(TrainConfig.model_fields)
+    train = {k: v for k, v in options.items() if k in train_keys}
+    rest = {k: v for k, v in options.items() if k not in train_keys}
+    try:
+        return TrainConfig(**train), rest
+    except Exception as e:  # pydantic ValidationError -> one line
+        raise KdkitError(f"invalid training option: {str(e).splitlines()[1:3]}") from None
+
+
+def check_outputs_match(teacher: nn.Module, student: nn.Module, sample: torch.Tensor) -> None:
+    """Raise a clear error when teacher and student disagree on the output size (one forward on one sample)."""
+    with torch.inference_mode():
+        was = teacher.training, student.training
+        teacher.eval(), student.eval()
+        t_dev = next(teacher.parameters()).device
+        s_dev = next(student.parameters()).device
+        t = teacher(sample.to(t_dev))
+        s = student(sample.to(s_dev))
+        teacher.train(was[0]), student.train(was[1])
+    if t.shape[1:] != s.shape[1:]:
+        raise KdkitError(f"teacher outputs shape {tuple(t.shape[1:])} per sample but student outputs "
+                         f"{tuple(s.shape[1:])}; the student's head must match the teacher's (e.g. num_classes)")
+
+
+def _finish(method: Method, history: History, run_dir: Optional[Path], test_data, val_data,
+            teacher: Optional[Teacher], title: str, extra: Dict[str, Any] = None) -> Run:
+    student = method.student
+    if run_dir is not None and (run_dir / "checkpoints" / "best.safetensors").exists():
+        load_weights(student, run_dir / "checkpoints" / "best.safetensors")
+    data = test_data if test_data is not None else val_data
+    metrics: Dict[str, Dict[str, Any]] = {}
+    if data is not None:
+        student_cpu = student.to("cpu")
+        if teacher is not None:
+            teacher.to("cpu")
+            metrics["teacher"] = evaluate(teacher.model, data)
+        metrics["student"] = evaluate(student_cpu, data, teacher=teacher)
+        metrics["student"]["best_epoch"] = history.best_epoch
+    if run_dir is not None:
+        write_report(run_dir, metrics, {"student": history.epochs}, title=title,
+                     extra={"split": "test" if test_data is not None else "val", **(extra or {})})
+    return Run(student=student, metrics=metrics, history=history.epochs, dir=run_dir)
+
+
+def train(model: nn.Module, train_data, val_data=None, *, test_data=None, out_dir=None, seed: int = 0,
+          device: str = "auto", batch_size: int = 128, resume: bool = False, **train_options: Any) -> Run:
+    """Plain supervised training (cross-entropy, or MSE for float targets): teachers and baselines.
+
+    ``train_options`` are :class:`kdkit.config.TrainConfig` fields (epochs, optimizer, lr, schedule, ...).
+    """
+    cfg, rest = _split_options(train_options)
+    if rest:
+        raise KdkitError(f"train(): unknown option {next(iter(rest))!r}; allowed: {', '.join(TrainConfig.model_fields)}")
+    run_dir = create_run_dir(out_dir, resume) if out_dir is not None else None
+    method = METHODS.get("supervised")(model)
+    history = fit(method, as_dataset(train_data), as_dataset(val_data), cfg, run_dir=run_dir, seed=seed,
+                  device=device, batch_size=batch_size, resume=resume, name="model")
+    return _finish(method, history, run_dir, as_dataset(test_data), as_dataset(val_data), None, "kdkit train")
+
+
+def build_method(name: str, student: nn.Module, teacher: Optional[Teacher], options: Dict[str, Any]) -> Method:
+    """Instantiate a registered method, checking its options."""
+    cls = METHODS.get(name)
+    if getattr(cls, "needs_teacher", True) and teacher is None:
+        raise KdkitError(f"method {name!r} needs a teacher")
+    try:
+        return call_checked(cls, options, f"method {name!r}", {"student": student, "teacher": teacher})
+    except ValueError as e:
+        raise KdkitError(f"method {name!r}: {e}") from None
+
+
+def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *, method: str = "kd",
+            test_data=None, out_dir=None, seed: int = 0, device: str = "auto", batch_size: int = 128,
+            resume: bool = False, **options: Any) -> Run:
+    """Distil ``teacher`` into ``student``.
+
+    ``options`` mix training settings (:class:`kdkit.config.TrainConfig` fields such as ``epochs``, ``lr``)
+    and the method's own (for ``kd``: ``temperature``, ``alpha``); unknown keys are an error.
+    """
+    cfg, method_options = _split_options(options)
+    t = as_teacher(teacher)
+    train_ds = as_dataset(train_data)
+    first = train_ds[0]
+    sample = (first["x"] if isinstance(first, dict) else first[0] if isinstance(first, (tuple, list)) else first)
+    check_outputs_match(t.model, student, torch.as_tensor(sample).unsqueeze(0))
+    m = build_method(method, student, t, method_options)
+    run_dir = create_run_dir(out_dir, resume) if out_dir is not None else None
+    history = fit(m, train_ds, as_dataset(val_data), cfg, run_dir=run_dir, seed=seed, device=device,
+                  batch_size=batch_size, resume=resume, name="student")
+    return _finish(m, history, run_dir, as_dataset(test_data), as_dataset(val_data), t, f"kdkit distill ({method})")
+
+
+# ----------------------------------------------------------------------------- config-driven runs
+
+def _model_spec_from_run(run_dir: Path) -> ModelConfig:
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise KdkitError(f"{run_dir} has no config.yaml, so the architecture is unknown; give the model's name too")
+    raw = yaml.safe_load(cfg_path.read_text()) or {}
+    spec = raw.get("model") or raw.get("student")
+    if not spec or not spec.get("name"):
+        raise KdkitError(f"{cfg_path} names no model")
+    spec = dict(spec)
+    spec["checkpoint"] = str(run_dir)
+    return ModelConfig(**spec)
+
+
+def resolve_model_spec(spec: ModelConfig, where: str) -> ModelConfig:
+    """Fill a missing ``name`` from a checkpoint run directory; check the name and options exist."""
+    if spec.name is None:
+        if spec.checkpoint and Path(spec.checkpoint).is_dir():
+            spec = _model_spec_from_run(Path(spec.checkpoint)).model_copy(update={**spec.options(), "checkpoint": spec.checkpoint})
+        else:
+            raise KdkitError(f"{where}.name is required (a model name, or a run directory as {where}.checkpoint)")
+    check_kwargs(resolve_factory(spec.name), spec.options(), f"{where} {spec.name!r}", reserved=["num_classes", "input_shape"])
+    if spec.checkpoint is not None:
+        weights_path(spec.checkpoint)  # fails early if missing
+    return spec
+
+
+def build_model(spec: ModelConfig, splits: DataSplits) -> nn.Module:
+    num_classes = splits.num_classes if splits.num_classes is not None else int(splits.train[0]["y"].numel())
+    model = create_model(spec.name, num_classes=num_classes, input_shape=splits.input_shape, **spec.options())
+    if spec.checkpoint is not None:
+        load_weights(model, spec.checkpoint)
+    return model
+
+
+def build_data(cfg: DataConfig, seed: int = 0) -> DataSplits:
+    builder = DATASETS.get(cfg.name)
+    splits = call_checked(builder, cfg.options(), f"dataset {cfg.name!r}", {"seed": 0})
+    if cfg.unlabelled and isinstance(splits.train, ArrayData):
+        splits.train = splits.train.without_labels()
+    elif cfg.labelled_fraction < 1.0 and isinstance(splits.train, ArrayData):
+        splits.train = hide_labels(splits.train, cfg.labelled_fraction, seed=seed)
+    return splits
+
+
+def validate(cfg: RunConfig, command: str) -> RunConfig:
+    """Every check that needs no data or training, so a bad config fails before any work starts."""
+    check_kwargs(DATASETS.get(cfg.data.name), cfg.data.options(), f"dataset {cfg.data.name!r}", reserved=["seed"])
+    if command == "train":
+        if cfg.model is None:
+            raise KdkitError("config: `kdkit train` needs a model section (model: {name: ...})")
+        cfg = cfg.model_copy(update={"model": resolve_model_spec(cfg.model, "model")})
+    else:
+        if cfg.student is None:
+            raise KdkitError("config: `kdkit distill` needs a student section (student: {name: ...})")
+        cls = METHODS.get(cfg.method.name)
+        check_kwargs(cls, cfg.method.options(), f"method {cfg.method.name!r}", reserved=["student", "teacher"])
+        teacher = None
+        if getattr(cls, "needs_teacher", True):
+            if cfg.teacher is None:
+                raise KdkitError(f"config: method {cfg.method.name!r} needs a teacher section (teacher: {{checkpoint: RUN_DIR}})")
+            teacher = resolve_model_spec(cfg.teacher, "teacher")
+            if teacher.checkpoint is None:
+                raise KdkitError("config: teacher.checkpoint is required: a trained teacher's run directory or .safetensors file")
+        cfg = cfg.model_copy(update={"student": resolve_model_spec(cfg.student, "student"), "teacher": teacher})
+    if cfg.out_dir is None:
+        raise KdkitError("config: out_dir is required (where the run directory goes)")
+    resolve_device(cfg.device)
+    return cfg
+
+
+def run_config(cfg: RunConfig, command: str, resume: bool = False) -> Run:
+    """``kdkit train`` / ``kdkit distill``: validate, build, train, evaluate, report."""
+    cfg = validate(cfg, command)
+    run_dir = create_run_dir(cfg.out_dir, resume)
+    if not resume:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    splits = build_data(cfg.data, cfg.seed)
+    teacher = None
+    if command == "train":
+        method = METHODS.get("supervised")(build_model(cfg.model, splits))
+        name = "model"
+    else:
+        student = build_model(cfg.student, splits)
+        if cfg.teacher is not None:
+            teacher = Teacher(build_model(cfg.teacher, splits))
+            check_outputs_match(teacher.model, student, splits.train[0]["x"].unsqueeze(0))
+        method = build_method(cfg.method.name, student, teacher, cfg.method.options())
+        name = "student"
+    history = fit(method, splits.train, splits.val, cfg.train, run_dir=run_dir, seed=cfg.seed, device=cfg.device,
+                  batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                  num_workers=cfg.data.num_workers, resume=resume, name=name)
+    title = f"kdkit {command}: {cfg.data.name}" + (f", {cfg.method.name}" if command == "distill" else "")
+    return _finish(method, history, run_dir, splits.test, splits.val, teacher, title,
+                   extra={"dataset": cfg.data.name, "data_info": splits.info})
+
+
+def evaluate_run(run_dir, split: str = "test") -> Dict[str, Dict[str, Any]]:
+    """Re-evaluate a finished run's best checkpoint (and its teacher, if any) on a split."""
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise KdkitError(f"{run_dir} is not a kdkit run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    splits = build_data(cfg.data, cfg.seed)
+    data = getattr(splits, split, None)
+    if data is None:
+        raise KdkitError(f"dataset {cfg.data.name!r} has no {split!r} split; use test or val")
+    spec = cfg.model or cfg.student
+    model = build_model(spec.model_copy(update={"checkpoint": str(run_dir)}), splits)
+    metrics: Dict[str, Dict[str, Any]] = {}
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = build_model(cfg.teacher, splits)
+        metrics["teacher"] = evaluate(teacher, data)
+    metrics["model" if cfg.model else "student"] = evaluate(model, data, teacher=teacher)
+    return metrics
+
+
+__all__ = ["Run", "build_data", "build_model", "distill", "evaluate", "evaluate_run", "format_table",
+           "run_config", "train", "validate"]

@@ -1,0 +1,115 @@
+"""The ``kdkit`` command: a thin layer over the Python API.
+
+    kdkit demo                                  # the main job on embedded digits
+    kdkit train CONFIG [key.path=value ...]     # supervised training (teachers, baselines)
+    kdkit distill CONFIG [key.path=value ...]   # distillation
+    kdkit evaluate RUN_DIR [--split test|val]
+    kdkit ls                                    # registered models, methods, datasets
+
+Expected failures print ``error: <one line>`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import KdkitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation: teacher -> small student, measured.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="teacher, scratch student and distilled student on embedded digits")
+    d.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-N if taken)")
+    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true")
+
+    for name, text in (("train", "train a model on labels (teachers, baselines)"), ("distill", "distil a teacher into a student")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
+        c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.temperature=2 train.epochs=3")
+        c.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+
+    e = sub.add_parser("evaluate", help="re-evaluate a run directory's best checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    sub.add_parser("ls", help="list registered models, methods and datasets")
+    return p
+
+
+def _demo_dir(out: Optional[str]) -> Path:
+    if out is not None:
+        return Path(out)
+    base = Path("runs/demo")
+    candidate, n = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = Path(f"{base}-{n}")
+    return candidate
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from . import api
+    from .config import load_config
+    from .report import format_table
+
+    if args.command == "ls":
+        from .data import DATASETS
+        from .methods import METHODS
+        from .models import MODELS
+
+        for title, reg in (("models", MODELS), ("methods", METHODS), ("datasets", DATASETS)):
+            print(f"{title}: {', '.join(reg.names())}")
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(_demo_dir(args.out), epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+        return 0
+    if args.command in ("train", "distill"):
+        if args.resume:
+            if args.config and not args.config.endswith((".yaml", ".yml")):
+                args.overrides.insert(0, args.config)
+                args.config = None
+            source = args.config or Path(args.resume) / "config.yaml"
+            if not Path(args.resume, "config.yaml").is_file():
+                raise KdkitError(f"cannot resume: {args.resume} is not a kdkit run directory (no config.yaml)")
+            cfg = load_config(source, args.overrides + [f"out_dir={args.resume}"])
+        else:
+            if not args.config:
+                raise KdkitError(f"kdkit {args.command}: a CONFIG file is required (or --resume RUN_DIR)")
+            cfg = load_config(args.config, args.overrides)
+        result = api.run_config(cfg, args.command, resume=bool(args.resume))
+        print(format_table(result.metrics))
+        print(f"run directory: {result.dir}")
+        return 0
+    if args.command == "evaluate":
+        metrics = api.evaluate_run(args.run_dir, args.split)
+        print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        code = run(argv)
+    except KdkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

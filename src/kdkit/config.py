@@ -1,0 +1,180 @@
+"""Typed experiment configs: YAML in, validated objects out, resolved YAML written to the run directory.
+
+A config is data, never code. Every key is checked before any work starts:
+an unknown key, a wrong type or a bad value is a one-line :class:`KdkitError`
+naming the key path, what was given and what is allowed. Sections that name a
+registered thing (``data``, ``model``/``student``/``teacher``, ``method``) take
+that thing's own options beside ``name``; those are checked against the
+factory's signature.
+
+Example::
+
+    seed: 0
+    out_dir: runs/digits-kd
+    data: {name: digits, batch_size: 64}
+    teacher: {checkpoint: runs/digits-teacher}
+    student: {name: mlp, hidden: [32]}
+    method: {name: kd, temperature: 4.0, alpha: 0.9}
+    train: {epochs: 30, optimizer: adam, lr: 0.003}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import KdkitError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class _Named(BaseModel):
+    """A section that names a registered thing; extra keys are that thing's own options."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    def options(self) -> Dict[str, Any]:
+        """The thing's own options (everything but the section's declared fields)."""
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Named):
+    """``data:`` which dataset, how it is batched, how many labels are kept."""
+
+    name: str = "digits"
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(512, gt=0)
+    labelled_fraction: float = Field(1.0, gt=0.0, le=1.0, description="keep labels for this fraction of training samples")
+    unlabelled: bool = Field(False, description="drop every label: distil from an unlabelled transfer set")
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelConfig(_Named):
+    """``model:``/``student:``/``teacher:`` a zoo name or ``pkg.mod:factory``, its options, optional weights.
+
+    ``checkpoint`` is a ``.safetensors`` file or a run directory; with a run
+    directory and no ``name``, the architecture is read from that run's config.
+    """
+
+    name: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+class MethodConfig(_Named):
+    """``method:`` a registered method name and its options (e.g. ``temperature``, ``alpha``)."""
+
+    name: str = "kd"
+
+
+class TrainConfig(_Strict):
+    """``train:`` the optimisation loop."""
+
+    epochs: int = Field(10, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_size: int = Field(30, gt=0, description="epochs between decays for schedule=step")
+    gamma: float = Field(0.1, gt=0, le=1, description="decay factor for schedule=step")
+    grad_clip: Optional[float] = Field(None, gt=0, description="max global gradient norm")
+    eval_every: int = Field(1, gt=0, description="evaluate on the validation split every N epochs")
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    """The whole experiment."""
+
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    out_dir: Optional[str] = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: Optional[ModelConfig] = None
+    teacher: Optional[ModelConfig] = None
+    student: Optional[ModelConfig] = None
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        section: Any = RunConfig
+        for part in e["loc"][:-1]:
+            ann = section.model_fields[part].annotation
+            section = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        allowed = ", ".join(section.model_fields)
+        return f"{source}: unknown key {path!r}; allowed here: {allowed}"
+    given = e.get("input")
+    return f"{source}: {path}: {e['msg']} (given {given!r})"
+
+
+def parse_override(text: str) -> tuple:
+    """``"method.temperature=2"`` -> ``(["method", "temperature"], 2)``; the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise KdkitError(f"override {text!r} must look like key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise KdkitError(f"override {text!r}: {k!r} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(source: Union[str, Path, Dict[str, Any], None] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML file (or a dict), apply ``key.path=value`` overrides, validate.
+
+    Raises:
+        KdkitError: on a missing file, bad YAML, or an invalid key or value.
+    """
+    name = "config"
+    if source is None:
+        raw: Dict[str, Any] = {}
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        name = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise KdkitError(f"config file {path} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise KdkitError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise KdkitError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise KdkitError(_format_error(e, name)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (every default filled in)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def train_fields() -> List[str]:
+    return list(TrainConfig.model_fields)

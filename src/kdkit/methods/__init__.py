@@ -1,0 +1,17 @@
+"""Distillation methods, one per file, registered by name in :data:`METHODS`.
+
+Importing this package registers every built-in method.
+"""
+
+from . import kd, supervised  # noqa: F401  (registration side effects)
+from .base import METHODS, Method
+
+register_method = METHODS.register
+
+
+def list_methods():
+    """Names of the registered methods."""
+    return METHODS.names()
+
+
+__all__ = ["METHODS", "Method", "list_methods", "register_method"]

@@ -1,0 +1,44 @@
+"""The method contract.
+
+A method is a small ``nn.Module`` that owns the student (and any trainable
+extras such as connectors) and holds a reference to the frozen teacher.
+``forward(batch)`` returns a dict with:
+
+- ``loss``: the scalar to minimise;
+- named parts (``kd``, ``ce``, ...): detached-or-not scalars, logged separately;
+- ``logits``: the student's outputs on ``batch["x"]`` (used for training accuracy).
+
+The engine knows nothing else about methods.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+from ..teacher import Teacher
+
+METHODS = Registry("method")
+
+Batch = Dict[str, torch.Tensor]
+
+
+class Method(nn.Module):
+    """Base class: stores the student as a submodule and the teacher as a plain attribute.
+
+    Attributes:
+        needs_teacher: whether the method requires a teacher.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, student: nn.Module, teacher: Optional[Teacher] = None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher  # not an nn.Module, so not a submodule: never trained, never saved
+
+    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,51 @@
+"""The run directory: one folder per run, never overwritten silently.
+
+    <out_dir>/
+      config.yaml        the resolved config
+      metrics.jsonl      one JSON line per epoch
+      checkpoints/       best.safetensors, last.safetensors, state.safetensors + state.json
+      report.json        final numbers
+      report.html        comparison table and training curves
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .errors import KdkitError
+
+
+def create_run_dir(path, resume: bool = False) -> Path:
+    """Make ``path`` for a new run, or check it for a resumed one.
+
+    Raises:
+        KdkitError: a new run whose directory exists and is not empty, or a resume whose directory does not exist.
+    """
+    p = Path(path)
+    if resume:
+        if not (p / "config.yaml").is_file():
+            raise KdkitError(f"cannot resume: {p} is not a kdkit run directory (no config.yaml)")
+        return p
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise KdkitError(f"run directory {p} already exists and is not empty; choose another out_dir "
+                         f"(e.g. out_dir={p}-2) or continue it with --resume {p}")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def read_metrics(run_dir) -> List[Dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path, data: Dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path) -> Optional[Dict[str, Any]]:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else None
