@@ -111,13 +111,48 @@ def train(model: nn.Module, train_data, val_data=None, *, test_data=None, out_di
     return _finish(method, history, run_dir, as_dataset(test_data), as_dataset(val_data), None, "kdkit train")
 
 
-def build_method(name: str, student: nn.Module, teacher: Optional[Teacher], options: Dict[str, Any]) -> Method:
-    """Instantiate a registered method, checking its options."""
+# Constructor arguments build_method supplies itself (never user options): one small training batch for
+# dry runs that size connectors, the training-set size (CRD's memory bank) and the number of classes.
+INJECTED_METHOD_ARGS = ("student", "teacher", "example_batch", "num_samples", "num_classes")
+
+
+def example_batch_of(train_data, size: int = 16) -> Optional[Dict[str, torch.Tensor]]:
+    """The first ``size`` training samples as one batch dict (on the CPU), or None when there is no data."""
+    if train_data is None:
+        return None
+    from .data.core import make_loader
+
+    try:
+        return next(iter(make_loader(train_data, batch_size=min(size, max(1, len(train_data))))))
+    except (StopIteration, TypeError):
+        return None
+
+
+def build_method(name: str, student: nn.Module, teacher: Optional[Teacher], options: Dict[str, Any], *,
+                 train_data=None, example_batch: Optional[Dict[str, torch.Tensor]] = None,
+                 num_samples: Optional[int] = None, num_classes: Optional[int] = None) -> Method:
+    """Instantiate a registered method, checking its options.
+
+    Besides ``student`` and ``teacher``, a method's constructor receives, when it declares them,
+    ``example_batch`` (one small training batch, for dry runs), ``num_samples`` (training-set size) and
+    ``num_classes``; ``train_data`` fills the first two when they are not given.
+    """
     cls = METHODS.get(name)
     if getattr(cls, "needs_teacher", True) and teacher is None:
         raise KdkitError(f"method {name!r} needs a teacher")
+    if example_batch is None:
+        example_batch = example_batch_of(train_data)
+    if num_samples is None and train_data is not None and hasattr(train_data, "__len__"):
+        num_samples = len(train_data)
+    if num_classes is None and teacher is not None and example_batch is not None:
+        try:
+            num_classes = int(teacher(example_batch).shape[-1])
+        except Exception:  # a teacher that cannot say; methods needing it will complain themselves
+            num_classes = None
+    injected = {"student": student, "teacher": teacher, "example_batch": example_batch,
+                "num_samples": num_samples, "num_classes": num_classes}
     try:
-        return call_checked(cls, options, f"method {name!r}", {"student": student, "teacher": teacher})
+        return call_checked(cls, options, f"method {name!r}", injected)
     except ValueError as e:
         raise KdkitError(f"method {name!r}: {e}") from None
 
@@ -136,7 +171,7 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *
     first = train_ds[0]
     sample = (first["x"] if isinstance(first, dict) else first[0] if isinstance(first, (tuple, list)) else first)
     check_outputs_match(t.model, student, torch.as_tensor(sample).unsqueeze(0))
-    m = build_method(method, student, t, method_options)
+    m = build_method(method, student, t, method_options, train_data=train_ds)
     run_dir = create_run_dir(out_dir, resume) if out_dir is not None else None
     history = fit(m, train_ds, as_dataset(val_data), cfg, run_dir=run_dir, seed=seed, device=device,
                   batch_size=batch_size, resume=resume, name="student")
@@ -200,7 +235,7 @@ def validate(cfg: RunConfig, command: str) -> RunConfig:
         if cfg.student is None:
             raise KdkitError("config: `kdkit distill` needs a student section (student: {name: ...})")
         cls = METHODS.get(cfg.method.name)
-        check_kwargs(cls, cfg.method.options(), f"method {cfg.method.name!r}", reserved=["student", "teacher"])
+        check_kwargs(cls, cfg.method.options(), f"method {cfg.method.name!r}", reserved=list(INJECTED_METHOD_ARGS))
         teacher = None
         if getattr(cls, "needs_teacher", True):
             if cfg.teacher is None:
@@ -231,7 +266,8 @@ def run_config(cfg: RunConfig, command: str, resume: bool = False) -> Run:
         if cfg.teacher is not None:
             teacher = Teacher(build_model(cfg.teacher, splits))
             check_outputs_match(teacher.model, student, splits.train[0]["x"].unsqueeze(0))
-        method = build_method(cfg.method.name, student, teacher, cfg.method.options())
+        method = build_method(cfg.method.name, student, teacher, cfg.method.options(), train_data=splits.train,
+                              num_classes=splits.num_classes)
         name = "student"
     history = fit(method, splits.train, splits.val, cfg.train, run_dir=run_dir, seed=cfg.seed, device=cfg.device,
                   batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
