@@ -166,11 +166,17 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *
     and the method's own (for ``kd``: ``temperature``, ``alpha``); unknown keys are an error.
     """
     cfg, method_options = _split_options(options)
-    t = as_teacher(teacher)
+    if isinstance(teacher, (list, tuple)):  # several teachers: average their soft targets at the method's T
+        from .teacher import TeacherEnsemble
+
+        t = TeacherEnsemble(teacher, temperature=_method_temperature(method, method_options))
+    else:
+        t = as_teacher(teacher)
     train_ds = as_dataset(train_data)
     first = train_ds[0]
     sample = (first["x"] if isinstance(first, dict) else first[0] if isinstance(first, (tuple, list)) else first)
-    check_outputs_match(t.model, student, torch.as_tensor(sample).unsqueeze(0))
+    if t is not None:  # teacher-free methods (e.g. dml) take teacher=None
+        check_outputs_match(t.model, student, torch.as_tensor(sample).unsqueeze(0))
     m = build_method(method, student, t, method_options, train_data=train_ds)
     run_dir = create_run_dir(out_dir, resume) if out_dir is not None else None
     history = fit(m, train_ds, as_dataset(val_data), cfg, run_dir=run_dir, seed=seed, device=device,
@@ -224,6 +230,55 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataSplits:
     return splits
 
 
+def _validate_teachers(cfg: RunConfig) -> Optional[List[ModelConfig]]:
+    """Resolve a ``teachers:`` list (several teachers), or None when the config has none."""
+    if not cfg.teachers:
+        return None
+    if cfg.teacher is not None:
+        raise KdkitError("config: give either teacher (one) or teachers (a list), not both")
+    weights = cfg.ensemble.weights
+    if weights is not None and len(weights) != len(cfg.teachers):
+        raise KdkitError(f"config: ensemble.weights has {len(weights)} entries for {len(cfg.teachers)} teachers")
+    resolved = []
+    for i, spec in enumerate(cfg.teachers):
+        spec = resolve_model_spec(spec, f"teachers.{i}")
+        if spec.checkpoint is None:
+            raise KdkitError(f"config: teachers.{i}.checkpoint is required: a trained teacher's run directory or .safetensors file")
+        resolved.append(spec)
+    return resolved
+
+
+def _method_temperature(name: str, options: Dict[str, Any]) -> float:
+    """The distillation temperature method ``name`` will use (its option, else its default, else 1)."""
+    if "temperature" in options:
+        return float(options["temperature"])
+    import inspect
+
+    param = inspect.signature(METHODS.get(name)).parameters.get("temperature")
+    return float(param.default) if param is not None and isinstance(param.default, (int, float)) else 1.0
+
+
+def build_teacher(cfg: RunConfig, splits: DataSplits) -> Teacher:
+    """The frozen teacher of a config: one ``teacher:``, or a :class:`TeacherEnsemble` of ``teachers:``."""
+    if not cfg.teachers:
+        return Teacher(build_model(cfg.teacher, splits))
+    from .teacher import TeacherEnsemble
+
+    e = cfg.ensemble
+    members = [build_model(spec, splits) for spec in cfg.teachers]
+    sample = splits.train[0]["x"].unsqueeze(0)
+    for i, m in enumerate(members[1:], start=1):
+        try:
+            check_outputs_match(members[0], m, sample)
+        except KdkitError as err:
+            raise KdkitError(f"teachers.{i} does not match teachers.0: {err}") from None
+    temperature = e.temperature if e.temperature is not None else _method_temperature(cfg.method.name, cfg.method.options())
+    try:
+        return TeacherEnsemble(members, e.weights, e.weighting, temperature, e.combine)
+    except ValueError as err:
+        raise KdkitError(f"config: ensemble: {err}") from None
+
+
 def validate(cfg: RunConfig, command: str) -> RunConfig:
     """Every check that needs no data or training, so a bad config fails before any work starts."""
     check_kwargs(DATASETS.get(cfg.data.name), cfg.data.options(), f"dataset {cfg.data.name!r}", reserved=["seed"])
@@ -237,13 +292,15 @@ def validate(cfg: RunConfig, command: str) -> RunConfig:
         cls = METHODS.get(cfg.method.name)
         check_kwargs(cls, cfg.method.options(), f"method {cfg.method.name!r}", reserved=list(INJECTED_METHOD_ARGS))
         teacher = None
-        if getattr(cls, "needs_teacher", True):
+        teachers = _validate_teachers(cfg) if getattr(cls, "needs_teacher", True) else None
+        if getattr(cls, "needs_teacher", True) and teachers is None:
             if cfg.teacher is None:
                 raise KdkitError(f"config: method {cfg.method.name!r} needs a teacher section (teacher: {{checkpoint: RUN_DIR}})")
             teacher = resolve_model_spec(cfg.teacher, "teacher")
             if teacher.checkpoint is None:
                 raise KdkitError("config: teacher.checkpoint is required: a trained teacher's run directory or .safetensors file")
-        cfg = cfg.model_copy(update={"student": resolve_model_spec(cfg.student, "student"), "teacher": teacher})
+        cfg = cfg.model_copy(update={"student": resolve_model_spec(cfg.student, "student"), "teacher": teacher,
+                                     "teachers": teachers})
     if cfg.out_dir is None:
         raise KdkitError("config: out_dir is required (where the run directory goes)")
     resolve_device(cfg.device)
@@ -263,8 +320,8 @@ def run_config(cfg: RunConfig, command: str, resume: bool = False) -> Run:
         name = "model"
     else:
         student = build_model(cfg.student, splits)
-        if cfg.teacher is not None:
-            teacher = Teacher(build_model(cfg.teacher, splits))
+        if cfg.teacher is not None or cfg.teachers:
+            teacher = build_teacher(cfg, splits)
             check_outputs_match(teacher.model, student, splits.train[0]["x"].unsqueeze(0))
         method = build_method(cfg.method.name, student, teacher, cfg.method.options(), train_data=splits.train,
                               num_classes=splits.num_classes)
@@ -293,8 +350,8 @@ def evaluate_run(run_dir, split: str = "test") -> Dict[str, Dict[str, Any]]:
     model = build_model(spec.model_copy(update={"checkpoint": str(run_dir)}), splits)
     metrics: Dict[str, Dict[str, Any]] = {}
     teacher = None
-    if cfg.teacher is not None:
-        teacher = build_model(cfg.teacher, splits)
+    if cfg.teacher is not None or cfg.teachers:
+        teacher = build_teacher(cfg, splits).model
         metrics["teacher"] = evaluate(teacher, data)
     metrics["model" if cfg.model else "student"] = evaluate(model, data, teacher=teacher)
     return metrics

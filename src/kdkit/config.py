@@ -88,6 +88,15 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
+class EnsembleConfig(_Strict):
+    """``ensemble:`` how the ``teachers:`` list is combined (see :class:`kdkit.teacher.TeacherEnsemble`)."""
+
+    weights: Optional[List[float]] = Field(None, description="fixed weight per teacher (default: equal)")
+    weighting: Literal["fixed", "entropy", "max_prob"] = "fixed"
+    combine: Literal["probs", "logits"] = "probs"
+    temperature: Optional[float] = Field(None, gt=0, description="soft-target temperature (default: the method's)")
+
+
 class RunConfig(_Strict):
     """The whole experiment."""
 
@@ -97,6 +106,8 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: Optional[ModelConfig] = None
     teacher: Optional[ModelConfig] = None
+    teachers: Optional[List[ModelConfig]] = Field(None, description="several teachers, combined per `ensemble`")
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     student: Optional[ModelConfig] = None
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
