@@ -34,10 +34,19 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return float(ece)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer; CPU for models with neither (e.g. int8 quantised ones)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, data, batch_size: int = 512, device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
     """Run ``model`` over ``data`` in eval mode; returns ``{"outputs": (N, C), "y": (N, ...) or absent}`` on CPU."""
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     was_training = model.training
     model.eval()
     outs, ys = [], []
@@ -87,7 +96,7 @@ def latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[
             repeats: int = 30, warmup: int = 5) -> Dict[str, float]:
     """Median CPU wall time per batch (milliseconds) after warm-up, for each batch size."""
     model = model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     result = {}
     for bs in batch_sizes:
         x = torch.randn(bs, *input_shape, device=device)
@@ -127,7 +136,7 @@ def evaluate(model: nn.Module, data, teacher: Optional[nn.Module] = None, batch_
     metrics.update(size(model))
     if measure_latency:
         shape = input_shape or tuple(data[0]["x"].shape if isinstance(data[0], dict) else data[0][0].shape)
-        device = next(model.parameters()).device
+        device = model_device(model)
         cpu_model = model if device.type == "cpu" else _cpu_copy(model)
         metrics.update(latency(cpu_model, shape))
     return metrics
