@@ -18,9 +18,12 @@ COLUMNS = [
     ("nll", "NLL", "{:.4f}"),
     ("mse", "MSE", "{:.4f}"),
     ("parameters", "params", "{:,}"),
+    ("nonzero", "non-zero params", "{:,}"),
     ("bytes", "bytes on disk", "{:,}"),
     ("latency_ms_b1", "latency b1 (ms)", "{:.3f}"),
     ("latency_ms_b256", "latency b256 (ms)", "{:.2f}"),
+    ("ort_latency_ms_b1", "onnxruntime b1 (ms)", "{:.3f}"),
+    ("ort_latency_ms_b256", "onnxruntime b256 (ms)", "{:.2f}"),
 ]
 
 
@@ -78,8 +81,11 @@ def _curves_png(histories: Dict[str, Sequence[Dict[str, Any]]]) -> str:
 
 
 def write_report(run_dir, models: Dict[str, Dict[str, Any]], histories: Dict[str, Sequence[Dict[str, Any]]],
-                 title: str = "kdkit report", extra: Dict[str, Any] = None) -> Dict[str, Any]:
-    """Write ``report.json`` and ``report.html`` into ``run_dir``; returns the JSON content."""
+                 title: str = "kdkit report", extra: Dict[str, Any] = None, extra_html: str = "") -> Dict[str, Any]:
+    """Write ``report.json`` and ``report.html`` into ``run_dir``; returns the JSON content.
+
+    ``extra_html`` (already escaped HTML: more tables, plots) goes after the training curves.
+    """
     run_dir = Path(run_dir)
     report = {"title": title, "models": models, **(extra or {})}
     write_json(run_dir / "report.json", report)
@@ -99,7 +105,27 @@ th{{background:#f3f3f3}}img{{max-width:100%}}</style></head>
 Latency: median CPU wall time per batch after warm-up.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 {img}
+{extra_html}
 </body></html>
 """
     (run_dir / "report.html").write_text(page)
     return report
+
+
+def append_report(run_dir, key: str, value: Any, html_section: str = "") -> None:
+    """Add ``key: value`` to an existing ``report.json`` and ``html_section`` to the end of ``report.html``.
+
+    Later commands (``kdkit export``) use this to put their numbers beside a run's own.
+    """
+    from .rundir import read_json
+
+    run_dir = Path(run_dir)
+    report = read_json(run_dir / "report.json") or {}
+    report[key] = value
+    write_json(run_dir / "report.json", report)
+    page_path = run_dir / "report.html"
+    if html_section:
+        page = page_path.read_text() if page_path.is_file() else "<!doctype html><html><body>\n</body></html>\n"
+        cut = page.rfind("</body>")
+        page = page[:cut] + html_section + "\n" + page[cut:] if cut >= 0 else page + html_section
+        page_path.write_text(page)
