@@ -5,6 +5,7 @@
     kdkit distill CONFIG [key.path=value ...]   # distillation
     kdkit evaluate RUN_DIR [--split test|val]
     kdkit ls                                    # registered models, methods, datasets
+    kdkit born-again CONFIG --generations N     # born-again networks, one run directory per generation
 
 Expected failures print ``error: <one line>`` and exit with status 2.
 """
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     sub.add_parser("ls", help="list registered models, methods and datasets")
+
+    b = sub.add_parser("born-again", help="born-again networks: N generations, each distilled from the previous")
+    b.add_argument("config", help="YAML config (teacher.checkpoint = generation 0, or a student section to train it)")
+    b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    b.add_argument("--generations", type=int, default=2)
     return p
 
 
@@ -91,6 +97,12 @@ def run(argv: Optional[List[str]] = None) -> int:
         result = api.run_config(cfg, args.command, resume=bool(args.resume))
         print(format_table(result.metrics))
         print(f"run directory: {result.dir}")
+        return 0
+    if args.command == "born-again":
+        from .born_again import born_again_config
+
+        result = born_again_config(load_config(args.config, args.overrides), args.generations)
+        print(f"generations in: {result.dir} (summary.json)")
         return 0
     if args.command == "evaluate":
         metrics = api.evaluate_run(args.run_dir, args.split)

@@ -4,7 +4,7 @@ Importing this package registers every built-in method.
 """
 
 from . import kd, supervised  # noqa: F401  (registration side effects)
-from . import combo, dml  # noqa: F401  (several methods by weights; mutual learning)
+from . import byot, combo, dml  # noqa: F401  (self-distillation; several methods by weights; mutual learning)
 from .base import METHODS, Method
 
 register_method = METHODS.register
