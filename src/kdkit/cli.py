@@ -5,6 +5,7 @@
     kdkit distill CONFIG [key.path=value ...]   # distillation
     kdkit evaluate RUN_DIR [--split test|val]
     kdkit ls                                    # registered models, methods, datasets
+    kdkit inspect MODEL [--input-shape 1,28,28 | --dataset digits]   # module names + output shapes
     kdkit born-again CONFIG --generations N     # born-again networks, one run directory per generation
 
 Expected failures print ``error: <one line>`` and exit with status 2.
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ls", help="list registered models, methods and datasets")
 
+    i = sub.add_parser("inspect", help="print a model's module names with output shapes (to pick feature layers)")
+    i.add_argument("model", help="registered model name or package.module:factory")
+    i.add_argument("--input-shape", help="one sample's shape, e.g. 1,28,28 (default: the dataset's)")
+    i.add_argument("--dataset", default=None, help="take input shape and classes from this dataset (e.g. digits)")
+    i.add_argument("--num-classes", type=int, default=None, help="outputs of the model (default: the dataset's, or 10)")
+
     b = sub.add_parser("born-again", help="born-again networks: N generations, each distilled from the previous")
     b.add_argument("config", help="YAML config (teacher.checkpoint = generation 0, or a student section to train it)")
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
@@ -62,12 +69,44 @@ def _demo_dir(out: Optional[str]) -> Path:
     return candidate
 
 
+def _inspect(args: argparse.Namespace) -> str:
+    """``kdkit inspect``: one dry-run forward of a zero batch with hooks on every module."""
+    import torch
+
+    from .hooks import format_trace, trace
+    from .models import create_model
+
+    shape, classes = None, args.num_classes
+    if args.dataset:
+        from .data import DATASETS
+
+        splits = DATASETS.get(args.dataset)()
+        shape, classes = tuple(splits.input_shape), classes or splits.num_classes
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise KdkitError(f"--input-shape must be integers like 1,28,28; got {args.input_shape!r}") from None
+    if not shape:
+        raise KdkitError("kdkit inspect: give --input-shape (e.g. 1,28,28) or --dataset (e.g. digits)")
+    model = create_model(args.model, num_classes=classes or 10, input_shape=shape)
+    try:
+        records = trace(model, torch.zeros((2, *shape)))
+    except (RuntimeError, ValueError) as e:
+        raise KdkitError(f"model {args.model!r} fails on inputs of shape {shape}: {str(e).splitlines()[0]}") from None
+    return (f"{args.model} on inputs (B, {', '.join(map(str, shape))}); names usable as student_layer / "
+            f"teacher_layer (append :input for a module's input)\n" + format_trace(records))
+
+
 def run(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from . import api
     from .config import load_config
     from .report import format_table
 
+    if args.command == "inspect":
+        print(_inspect(args))
+        return 0
     if args.command == "ls":
         from .data import DATASETS
         from .methods import METHODS

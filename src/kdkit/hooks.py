@@ -256,7 +256,7 @@ def format_trace(records: Iterable[LayerRecord]) -> str:
     """A readable table of :func:`trace` records: indented name, type, output shape, parameters."""
     rows = [("name", "type", "output shape", "params")]
     for r in records:
-        shape = "x".join(str(s) for s in r.shape) if r.shape is not None else "-"
+        shape = "(" + ", ".join(["B", *(str(s) for s in r.shape[1:])]) + ")" if r.shape else "-"
         rows.append(("  " * (r.depth - 1) + r.name, r.type, shape, f"{r.params:,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [" ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))

@@ -1,0 +1,50 @@
+"""DIST: distillation by correlation of probabilities (Huang et al., NeurIPS 2022)."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from ..losses import dist_inter_loss, dist_intra_loss, masked_cross_entropy
+from .base import METHODS, Batch, Method
+
+
+@METHODS.register("dist")
+class DIST(Method):
+    """DIST (Huang, You, Wang, Qian & Xu, NeurIPS 2022, "Knowledge Distillation from A Stronger Teacher").
+
+    ``loss = ce_weight · CE(s, y) + beta · inter + gamma · intra`` where ``inter`` / ``intra`` are one minus the
+    Pearson correlation of the softened class probabilities per sample / per class
+    (:func:`kdkit.losses.dist_inter_loss`, :func:`kdkit.losses.dist_intra_loss`). No labels are needed for
+    the distillation terms; the cross-entropy covers the labelled samples only.
+
+    Args:
+        beta: weight of the inter-class (per-sample) relation.
+        gamma: weight of the intra-class (per-class, across the batch) relation.
+        temperature: softening temperature.
+        ce_weight: weight of the cross-entropy.
+    """
+
+    def __init__(self, student: nn.Module, teacher, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0,
+                 ce_weight: float = 1.0):
+        super().__init__(student, teacher)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0; got {temperature}")
+        self.beta, self.gamma, self.temperature, self.ce_weight = beta, gamma, temperature, ce_weight
+
+    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        logits = self.student(batch["x"])
+        t_logits = self.teacher(batch)
+        inter = dist_inter_loss(logits, t_logits, self.temperature)
+        intra = dist_intra_loss(logits, t_logits, self.temperature)
+        loss = self.beta * inter + self.gamma * intra
+        out = {"inter": inter.detach(), "intra": intra.detach()}
+        y = batch.get("y")
+        if y is not None and self.ce_weight > 0:
+            ce = masked_cross_entropy(logits, y)
+            loss = loss + self.ce_weight * ce
+            out["ce"] = ce.detach()
+        out.update(loss=loss, logits=logits)
+        return out

@@ -1,0 +1,40 @@
+"""Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018)."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from ..losses import pkt_loss
+from .base import METHODS
+from .feature_base import FeatureMethod, LayerSpec
+
+
+@METHODS.register("pkt")
+class PKT(FeatureMethod):
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018, "Learning Deep Representations with
+    Probabilistic Knowledge Transfer").
+
+    ``loss = ce_weight · CE + kd_weight · KD + beta · Σ_pairs pkt_loss(f_s, f_t)`` with
+    :func:`kdkit.losses.pkt_loss`: KL between the teacher's and the student's neighbour distributions
+    (cosine kernel) in embedding space. Widths may differ (no connector).
+
+    Args:
+        student_layer, teacher_layer: any layers (default: the embeddings ``head:input``).
+        beta: weight of the KL.
+        ce_weight, kd_weight, temperature: see :class:`~kdkit.methods.feature_base.FeatureMethod`.
+    """
+
+    feature_kind = "embedding"
+    part = "pkt"
+
+    def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
+                 beta: float = 1.0, ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
+                 example_batch=None):
+        super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
+                         temperature)
+
+    def feature_loss(self, student_features: List[torch.Tensor], teacher_features: List[torch.Tensor]) -> torch.Tensor:
+        return sum(pkt_loss(s, t) for s, t in zip(student_features, teacher_features))
