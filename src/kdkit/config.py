@@ -86,6 +86,18 @@ class TrainConfig(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0, description="max global gradient norm")
     eval_every: int = Field(1, gt=0, description="evaluate on the validation split every N epochs")
     progress: bool = True
+    # speed (see kdkit.engine and kdkit.cache)
+    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimiser step")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward passes (CPU and CUDA)")
+    channels_last: bool = Field(False, description="NHWC memory format for 4-D inputs and the models")
+    compile: bool = Field(False, description="torch.compile the student (and the live teacher)")
+    sync_every: int = Field(50, gt=0, description="steps between host syncs (non-finite loss check, progress bar)")
+    teacher_cache: Literal["auto", "memory", "disk", "off"] = Field(
+        "auto", description="reuse the teacher's outputs across epochs; auto: cache when correct, in memory if it fits")
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    cache_topk: Optional[int] = Field(None, gt=0, description="store only the k largest teacher logits per sample")
+    cache_dir: Optional[str] = Field(None, description="folder of disk caches (default $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher)")
+    cache_memory_mb: int = Field(2048, ge=0, description="auto: largest cache kept in memory; bigger ones go to disk")
 
 
 class EnsembleConfig(_Strict):

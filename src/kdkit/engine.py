@@ -10,17 +10,45 @@ split, appends a line to ``metrics.jsonl``, and writes checkpoints:
 (student with the best validation score) and ``checkpoints/state.{safetensors,json}``
 (everything needed to resume). A run killed between epochs and resumed ends with
 the same weights as one never interrupted (same seed, CPU).
+
+Speed (issue "distillation that costs little more than training the student"):
+
+- **Teacher-output cache** (:mod:`kdkit.cache`): ``train.teacher_cache`` ``auto``
+  (default) computes the teacher's outputs on the training set once and the
+  :class:`~kdkit.teacher.Teacher` answers by ``batch["index"]``, when that is
+  correct: not for augmented data, not for methods that read teacher features
+  (a ``uses_teacher_features = True`` attribute, or forward hooks found on the
+  teacher), not for user DataLoaders. The teacher's validation outputs are
+  computed once per run, not once per epoch (it is frozen).
+- **No host sync per step**: losses, parts and accuracy counts accumulate on the
+  device; every ``train.sync_every`` steps (and at the end of each epoch) one sync
+  checks that every step's loss was finite. A non-finite loss stops the run naming
+  the first bad step exactly (the per-step losses of the epoch are kept in a device
+  buffer); checkpoints are written only after an epoch passed this check, so the
+  last good checkpoint is kept. (Unlike a per-step check, the in-memory weights
+  may have taken up to ``sync_every`` bad steps by then.)
+- ``train.precision: bf16`` (autocast), ``train.channels_last``, ``train.compile``
+  (``torch.compile`` of the student and live teacher), ``train.grad_accum_steps``.
+- **Data parallel**: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is
+  initialised (NCCL on GPU, gloo on CPU), the method (student + trainable extras;
+  the teacher is not a module) is wrapped in DDP, each rank takes
+  ``batch_size / world_size`` samples of every global batch, epoch metrics are
+  all-reduced and only rank 0 validates and writes the run directory. The teacher
+  cache goes to disk, built once by rank 0 and memory-mapped read-only by all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -82,6 +110,7 @@ class History:
     epochs: List[Dict[str, Any]] = field(default_factory=list)
     best_score: Optional[float] = None
     best_epoch: Optional[int] = None
+    teacher_cache: str = "off"  # what the loop did with the teacher's outputs, in words
 
 
 def _score(metrics: Dict[str, float]) -> Optional[float]:
@@ -93,6 +122,197 @@ def _score(metrics: Dict[str, float]) -> Optional[float]:
     return metrics.get("agreement")
 
 
+# ----------------------------------------------------------------------------- distributed
+
+def dist_env() -> Tuple[int, int, int]:
+    """(rank, world_size, local_rank) of this process: from torch.distributed if initialised, else torchrun's env."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device: torch.device) -> Tuple[int, int, torch.device]:
+    """Join the process group torchrun prepared (gloo on CPU, NCCL on CUDA); returns (rank, world_size, device)."""
+    import torch.distributed as dist
+
+    rank, world, local = dist_env()
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return t
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- teacher cache
+
+def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int = 1) -> Tuple[str, str]:
+    """Decide what ``train.teacher_cache`` means for this run: ``("off"|"memory"|"disk", reason)``.
+
+    ``auto`` caches only when it is correct (a frozen :class:`~kdkit.teacher.Teacher`, an in-memory or
+    indexable dataset without random augmentation, a method that reads only the teacher's outputs) and
+    picks memory when the cache fits ``cache_memory_mb`` (disk under DDP, shared by the ranks).
+    An explicit ``memory``/``disk`` that would be wrong is an error.
+
+    Raises:
+        KdkitError: ``teacher_cache`` is ``memory``/``disk`` but caching would give wrong targets.
+    """
+    from torch.utils.data import DataLoader
+
+    from .cache import is_augmented
+    from .teacher import Teacher
+
+    mode = cfg.teacher_cache
+    if mode == "off":
+        return "off", "train.teacher_cache is off"
+    teacher = getattr(method, "teacher", None)
+    reason = None
+    if not isinstance(teacher, Teacher):
+        reason = "the method has no frozen kdkit Teacher"
+    elif getattr(method, "uses_teacher_features", False):
+        reason = f"method {type(method).__name__} reads the teacher's intermediate features, which a logits cache lacks"
+    elif teacher._hooked():
+        reason = "the teacher has forward hooks (a method reads its features), which a logits cache would not fire"
+    elif isinstance(train_data, DataLoader) or not hasattr(train_data, "__getitem__"):
+        reason = "the training data is a DataLoader/iterable whose sample indices and transforms kdkit cannot see"
+    elif is_augmented(train_data):
+        reason = ("the training data is randomly augmented, so the teacher sees a new view every epoch "
+                  "(replaying stored views, as in FKD, is not implemented)")
+    if reason is not None:
+        if mode == "auto":
+            return "off", reason
+        raise KdkitError(f"train.teacher_cache={mode} would give wrong teacher targets: {reason}; use auto or off")
+    if mode != "auto":
+        return mode, f"train.teacher_cache={mode}"
+    if world_size > 1:
+        return "disk", "auto: several processes share one memory-mapped cache"
+    from .cache import CacheSpec, _probe, cache_bytes
+
+    out_shape = _probe(teacher.model, train_data, teacher.device)
+    est = cache_bytes(len(train_data), out_shape, CacheSpec(cfg.cache_dtype, cfg.cache_topk))
+    if est <= cfg.cache_memory_mb * 2**20:
+        return "memory", f"auto: {est / 2**20:.1f} MiB fits train.cache_memory_mb={cfg.cache_memory_mb}"
+    return "disk", f"auto: {est / 2**20:.1f} MiB exceeds train.cache_memory_mb={cfg.cache_memory_mb}"
+
+
+def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, batch_size: int = 512,
+                          rank: int = 0, world_size: int = 1, log=None):
+    """Build (or reuse) the teacher cache ``cfg`` asks for and attach it to the method's teacher.
+
+    Returns ``(cache or None, description)``.
+    """
+    from .cache import CacheSpec, build_cache
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    mode, reason = cache_plan(method, train_data, cfg, world_size)
+    if mode == "off":
+        return None, f"off ({reason})"
+    teacher = method.teacher
+    spec = CacheSpec(cfg.cache_dtype, cfg.cache_topk, mode)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    if world_size > 1 and mode == "disk":
+        # Rank 0 builds (or validates) the file; the others open what it wrote, read-only.
+        if rank == 0:
+            cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
+                                progress=cfg.progress, log=log)
+        _barrier()
+        if rank != 0:
+            cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
+                                log=lambda _m: None)
+    else:
+        cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
+                            progress=cfg.progress and rank == 0, log=log if rank == 0 else (lambda _m: None))
+    teacher.use_cache(cache)
+    return cache, f"{cache.describe()} ({reason})"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _Tracker:
+    """Epoch statistics kept on the device: no host sync until :meth:`check` / :meth:`result`.
+
+    ``losses`` holds every micro-step's loss, so the first non-finite one can be named exactly.
+    """
+
+    def __init__(self, device: torch.device, steps: int):
+        self.device = device
+        self.losses = torch.zeros(steps, device=device)
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.labelled = torch.zeros((), dtype=torch.long, device=device)
+        self.has_labels = False
+        self.seen = 0
+        self.checked = 0
+
+    def add(self, step: int, out: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]) -> None:
+        n = batch["x"].shape[0]
+        self.seen += n
+        self.losses[step] = out["loss"].detach()
+        for k, v in out.items():
+            if k != "logits" and torch.is_tensor(v) and v.dim() == 0:
+                acc = self.sums.get(k)
+                if acc is None:
+                    acc = self.sums[k] = torch.zeros((), dtype=torch.float32, device=self.device)
+                acc.add_(v.detach().float(), alpha=n)
+        y = batch.get("y")
+        logits = out.get("logits")
+        if y is not None and not y.is_floating_point() and logits is not None and logits.dim() == 2:
+            self.has_labels = True
+            # Unlabelled samples carry y = -1, which argmax never equals: no mask needed for the hits.
+            self.correct += (logits.detach().argmax(1) == y).sum()
+            self.labelled += (y >= 0).sum()
+
+    def first_bad(self, upto: int) -> Optional[int]:
+        """Index of the first non-finite loss among steps [checked, upto), or None (one host sync)."""
+        window = self.losses[self.checked:upto]
+        bad = ~torch.isfinite(window)
+        flag = torch.where(bad.any(), self.checked + bad.to(torch.uint8).argmax(), torch.tensor(-1, device=self.device))
+        flag = flag.to(torch.long)
+        # Under DDP every rank must stop together: take the earliest bad step over ranks (-1 = none).
+        flag = torch.where(flag < 0, torch.tensor(2**62, device=self.device), flag)
+        flag = int(_all_reduce(flag, "min"))
+        self.checked = upto
+        return None if flag == 2**62 else flag
+
+    def result(self) -> Dict[str, float]:
+        keys = sorted(self.sums)
+        vec = torch.stack([self.sums[k] for k in keys] + [self.correct.float(), self.labelled.float(),
+                                                          torch.tensor(float(self.seen), device=self.device)])
+        vec = _all_reduce(vec).tolist()  # the epoch's one sync (sum over ranks under DDP)
+        seen = max(vec[-1], 1.0)
+        record = {f"train_{k}": v / seen for k, v in zip(keys, vec)}
+        if self.has_labels and vec[-2] > 0:
+            record["train_accuracy"] = vec[-3] / vec[-2]
+        return record
+
+
+def _prepare(batch: Dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> Dict[str, torch.Tensor]:
+    if device.type != "cpu":
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if channels_last and batch["x"].dim() == 4:
+        batch = dict(batch, x=batch["x"].contiguous(memory_format=torch.channels_last))
+    return batch
+
+
 def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig] = None, *,
         run_dir: Optional[Path] = None, seed: int = 0, device: str = "auto", batch_size: int = 128,
         eval_batch_size: int = 512, num_workers: int = 0, resume: bool = False, name: str = "student") -> History:
@@ -101,8 +321,10 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
     Args:
         method: a :class:`kdkit.methods.Method`; ``method.student`` is what gets evaluated and saved.
         train_data, val_data: Datasets (batches are dicts, see :mod:`kdkit.data.core`).
-        cfg: optimisation settings.
-        run_dir: where metrics.jsonl and checkpoints/ go; None keeps everything in memory.
+        cfg: optimisation and speed settings.
+        run_dir: where metrics.jsonl and checkpoints/ go; None keeps everything in memory. Under DDP only
+            rank 0 writes it (every rank reads it to resume).
+        batch_size: the global batch size (each of ``world_size`` processes takes ``batch_size / world_size``).
         resume: continue from ``run_dir/checkpoints/state.*``.
         name: label of this model in progress bars and logs.
 
@@ -111,17 +333,34 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
     """
     cfg = cfg or TrainConfig()
     dev = resolve_device(device)
+    rank, world, dev = init_distributed(dev)
+    if batch_size % world:
+        raise KdkitError(f"batch size {batch_size} is not divisible by the {world} processes; use a multiple of {world}")
+    main = rank == 0
     seed_everything(seed)
+    if cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
     method.to(dev)
     teacher = getattr(method, "teacher", None)
     if teacher is not None and hasattr(teacher, "to"):
         teacher.to(dev)
-    loader = make_loader(train_data, batch_size, shuffle=True, seed=seed, num_workers=num_workers)
-    steps_per_epoch = len(loader)
+        if cfg.channels_last and hasattr(teacher, "model"):
+            teacher.model.to(memory_format=torch.channels_last)
+    history = History()
+    cache, history.teacher_cache = prepare_teacher_cache(method, train_data, cfg, batch_size=eval_batch_size,
+                                                         rank=rank, world_size=world)
+    if cfg.compile:
+        method.student.compile()
+        if teacher is not None and cache is None and hasattr(teacher, "model"):
+            teacher.model.compile()
+    loader = make_loader(train_data, batch_size // world, shuffle=True, seed=seed, num_workers=num_workers,
+                         rank=rank, world_size=world)
+    micro_steps = len(loader)
+    accum = cfg.grad_accum_steps
+    steps_per_epoch = -(-micro_steps // accum)  # optimiser steps
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
-    history = History()
     start_epoch = 0
     ckpt = Path(run_dir) / "checkpoints" if run_dir is not None else None
     metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
@@ -134,85 +373,107 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
         if metrics_path.exists():
             lines = metrics_path.read_text().splitlines()
             history.epochs = [json.loads(line) for line in lines if line.strip()][:start_epoch]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history.epochs))
+            if main:
+                metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history.epochs))
+    model: nn.Module = method
+    if world > 1 and params:
+        from torch.nn.parallel import DistributedDataParallel
 
-    bar = _progress(cfg.progress)
-    for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        method.train()
-        t0 = time.perf_counter()
-        sums: Dict[str, float] = {}
-        correct, labelled, seen = 0, 0, 0
-        it = bar(loader, total=steps_per_epoch, desc=f"{name} {epoch + 1}/{cfg.epochs}")
-        for step, batch in enumerate(it):
-            batch = _to(batch, dev)
-            out = method(batch)
-            loss = out["loss"]
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                where = f"epoch {epoch + 1}, step {step + 1} (global step {epoch * steps_per_epoch + step + 1})"
-                kept = ""
-                if ckpt is not None and (ckpt / "last.safetensors").exists():
-                    kept = f"; last good checkpoint kept in {ckpt}"
-                raise KdkitError(f"loss became {loss_value} at {where}; lower the learning rate or set train.grad_clip{kept}")
+        # Only the method is wrapped: student + trainable extras. The teacher is no submodule of it.
+        model = DistributedDataParallel(method, device_ids=[dev.index] if dev.type == "cuda" else None)
+    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else contextlib.nullcontext())
+    val_teacher_outputs: List[Optional[torch.Tensor]] = [None]  # the frozen teacher's, computed once
+
+    if main and cfg.progress and history.teacher_cache != "off (the method has no frozen kdkit Teacher)":
+        print(f"teacher cache: {history.teacher_cache}", file=sys.stderr)
+    bar = _progress(cfg.progress and main)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            method.train()
+            t0 = time.perf_counter()
+            stats = _Tracker(dev, micro_steps)
+            it = bar(loader, total=micro_steps, desc=f"{name} {epoch + 1}/{cfg.epochs}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            n = batch["x"].shape[0]
-            seen += n
-            for k, v in out.items():
-                if k != "logits" and torch.is_tensor(v) and v.dim() == 0:
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-            y = batch.get("y")
-            if y is not None and not y.is_floating_point() and "logits" in out:
-                mask = y >= 0
-                correct += int(((out["logits"].argmax(1) == y) & mask).sum())
-                labelled += int(mask.sum())
-            if hasattr(it, "set_postfix") and step % 10 == 0:
-                post = {"loss": f"{loss_value:.4f}"}
-                if labelled:
-                    post["acc"] = f"{correct / labelled:.3f}"
-                it.set_postfix(post)
-        record: Dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                                  "epoch_seconds": time.perf_counter() - t0}
-        record.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
-        if labelled:
-            record["train_accuracy"] = correct / labelled
-        if val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            val = _validate(method, val_data, eval_batch_size)
-            record.update({f"val_{k}": v for k, v in val.items()})
-            score = _score(val)
-            if score is not None and (history.best_score is None or score > history.best_score):
-                history.best_score, history.best_epoch = score, epoch + 1
-                if ckpt is not None:
+            for step, batch in enumerate(it):
+                batch = _prepare(batch, dev, cfg.channels_last)
+                group_start = step - step % accum
+                group = min(accum, micro_steps - group_start)  # micro-batches in this optimiser step
+                last = step + 1 == group_start + group
+                sync = model.no_sync() if (model is not method and not last) else contextlib.nullcontext()
+                with sync:
+                    with autocast:
+                        out = model(batch)
+                    loss = out["loss"]
+                    (loss / group if group > 1 else loss).backward()
+                if last:
+                    if cfg.grad_clip is not None:
+                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                stats.add(step, out, batch)
+                if (step + 1) % cfg.sync_every == 0 or step + 1 == micro_steps:
+                    _check_finite(stats, step + 1, epoch, micro_steps, ckpt)
+                    if hasattr(it, "set_postfix"):
+                        it.set_postfix(loss=f"{float(stats.losses[step]):.4f}")
+            record: Dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            record.update(stats.result())
+            record["epoch_seconds"] = time.perf_counter() - t0
+            if main and val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                val = _validate(method, val_data, eval_batch_size, val_teacher_outputs)
+                record.update({f"val_{k}": v for k, v in val.items()})
+                score = _score(val)
+                if score is not None and (history.best_score is None or score > history.best_score):
+                    history.best_score, history.best_epoch = score, epoch + 1
+                    if ckpt is not None:
+                        save_weights(method.student, ckpt / "best.safetensors")
+            history.epochs.append(record)
+            if hasattr(bar, "write"):
+                bar.write(_summary(name, record))
+            if run_dir is not None and main:
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                save_weights(method.student, ckpt / "last.safetensors")
+                if val_data is None:
                     save_weights(method.student, ckpt / "best.safetensors")
-        history.epochs.append(record)
-        if hasattr(bar, "write"):
-            bar.write(_summary(name, record))
-        if run_dir is not None:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            save_weights(method.student, ckpt / "last.safetensors")
-            if val_data is None:
-                save_weights(method.student, ckpt / "best.safetensors")
-            save_training_state(ckpt / "state", method, optimizer, scheduler,
-                                {"epoch": epoch, "best_score": history.best_score, "best_epoch": history.best_epoch})
+                save_training_state(ckpt / "state", method, optimizer, scheduler,
+                                    {"epoch": epoch, "best_score": history.best_score, "best_epoch": history.best_epoch})
+    finally:
+        if cache is not None:
+            teacher.use_cache(None)
     return history
 
 
-def _validate(method: nn.Module, val_data, batch_size: int) -> Dict[str, float]:
+def _check_finite(stats: _Tracker, upto: int, epoch: int, steps_per_epoch: int, ckpt: Optional[Path]) -> None:
+    bad = stats.first_bad(upto)
+    if bad is None:
+        return
+    value = float(stats.losses[bad]) if bad < len(stats.losses) else float("nan")
+    where = f"epoch {epoch + 1}, step {bad + 1} (global step {epoch * steps_per_epoch + bad + 1})"
+    kept = ""
+    if ckpt is not None and (ckpt / "last.safetensors").exists():
+        kept = f"; last good checkpoint kept in {ckpt}"
+    raise KdkitError(f"loss became {value} at {where}; lower the learning rate or set train.grad_clip{kept}")
+
+
+def _validate(method: nn.Module, val_data, batch_size: int, teacher_memo: Optional[list] = None) -> Dict[str, float]:
     student = method.student
     pred = predict(student, val_data, batch_size)
     teacher = getattr(method, "teacher", None)
     t_out = None
     if teacher is not None and hasattr(teacher, "model"):
-        t_out = predict(teacher.model, val_data, batch_size)["outputs"]
+        # The teacher is frozen: its validation outputs are the same every epoch, computed once per run.
+        if teacher_memo is None or teacher_memo[0] is None:
+            t_out = predict(teacher.model, val_data, batch_size)["outputs"]
+            if teacher_memo is not None:
+                teacher_memo[0] = t_out
+        else:
+            t_out = teacher_memo[0]
     return quality(pred["outputs"], pred.get("y"), t_out)
 
 

@@ -27,6 +27,9 @@ class Teacher:
 
     def __init__(self, model: nn.Module):
         self.model = model.eval().requires_grad_(False)
+        self.cache = None  # a kdkit.cache.TeacherCache of the training set while the engine trains with one
+        self.cache_hits = 0
+        self.live_calls = 0
 
     def to(self, device: Union[str, torch.device]) -> "Teacher":
         self.model.to(device)
@@ -37,8 +40,24 @@ class Teacher:
         p = next(self.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    def use_cache(self, cache) -> None:
+        """Answer batches by ``batch["index"]`` from ``cache`` (a :class:`kdkit.cache.TeacherCache` of the
+        dataset those indices refer to), or run live again with ``None``. The engine sets it for the
+        training loop only; methods never know."""
+        self.cache = cache
+
+    def _hooked(self) -> bool:
+        # Forward hooks on the teacher mean a method reads its intermediate features: only a live pass
+        # fires them, so a cached answer would leave the method without its features.
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())
+
     def __call__(self, batch: Union[Batch, torch.Tensor]) -> torch.Tensor:
         x = batch["x"] if isinstance(batch, dict) else batch
+        cache = self.cache
+        if cache is not None and isinstance(batch, dict) and "index" in batch and not self._hooked():
+            self.cache_hits += 1
+            return cache.get(batch["index"], device=x.device)  # (B, C) float32, a fresh tensor
+        self.live_calls += 1
         with torch.inference_mode():
             out = self.model(x)
         # Inference tensors cannot be saved for the student's backward pass; a copy of the

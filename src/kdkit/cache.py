@@ -1,0 +1,469 @@
+"""Teacher-output cache: compute the frozen teacher's outputs once, reuse them every epoch.
+
+In knowledge distillation the teacher's forward pass is most of a training
+step's cost. When the inputs the teacher sees are the same every epoch (no
+random augmentation), its outputs are a fixed table indexed by sample position,
+and the loop can read that table instead of running the teacher. The
+:class:`kdkit.teacher.Teacher` does the lookup by ``batch["index"]``; methods
+never know.
+
+Storage forms (``(N, C)`` teacher outputs for ``N`` samples):
+
+- dense ``float32`` (exact) or ``float16`` (half the memory; logits rounded to
+  ~3 significant digits, the maximum absolute error is reported);
+- top-k sparse: the ``k`` largest logits and their class indices per sample,
+  plus one ``float32`` "rest" logit per sample. Reconstruction puts the stored
+  values back in place and fills every other class with the rest logit, chosen
+  so that at temperature 1 the reconstructed distribution keeps each top-k
+  probability exactly and spreads the remaining probability mass *uniformly*
+  over the other ``C - k`` classes. The approximation error,
+  ``KL(softmax(z/T) ‖ softmax(ẑ/T))`` between full and reconstructed soft
+  targets, is measured for every sample at build time (mean and max at T=1 and
+  T=4) and stored in the cache's metadata.
+
+Where it lives: in memory when it fits, else (or when asked) in a directory of
+``.npy`` files opened as numpy memory maps (plain arrays, never pickles) plus a
+``meta.json``. A disk cache is keyed by a *slot* (what the teacher and dataset
+look like: architecture, sizes, storage form) and carries a *fingerprint* of
+the content (a hash of the teacher's weights and of the dataset's input tensors
+plus its transform description); a slot whose fingerprint no longer matches is
+stale, reported with a message naming what changed, and rebuilt. Building is
+resumable: rows are written in chunks and marked done only after they are
+flushed.
+
+Random augmentation breaks the premise (the teacher would see a different view
+each epoch); ``auto`` therefore refuses to cache augmented data, and
+``memory``/``disk`` refuse with an error. FKD-style replay of stored
+augmentation views (Shen & Xing, "A Fast Knowledge Distillation Framework for
+Visual Recognition", ECCV 2022) is not implemented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import KdkitError
+
+CACHE_VERSION = 1
+_DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+# Names of torchvision-style transforms that draw random numbers: a dataset whose transform mentions one is augmented.
+_RANDOM_TRANSFORMS = ("Random", "ColorJitter", "AutoAugment", "RandAugment", "TrivialAugment", "AugMix",
+                      "GaussianBlur", "ElasticTransform", "Mixup", "CutMix")
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    h.update(f"{t.dtype}:{t.numel()};".encode())
+    if t.numel():
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16
+                 else t.numpy().tobytes())
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """A hash of a module's class and every tensor of its ``state_dict`` (weights and buffers)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__qualname__.encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        _hash_tensor(h, v)
+    return h.hexdigest()
+
+
+def transform_description(data) -> str:
+    """What is done to a sample before the teacher sees it (``transform_description`` attribute, else repr)."""
+    desc = getattr(data, "transform_description", None)
+    if desc is not None:
+        return str(desc)
+    tf = getattr(data, "transform", None)
+    return "none" if tf is None else repr(tf)
+
+
+def is_augmented(data) -> bool:
+    """Whether a dataset applies random augmentation (an ``augmented`` attribute, else its transform's names)."""
+    flag = getattr(data, "augmented", None)
+    if flag is not None:
+        return bool(flag)
+    desc = transform_description(data)
+    return any(name in desc for name in _RANDOM_TRANSFORMS)
+
+
+def fingerprint_data(data) -> str:
+    """A hash of what the teacher sees: the input tensor of an in-memory dataset (every byte), else the
+    dataset's type, length and 16 evenly spaced samples; plus the transform description."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(transform_description(data).encode())
+    x = getattr(data, "x", None)
+    if torch.is_tensor(x):
+        h.update(f"array{tuple(x.shape)}".encode())
+        _hash_tensor(h, x)
+        return h.hexdigest()
+    n = len(data)
+    h.update(f"{type(data).__qualname__}:{n}".encode())
+    for i in sorted({int(j) for j in np.linspace(0, n - 1, num=min(16, n))}) if n else []:
+        item = data[i]
+        item = item.get("x") if isinstance(item, dict) else item[0] if isinstance(item, (tuple, list)) else item
+        _hash_tensor(h, torch.as_tensor(item))
+    return h.hexdigest()
+
+
+def slot_name(model: nn.Module, data, out_shape: Tuple[int, ...], dtype: str, topk: Optional[int]) -> str:
+    """The name of a disk cache: what the teacher and dataset *look like*, not their content."""
+    x = getattr(data, "x", None)
+    shape = tuple(x.shape) if torch.is_tensor(x) else (len(data),)
+    key = f"{type(model).__qualname__}|{type(data).__qualname__}|{shape}|{out_shape}|{dtype}|{topk}"
+    return f"{type(model).__name__.lower()}-{len(data)}-" + hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$KDKIT_CACHE_DIR``, else ``~/.cache/kdkit/teacher``."""
+    env = os.environ.get("KDKIT_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "kdkit" / "teacher"
+
+
+# ----------------------------------------------------------------------------- top-k form
+
+def topk_compress(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the ``k`` largest logits per row and one "rest" logit.
+
+    Args:
+        logits: (B, C) float logits, ``k < C``.
+    Returns:
+        values (B, k), indices (B, k) and rest (B,): the logit every other class gets so that, at temperature 1,
+        the other ``C - k`` classes share the remaining probability mass uniformly:
+        ``rest = log((1 - Σ_topk p) / (C - k)) + logsumexp(z)``.
+    """
+    z = logits.float()
+    values, indices = z.topk(k, dim=1)
+    c = z.shape[1]
+    lse = torch.logsumexp(z, dim=1)
+    # log of the mass outside the top k, computed stably as logsumexp over the other classes.
+    others = z.scatter(1, indices, float("-inf"))
+    log_rest_mass = torch.logsumexp(others, dim=1)
+    rest = log_rest_mass - math.log(c - k)
+    rest = torch.where(torch.isfinite(rest), rest, lse - 1e4)  # no mass left: a very negative logit
+    del lse
+    return values, indices, rest
+
+
+def topk_expand(values: torch.Tensor, indices: torch.Tensor, rest: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, k) values + (B, k) indices + (B,) rest -> (B, C) float32 logits (see :func:`topk_compress`)."""
+    out = rest.float().unsqueeze(1).expand(len(rest), num_classes).clone()
+    return out.scatter_(1, indices.long(), values.float())
+
+
+def soft_target_kl(full: torch.Tensor, approx: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-sample ``KL(softmax(full/T) ‖ softmax(approx/T))``, shape (B,)."""
+    lp = F.log_softmax(full.float() / temperature, dim=1)
+    lq = F.log_softmax(approx.float() / temperature, dim=1)
+    return (lp.exp() * (lp - lq)).sum(1)
+
+
+# ----------------------------------------------------------------------------- the cache
+
+@dataclass
+class CacheSpec:
+    """How to store: ``dtype`` "float32"|"float16"; ``topk`` None (dense) or k; ``storage`` "memory"|"disk"."""
+
+    dtype: str = "float32"
+    topk: Optional[int] = None
+    storage: str = "memory"
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise KdkitError(f"cache dtype must be float32 or float16; got {self.dtype!r}")
+        if self.topk is not None and self.topk < 1:
+            raise KdkitError(f"cache top-k must be >= 1; got {self.topk}")
+        if self.storage not in ("memory", "disk"):
+            raise KdkitError(f"cache storage must be memory or disk; got {self.storage!r}")
+
+
+def cache_bytes(n: int, out_shape: Tuple[int, ...], spec: CacheSpec) -> int:
+    """Bytes the cache's arrays take (values, plus indices and rest for top-k, plus the 1-byte done mask)."""
+    itemsize = 2 if spec.dtype == "float16" else 4
+    if spec.topk is None or len(out_shape) != 1 or spec.topk >= out_shape[0]:
+        return n * int(np.prod(out_shape)) * itemsize + n
+    k = spec.topk
+    idx_size = 2 if out_shape[0] <= 32767 else 4
+    return n * k * (itemsize + idx_size) + n * 4 + n
+
+
+class TeacherCache:
+    """A table of teacher outputs, one row per training sample, looked up by sample index.
+
+    Build one with :meth:`build` (or :meth:`open` a complete disk cache). ``get(index)`` returns float32
+    outputs (B, *out_shape) on the requested device.
+
+    Attributes:
+        meta: ``fingerprint``, ``n``, ``out_shape``, ``dtype``, ``topk``, ``complete`` and measured errors.
+        path: the directory of a disk cache, or None in memory.
+    """
+
+    def __init__(self, arrays: Dict[str, Any], meta: Dict[str, Any], path: Optional[Path] = None):
+        self.meta = meta
+        self.path = path
+        self._np = arrays  # numpy arrays (memmaps on disk)
+        # Zero-copy torch views: indexing them reads only the rows asked for (pages, for a memmap).
+        self._t = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        self.out_shape = tuple(meta["out_shape"])
+        self.topk = meta.get("topk")
+
+    # -- facts
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self._np.values()))
+
+    def __len__(self) -> int:
+        return int(self.meta["n"])
+
+    def describe(self) -> str:
+        form = f"top-{self.topk}" if self.topk else "dense"
+        where = f"disk ({self.path})" if self.path is not None else "memory"
+        text = f"{form} {self.meta['dtype']} in {where}, {self.nbytes / 2**20:.1f} MiB"
+        if "topk_kl_mean_t1" in self.meta:
+            text += (f"; top-k reconstruction KL mean {self.meta['topk_kl_mean_t1']:.2e} (T=1), "
+                     f"{self.meta['topk_kl_mean_t4']:.2e} (T=4), max {self.meta['topk_kl_max_t1']:.2e} (T=1)")
+        if "fp16_max_abs_error" in self.meta:
+            text += f"; fp16 max |error| {self.meta['fp16_max_abs_error']:.2e}"
+        return text
+
+    # -- lookup
+    def get(self, index: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Teacher outputs of samples ``index`` (B,), as float32 (B, *out_shape) on ``device``."""
+        idx = index.to("cpu", torch.long)
+        if self.topk:
+            out = topk_expand(self._t["values"][idx], self._t["indices"][idx], self._t["rest"][idx],
+                              self.out_shape[0])
+        else:
+            out = self._t["values"][idx].float()
+        return out if device is None or out.device == torch.device(device) else out.to(device, non_blocking=True)
+
+    # -- building
+    @classmethod
+    def allocate(cls, n: int, out_shape: Tuple[int, ...], spec: CacheSpec, fingerprint: Dict[str, str],
+                 path: Optional[Path] = None) -> "TeacherCache":
+        """Empty arrays (memory, or fresh ``.npy`` memmaps under ``path``) for ``n`` rows."""
+        np_dtype = _DTYPES[spec.dtype][1]
+        topk = spec.topk if spec.topk is not None and len(out_shape) == 1 and spec.topk < out_shape[0] else None
+        shapes: Dict[str, Tuple[Tuple[int, ...], Any]] = {"done": ((n,), np.uint8)}
+        if topk:
+            idx_dtype = np.int16 if out_shape[0] <= 32767 else np.int32
+            shapes.update(values=((n, topk), np_dtype), indices=((n, topk), idx_dtype), rest=((n,), np.float32))
+        else:
+            shapes["values"] = ((n, *out_shape), np_dtype)
+        meta = {"version": CACHE_VERSION, "n": n, "out_shape": list(out_shape), "dtype": spec.dtype, "topk": topk,
+                "complete": False, **fingerprint}
+        if path is None:
+            arrays = {k: np.zeros(s, dtype=d) for k, (s, d) in shapes.items()}
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "meta.json").unlink(missing_ok=True)  # incomplete until meta says otherwise
+            arrays = {k: np.lib.format.open_memmap(path / f"{k}.npy", mode="w+", dtype=d, shape=s)
+                      for k, (s, d) in shapes.items()}
+            _write_meta(path, meta)
+        return cls(arrays, meta, path)
+
+    def put(self, index: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Store the teacher's outputs (B, *out_shape) of samples ``index`` (B,)."""
+        idx = index.to("cpu", torch.long)
+        out = outputs.detach().to("cpu").float()
+        if self.topk:
+            values, indices, rest = topk_compress(out, self.topk)
+            self._t["values"][idx] = values.to(self._t["values"].dtype)
+            self._t["indices"][idx] = indices.to(self._t["indices"].dtype)
+            self._t["rest"][idx] = rest
+            approx = topk_expand(self._t["values"][idx], self._t["indices"][idx], rest, self.out_shape[0])
+            self._stat("topk_kl_t1", soft_target_kl(out, approx, 1.0))
+            self._stat("topk_kl_t4", soft_target_kl(out, approx, 4.0))
+        else:
+            self._t["values"][idx] = out.to(self._t["values"].dtype)
+            if self.meta["dtype"] == "float16":
+                err = (self._t["values"][idx].float() - out).abs().reshape(len(idx), -1).amax(1)
+                self._stat("fp16_abs_error", err)
+
+    def _stat(self, name: str, per_sample: torch.Tensor) -> None:
+        s = self.__dict__.setdefault("_stats", {})
+        tot, mx, cnt = s.get(name, (0.0, 0.0, 0))
+        s[name] = (tot + float(per_sample.double().sum()), max(mx, float(per_sample.max())), cnt + len(per_sample))
+
+    def mark_done(self, index: torch.Tensor) -> None:
+        self._t["done"][index.to("cpu", torch.long)] = 1
+
+    def flush(self) -> None:
+        """Write values first, the done mask after: an interrupted build never marks unwritten rows done."""
+        for k, a in self._np.items():
+            if k != "done" and isinstance(a, np.memmap):
+                a.flush()
+        done = self._np["done"]
+        if isinstance(done, np.memmap):
+            done.flush()
+
+    def missing(self) -> torch.Tensor:
+        """Indices of rows not built yet."""
+        return torch.nonzero(self._t["done"] == 0).flatten()
+
+    def finish(self) -> None:
+        """Record the measured errors and mark complete (on disk: rewrite meta.json last)."""
+        stats = self.__dict__.get("_stats", {})
+        if "topk_kl_t1" in stats:
+            for t in ("t1", "t4"):
+                tot, mx, cnt = stats[f"topk_kl_{t}"]
+                self.meta[f"topk_kl_mean_{t}"] = tot / max(cnt, 1)
+                self.meta[f"topk_kl_max_{t}"] = mx
+        if "fp16_abs_error" in stats:
+            tot, mx, cnt = stats["fp16_abs_error"]
+            self.meta["fp16_max_abs_error"] = mx
+        self.meta["complete"] = True
+        if self.path is not None:
+            self.flush()
+            _write_meta(self.path, self.meta)
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = False) -> Optional["TeacherCache"]:
+        """A disk cache's memmaps (read-only by default), or None if there is none at ``path``."""
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            return None
+        meta = json.loads(meta_file.read_text())
+        if meta.get("version") != CACHE_VERSION:
+            return None
+        names = ["done", "values"] + (["indices", "rest"] if meta.get("topk") else [])
+        try:
+            arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r+" if writable else "r", allow_pickle=False)
+                      for k in names}
+        except (OSError, ValueError):
+            return None
+        if not writable:
+            # torch.from_numpy warns on read-only arrays; the cache never writes through these views.
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return cls(arrays, meta, path)
+        return cls(arrays, meta, path)
+
+    def to_memory(self) -> "TeacherCache":
+        """A copy held in RAM (for a disk cache that fits)."""
+        return TeacherCache({k: np.array(v) for k, v in self._np.items()}, dict(self.meta), None)
+
+    def matches(self, fingerprint: Dict[str, str]) -> Optional[str]:
+        """None if this cache was built for ``fingerprint``, else what changed (one phrase)."""
+        changed = [what for what, key in (("teacher weights", "teacher_fingerprint"), ("dataset", "data_fingerprint"))
+                   if self.meta.get(key) != fingerprint.get(key)]
+        return " and ".join(changed) + " changed" if changed else None
+
+
+def _write_meta(path: Path, meta: Dict[str, Any]) -> None:
+    tmp = path / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path / "meta.json")
+
+
+def _probe(model: nn.Module, data, device: torch.device) -> Tuple[int, ...]:
+    from .data.core import make_loader
+
+    batch = next(iter(make_loader(data, 2)))
+    with torch.inference_mode():
+        out = model(batch["x"].to(device))
+    if not torch.is_tensor(out):
+        raise KdkitError(f"the teacher returns {type(out).__name__}, not a tensor; only tensor outputs can be cached")
+    return tuple(out.shape[1:])
+
+
+def fingerprint(model: nn.Module, data) -> Dict[str, str]:
+    return {"teacher_fingerprint": fingerprint_model(model), "data_fingerprint": fingerprint_data(data)}
+
+
+def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[Path] = None, batch_size: int = 512,
+                progress: bool = False, log: Callable[[str], None] = print,
+                fp: Optional[Dict[str, str]] = None) -> TeacherCache:
+    """Compute (or reuse) the teacher's outputs on every sample of ``data``.
+
+    With ``spec.storage == "disk"`` the cache lives under ``cache_dir / slot``: a complete cache with the same
+    fingerprint is reused as is, an incomplete one is resumed, a stale one (teacher or dataset changed) is
+    rebuilt after saying so. With ``"memory"``, a matching complete disk cache (if ``cache_dir`` has one) is
+    loaded into RAM, else the outputs are computed in RAM.
+
+    Args:
+        model: the frozen teacher network (eval mode).
+        data: the dataset whose ``index`` positions the training batches carry.
+        spec: storage form.
+        cache_dir: parent folder of disk caches (default :func:`default_cache_dir`).
+        batch_size: batch size of the teacher's passes.
+        progress: show a progress bar.
+        log: where one-line messages go (reuse, staleness, resume).
+    """
+    from .data.core import make_loader
+
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    out_shape = _probe(model, data, device)
+    fp = fp or fingerprint(model, data)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache_dir / slot_name(model, data, out_shape, spec.dtype, spec.topk)
+    existing = TeacherCache.open(path, writable=spec.storage == "disk")
+    cache: Optional[TeacherCache] = None
+    if existing is not None:
+        stale = existing.matches(fp)
+        if stale is not None:
+            log(f"teacher cache {path} is stale ({stale}); rebuilding it")
+        elif existing.complete:
+            log(f"teacher cache: reusing {path}")
+            model.train(was_training)
+            return existing.to_memory() if spec.storage == "memory" else existing
+        elif spec.storage == "disk":
+            cache = existing
+            log(f"teacher cache: resuming {path} ({len(existing) - len(existing.missing())}/{len(existing)} rows done)")
+    if cache is None:
+        cache = TeacherCache.allocate(len(data), out_shape, spec, fp, path if spec.storage == "disk" else None)
+    todo = cache.missing()
+    loader = make_loader(data, batch_size)
+    chunks: Iterable = loader
+    if len(todo) < len(cache):  # resume: only the missing rows, in chunks of batch_size
+        chunks = _subset_batches(data, todo, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, total=-(-len(todo) // batch_size), desc="teacher cache", dynamic_ncols=True)
+    with torch.inference_mode():
+        for i, batch in enumerate(chunks):
+            idx = batch["index"]
+            cache.put(idx, model(batch["x"].to(device)))
+            cache.mark_done(idx)
+            if cache.path is not None and i % 20 == 19:
+                cache.flush()
+    cache.finish()
+    model.train(was_training)
+    return cache
+
+
+def _subset_batches(data, todo: torch.Tensor, batch_size: int):
+    from .data.core import ArrayData, _Indexed
+
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        if isinstance(data, ArrayData):
+            yield {"x": data.x[idx], "index": idx}
+        else:
+            wrapped = _Indexed(data)
+            items = [wrapped[int(i)] for i in idx]
+            yield {"x": torch.stack([torch.as_tensor(it["x"]) for it in items]), "index": idx}
