@@ -5,6 +5,8 @@
     kdkit distill CONFIG [key.path=value ...]   # distillation
     kdkit evaluate RUN_DIR [--split test|val]
     kdkit ls                                    # registered models, methods, datasets
+    kdkit compress CONFIG [key.path=value ...]  # prune / low-rank / quantise with recovery distillation: the ladder
+    kdkit export RUN_DIR --format onnx|torchscript [--int8]   # export with a parity check on real inputs
     kdkit inspect MODEL [--input-shape 1,28,28 | --dataset digits]   # module names + output shapes
     kdkit born-again CONFIG --generations N     # born-again networks, one run directory per generation
 
@@ -44,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     sub.add_parser("ls", help="list registered models, methods and datasets")
+
+    cp = sub.add_parser("compress", help="chain compression steps with recovery distillation; write the ladder report")
+    cp.add_argument("config", help="YAML config with teacher, compress steps (and optionally student, method, train)")
+    cp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.001 out_dir=runs/c2")
+
+    ex = sub.add_parser("export", help="export a run's model to ONNX or TorchScript and check it against PyTorch")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", default="onnx", help="onnx or torchscript")
+    ex.add_argument("--int8", action="store_true", help="ONNX only: int8 quantisation with onnxruntime (calibrated)")
+    ex.add_argument("--out", default=None, help="output file (default RUN_DIR/export/model[-int8].onnx or model.pt)")
+    ex.add_argument("--samples", type=int, default=256, help="test inputs used for the parity check")
 
     i = sub.add_parser("inspect", help="print a model's module names with output shapes (to pick feature layers)")
     i.add_argument("model", help="registered model name or package.module:factory")
@@ -114,6 +127,18 @@ def run(argv: Optional[List[str]] = None) -> int:
 
         for title, reg in (("models", MODELS), ("methods", METHODS), ("datasets", DATASETS)):
             print(f"{title}: {', '.join(reg.names())}")
+        return 0
+    if args.command == "compress":
+        from .compress import run_compress
+
+        ladder = run_compress(load_config(args.config, args.overrides))
+        print(f"run directory: {ladder.dir}")
+        return 0
+    if args.command == "export":
+        from .export import export_run
+
+        result = export_run(args.run_dir, args.format, int8=args.int8, out=args.out, samples=args.samples)
+        print(json.dumps(result, indent=2))
         return 0
     if args.command == "demo":
         from .demo import run_demo

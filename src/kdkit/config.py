@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import KdkitError
 
@@ -109,6 +109,95 @@ class EnsembleConfig(_Strict):
     temperature: Optional[float] = Field(None, gt=0, description="soft-target temperature (default: the method's)")
 
 
+class _Step(_Strict):
+    """One step of ``kdkit compress`` (see :mod:`kdkit.compress`). ``epochs`` > 0 adds that many epochs of
+    distillation from the teacher after the step (the ``method`` and ``train`` sections' settings) to recover accuracy."""
+
+    epochs: int = Field(0, ge=0, description="recovery distillation epochs after this step")
+    lr: Optional[float] = Field(None, gt=0, description="learning rate of the recovery epochs (default: train.lr)")
+
+
+class DistillStep(_Step):
+    """Distil the teacher into the current model (``epochs`` > 0 required)."""
+
+    step: Literal["distill"]
+    epochs: int = Field(..., gt=0)
+
+
+class TransferStep(_Step):
+    """Initialise the current model from the teacher's weights where shapes allow (:mod:`kdkit.compress.transfer`)."""
+
+    step: Literal["transfer"]
+    layers: Literal["every_other", "first", "last"] = "every_other"
+
+
+class PruneStep(_Step):
+    """Magnitude pruning: ``structured`` removes whole channels/neurons, otherwise single weights are zeroed."""
+
+    step: Literal["prune"]
+    structured: bool = True
+    sparsity: Optional[float] = Field(None, gt=0, lt=1, description="fraction of the prunable parameters to remove")
+    target_parameters: Optional[int] = Field(None, gt=0, description="prune until at most this many parameters remain")
+    iterations: int = Field(1, ge=1, description="reach the target in this many rounds, each followed by `epochs`")
+
+
+class LowRankStep(_Step):
+    """Truncated-SVD factorisation of Linear/Conv2d layers into two thinner ones (:mod:`kdkit.compress.lowrank`)."""
+
+    step: Literal["lowrank"]
+    rank: Optional[int] = Field(None, gt=0, description="keep this many singular values per layer")
+    energy: Optional[float] = Field(None, gt=0, le=1, description="keep the fewest singular values holding this share of sum(s^2)")
+    layers: Optional[List[str]] = Field(None, description="module names to factorise (default: every Linear/Conv2d where it saves parameters)")
+
+
+class QuantizeStep(_Step):
+    """int8 quantisation on the CPU: ``dynamic``, ``static`` (calibrated) or ``qat`` (``epochs`` of KD with fake quantisation)."""
+
+    step: Literal["quantize"]
+    mode: Literal["dynamic", "static", "qat"] = "static"
+    calibration_samples: int = Field(1024, gt=0, description="training samples run through the model to calibrate (static)")
+    backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+
+
+COMPRESS_STEPS = {"distill": DistillStep, "transfer": TransferStep, "prune": PruneStep, "lowrank": LowRankStep,
+                  "quantize": QuantizeStep}
+
+
+def parse_compress_steps(raw: Sequence[Any]) -> List[_Step]:
+    """Validate ``compress:`` entries into step objects; a bad step is a one-line :class:`KdkitError`."""
+    steps: List[_Step] = []
+    for i, entry in enumerate(raw):
+        where = f"compress[{i}]"
+        if isinstance(entry, _Step):
+            steps.append(entry)
+            continue
+        if not isinstance(entry, dict) or "step" not in entry:
+            raise KdkitError(f"{where}: each step is a mapping with a `step` key, one of {', '.join(COMPRESS_STEPS)}; "
+                             f"given {entry!r}")
+        cls = COMPRESS_STEPS.get(entry["step"])
+        if cls is None:
+            raise KdkitError(f"{where}: unknown step {entry['step']!r}; known steps: {', '.join(COMPRESS_STEPS)}")
+        try:
+            step = cls.model_validate(entry)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                raise KdkitError(f"{where} ({entry['step']}): unknown key {key!r}; allowed here: "
+                                 f"{', '.join(cls.model_fields)}") from None
+            raise KdkitError(f"{where} ({entry['step']}): {key}: {err['msg']} (given {err.get('input')!r})") from None
+        if isinstance(step, PruneStep) and (step.sparsity is None) == (step.target_parameters is None):
+            raise KdkitError(f"{where} (prune): give exactly one of sparsity (0..1) or target_parameters")
+        if isinstance(step, LowRankStep) and (step.rank is None) == (step.energy is None):
+            raise KdkitError(f"{where} (lowrank): give exactly one of rank (an integer >= 1) or energy (0..1]")
+        if isinstance(step, QuantizeStep) and step.mode == "qat" and step.epochs == 0:
+            raise KdkitError(f"{where} (quantize): mode qat trains with fake quantisation; set epochs >= 1")
+        if isinstance(step, QuantizeStep) and i != len(raw) - 1:
+            raise KdkitError(f"{where} (quantize): quantisation must be the last step (an int8 model is not trained further)")
+        steps.append(step)
+    return steps
+
+
 class RunConfig(_Strict):
     """The whole experiment."""
 
@@ -123,6 +212,13 @@ class RunConfig(_Strict):
     student: Optional[ModelConfig] = None
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    compress: List[Dict[str, Any]] = Field(default_factory=list, description="`kdkit compress` steps, in order")
+
+    @field_validator("compress")
+    @classmethod
+    def _check_compress(cls, value: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        # KdkitError is not a ValueError, so it leaves pydantic untouched with its one-line message.
+        return [s.model_dump() for s in parse_compress_steps(value)]
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -1,0 +1,362 @@
+"""Export a trained (or compressed) model to ONNX or TorchScript, and prove the file computes what PyTorch does.
+
+    kdkit export RUN_DIR --format onnx [--int8]
+    kdkit export RUN_DIR --format torchscript
+
+The exported file is loaded back (onnxruntime for ONNX, ``torch.jit.load`` for TorchScript) and run on real
+inputs from the run's dataset (the first ``samples`` of the test split); its outputs are compared with the
+PyTorch model's: the maximum absolute difference and the share of inputs with the same arg-max are reported,
+and a mismatch beyond tolerance is a :class:`KdkitError`:
+
+- float exports: ``max|diff| <= atol + rtol * max|reference|`` (defaults 1e-4, 1e-4);
+- ``--int8`` (onnxruntime static QDQ quantisation, per-tensor scales, calibrated on training inputs): int8
+  outputs differ from float ones by design, so the tolerance is ``max|diff| <= 0.1 * max|reference|`` (a tenth
+  of the logit range; ``int8_rtol``), and the arg-max agreement is reported beside it.
+
+Interface: one input named ``input`` of shape (batch, *input_shape) with a dynamic batch axis, one output named
+``logits`` of shape (batch, classes). Normalisation is *not* baked in: inputs are expected exactly as the
+dataset builder produces them (for the IDX image datasets: pixels / 255, then standardised with the training
+split's mean and std); ``export.json`` says so beside the file.
+
+ONNX export uses the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): in torch 2.13 the
+default dynamo exporter needs the ``onnxscript`` package, while the legacy path works with ``onnx`` alone and
+gives a dynamic batch axis through ``dynamic_axes``.
+
+scikit-learn students go to ONNX through skl2onnx (:func:`export_sklearn`), with the same parity check
+against ``predict_proba``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import html
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import KdkitError
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise KdkitError("ONNX export needs onnx and onnxruntime: pip install 'kdkit[export]'") from None
+    return onnxruntime
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path, opset: int = 17) -> Path:
+    """Write ``model`` as ONNX with a dynamic batch axis, input ``input`` and output ``logits``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).cpu().eval()
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(model, (example.cpu(),), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    except Exception as e:
+        raise KdkitError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return path
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path) -> Path:
+    """Write ``model`` as a traced TorchScript archive (loads with ``torch.jit.load``, no Python class needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).cpu().eval()
+    try:
+        with _quiet(), torch.no_grad():
+            traced = torch.jit.trace(model, example.cpu(), check_trace=False)
+            torch.jit.save(traced, str(path))
+    except Exception as e:
+        raise KdkitError(f"TorchScript export of {type(model).__name__} failed: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return path
+
+
+def onnx_session(path, threads: int = 0):
+    """An onnxruntime CPU session (``threads`` 0: onnxruntime's default)."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session_or_path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Outputs of an ONNX model (first output) on ``x`` (N, ...), batched."""
+    sess = onnx_session(session_or_path) if isinstance(session_or_path, (str, Path)) else session_or_path
+    name = sess.get_inputs()[0].name
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs)
+
+
+def compare(reference: np.ndarray, exported: np.ndarray, atol: float = 1e-4, rtol: float = 1e-4,
+            what: str = "export") -> Dict[str, float]:
+    """Max abs difference and arg-max agreement; raise unless ``max|diff| <= atol + rtol * max|reference|``."""
+    reference, exported = np.asarray(reference, dtype=np.float64), np.asarray(exported, dtype=np.float64)
+    if reference.shape != exported.shape:
+        raise KdkitError(f"{what}: output shape {exported.shape} differs from PyTorch's {reference.shape}")
+    diff = float(np.max(np.abs(reference - exported))) if reference.size else 0.0
+    agree = float(np.mean(reference.argmax(1) == exported.argmax(1))) if reference.ndim == 2 else 1.0
+    tol = atol + rtol * float(np.max(np.abs(reference))) if reference.size else atol
+    result = {"max_abs_diff": diff, "argmax_agreement": agree, "samples": int(len(reference)), "tolerance": tol}
+    if not np.isfinite(diff) or diff > tol:
+        raise KdkitError(f"{what}: outputs differ from the PyTorch model by up to {diff:.3g}, beyond the "
+                         f"tolerance {tol:.3g} (arg-max agreement {agree:.4f})")
+    return result
+
+
+def onnx_latency(path, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 256), repeats: int = 30,
+                 warmup: int = 5) -> Dict[str, float]:
+    """Median onnxruntime CPU wall time per batch (ms) after warm-up, on one thread, as kdkit times PyTorch."""
+    sess = onnx_session(path, threads=1)
+    name = sess.get_inputs()[0].name
+    result = {}
+    for bs in batch_sizes:
+        x = np.random.default_rng(0).standard_normal((bs, *input_shape)).astype(np.float32)
+        for _ in range(warmup):
+            sess.run(None, {name: x})
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sess.run(None, {name: x})
+            times.append(time.perf_counter() - t0)
+        result[f"ort_latency_ms_b{bs}"] = 1000 * statistics.median(times)
+    return result
+
+
+def quantize_onnx(float_path, out_path, calibration: np.ndarray) -> Path:
+    """Static int8 (QDQ, per-tensor scales: onnxruntime's per-channel Gemm weights lost accuracy here) with onnxruntime, calibrated on ``calibration`` inputs (N, ...)."""
+    _ort()
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self, x: np.ndarray, batch: int = 32):
+            self.batches = iter([{INPUT_NAME: x[i:i + batch]} for i in range(0, len(x), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    out_path = Path(out_path)
+    pre = out_path.with_name(out_path.stem + ".pre.onnx")
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime's quantiser logs advice through the root logger
+    with _quiet():
+        try:
+            quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+            source = pre
+        except Exception:  # pre-processing is an optimisation only
+            source = Path(float_path)
+        quantize_static(str(source), str(out_path), _Reader(np.ascontiguousarray(calibration, dtype=np.float32)),
+                        quant_format=QuantFormat.QDQ, per_channel=False, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
+    root.setLevel(level)
+    if pre.exists():
+        pre.unlink()
+    return out_path
+
+
+def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx", int8: bool = False,
+                 calibration: Optional[torch.Tensor] = None, atol: float = 1e-4, rtol: float = 1e-4,
+                 int8_rtol: float = 0.1, timing: bool = True) -> Dict[str, Any]:
+    """Export ``model``, load the file back, compare on ``inputs`` (N, ...), time it.
+
+    Args:
+        model: a float PyTorch model.
+        inputs: real inputs for the parity check (and the example for tracing).
+        path: the file to write (``.onnx`` or ``.pt``); an existing file is an error.
+        fmt: ``onnx`` or ``torchscript``.
+        int8: ONNX only: quantise the exported graph to int8 with onnxruntime (``calibration`` inputs needed).
+
+    Returns:
+        ``{"file", "format", "int8", "bytes", "parity": {...}, "pytorch": latency, "onnxruntime": latency}``.
+    """
+    if fmt not in FORMATS:
+        raise KdkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise KdkitError("--int8 is available for --format onnx only (onnxruntime quantisation)")
+    path = Path(path)
+    if path.exists():
+        raise KdkitError(f"{path} already exists; remove it or choose another output path")
+    from .compress.quantize import is_quantized
+
+    if is_quantized(model):
+        raise KdkitError("export takes a float model; for int8 ONNX export the float model with --int8")
+    model = model.cpu().eval()
+    inputs = inputs.cpu()
+    with torch.inference_mode():
+        reference = model(inputs).float().numpy()
+    result: Dict[str, Any] = {"format": fmt, "int8": int8, "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+                              "input_shape": ["batch", *inputs.shape[1:]]}
+    if fmt == "onnx":
+        if int8:
+            if calibration is None:
+                raise KdkitError("int8 export needs calibration inputs")
+            float_path = path.with_name(path.stem + ".float.onnx")
+            export_onnx(model, inputs[:1], float_path)
+            quantize_onnx(float_path, path, calibration.cpu().numpy())
+            float_path.unlink()
+        else:
+            export_onnx(model, inputs[:1], path)
+        import onnx
+
+        onnx.checker.check_model(str(path))
+        exported = run_onnx(path, inputs.numpy())
+        result["parity"] = _checked(path, compare, reference, exported, *((0.0, int8_rtol) if int8 else (atol, rtol)),
+                                   what=f"ONNX export {path.name}")
+    else:
+        export_torchscript(model, inputs[:1], path)
+        loaded = torch.jit.load(str(path), map_location="cpu")
+        with torch.inference_mode():
+            exported = loaded(inputs).float().numpy()
+        result["parity"] = _checked(path, compare, reference, exported, atol, rtol,
+                                    what=f"TorchScript export {path.name}")
+    result["file"] = str(path)
+    result["bytes"] = path.stat().st_size
+    if timing:
+        from .compress.ladder import single_thread
+        from .evaluate import latency
+
+        shape = tuple(inputs.shape[1:])
+        with single_thread():
+            result["pytorch"] = latency(model, shape)
+            if fmt == "onnx":
+                result["onnxruntime"] = onnx_latency(path, shape)
+            else:
+                result["torchscript"] = {k.replace("latency", "ts_latency"): v for k, v in latency(loaded, shape).items()}
+    return result
+
+
+def _checked(path: Path, fn, *args, **kwargs):
+    """Run a parity check; a failed check removes the file so no unverified export is left behind."""
+    try:
+        return fn(*args, **kwargs)
+    except KdkitError:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _load_run_model(run_dir: Path):
+    """The run's model (best checkpoint, or a compress run's last float model), its config and data splits."""
+    from .api import build_data, build_model
+    from .compress.ladder import is_compress_run, load_compressed
+    from .config import load_config
+
+    if not (run_dir / "config.yaml").is_file():
+        raise KdkitError(f"{run_dir} is not a kdkit run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    splits = build_data(cfg.data, cfg.seed)
+    if is_compress_run(run_dir):
+        return load_compressed(run_dir), cfg, splits
+    spec = cfg.model or cfg.student
+    if spec is None:
+        raise KdkitError(f"{run_dir}/config.yaml names no model or student to export")
+    return build_model(spec.model_copy(update={"checkpoint": str(run_dir)}), splits).eval(), cfg, splits
+
+
+def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples: int = 256,
+               calibration_samples: int = 512) -> Dict[str, Any]:
+    """``kdkit export``: export a run directory's model, check parity on test inputs, add it to the report.
+
+    The file goes to ``out`` or ``RUN_DIR/export/model[-int8].onnx`` / ``model.pt``; ``export.json`` (or
+    ``<file>.json``) beside it holds the numbers, which are also appended to the run's report.
+    """
+    if fmt not in FORMATS:
+        raise KdkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    model, cfg, splits = _load_run_model(run_dir)
+    data = splits.test if splits.test is not None else splits.val
+    n = min(samples, len(data))
+    inputs = data.x[:n] if hasattr(data, "x") else torch.stack([data[i]["x"] for i in range(n)])
+    calibration = None
+    if int8:
+        m = min(calibration_samples, len(splits.train))
+        calibration = splits.train.x[:m] if hasattr(splits.train, "x") else \
+            torch.stack([splits.train[i]["x"] for i in range(m)])
+    suffix = ".onnx" if fmt == "onnx" else ".pt"
+    path = Path(out) if out is not None else run_dir / "export" / (("model-int8" if int8 else "model") + suffix)
+    result = export_model(model, inputs, path, fmt, int8=int8, calibration=calibration)
+    result["normalisation"] = ("none baked in: feed inputs exactly as kdkit's dataset builder "
+                               f"{cfg.data.name!r} produces them")
+    from .rundir import write_json
+
+    write_json(path.with_suffix(".json"), result)
+    from .report import append_report, format_table
+
+    row = {**result["parity"], **result.get("pytorch", {}), **result.get("onnxruntime", {})}
+    models = {f"{fmt}{' int8' if int8 else ''} ({path.name})": {
+        "bytes": result["bytes"], **{k: v for k, v in row.items() if k.startswith(("latency", "ort_latency"))}}}
+    section = (f"<h2>Export: {html.escape(path.name)}</h2><p>max abs diff vs PyTorch "
+               f"{result['parity']['max_abs_diff']:.3g}, arg-max agreement {result['parity']['argmax_agreement']:.4f} "
+               f"on {result['parity']['samples']} test inputs.</p><pre>{html.escape(format_table(models))}</pre>")
+    append_report(run_dir, f"export_{path.stem}", result, section)
+    return result
+
+
+def export_sklearn(estimator, x: np.ndarray, path, atol: float = 1e-4) -> Dict[str, Any]:
+    """Convert a fitted scikit-learn classifier to ONNX with skl2onnx and check ``predict_proba`` parity on ``x``.
+
+    Raises:
+        KdkitError: skl2onnx missing, an estimator it cannot convert, or outputs beyond tolerance.
+    """
+    try:
+        from skl2onnx import to_onnx
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise KdkitError("exporting scikit-learn models needs skl2onnx: pip install 'kdkit[export]'") from None
+    path = Path(path)
+    if path.exists():
+        raise KdkitError(f"{path} already exists; remove it or choose another output path")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    try:
+        with _quiet():
+            onx = to_onnx(estimator, x[:1], options={id(estimator): {"zipmap": False}}
+                          if hasattr(estimator, "predict_proba") else None, target_opset=17)
+    except Exception as e:
+        raise KdkitError(f"skl2onnx cannot convert {type(estimator).__name__}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(onx.SerializeToString())
+    sess = onnx_session(path)
+    outs = sess.run(None, {sess.get_inputs()[0].name: x})
+    names = [o.name for o in sess.get_outputs()]
+    result: Dict[str, Any] = {"file": str(path), "bytes": path.stat().st_size, "outputs": names}
+    labels = np.asarray(outs[0]).ravel()
+    result["label_agreement"] = float(np.mean(labels == estimator.predict(x)))
+    if hasattr(estimator, "predict_proba") and len(outs) > 1:
+        result["parity"] = compare(estimator.predict_proba(x), np.asarray(outs[1]), atol, 1e-4, what=f"skl2onnx export {path.name}")
+    if result["label_agreement"] < 1.0 and "parity" not in result:
+        raise KdkitError(f"skl2onnx export {path.name}: predicted labels agree with scikit-learn on only "
+                         f"{result['label_agreement']:.4f} of inputs")
+    return result
+
+
+__all__ = ["FORMATS", "compare", "export_model", "export_onnx", "export_run", "export_sklearn", "export_torchscript",
+           "onnx_latency", "quantize_onnx", "run_onnx"]
