@@ -220,6 +220,7 @@ class TeacherCache:
         self._t = {k: torch.from_numpy(v) for k, v in arrays.items()}
         self.out_shape = tuple(meta["out_shape"])
         self.topk = meta.get("topk")
+        self.filled = int(arrays["done"].sum()) if not meta.get("complete") else len(arrays["done"])
 
     # -- facts
     @property
@@ -254,6 +255,24 @@ class TeacherCache:
         else:
             out = self._t["values"][idx].float()
         return out if device is None or out.device == torch.device(device) else out.to(device, non_blocking=True)
+
+    def has(self, index: torch.Tensor) -> bool:
+        """Whether every row of ``index`` is stored (a host-side check of the CPU done mask)."""
+        return self.filled >= len(self) or bool(self._t["done"][index.to("cpu", torch.long)].all())
+
+    def fill(self, index: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Store live outputs of rows ``index`` (lazy filling during the first epoch); completes the cache
+        when the last row arrives."""
+        idx = index.to("cpu", torch.long)
+        new = self._t["done"][idx] == 0
+        if not bool(new.any()):
+            return
+        idx = idx[new]
+        self.put(idx, outputs[new.to(outputs.device)])
+        self.mark_done(idx)
+        self.filled += len(torch.unique(idx))
+        if self.filled >= len(self):
+            self.finish()
 
     # -- building
     @classmethod
@@ -393,8 +412,7 @@ def fingerprint(model: nn.Module, data) -> Dict[str, str]:
 
 
 def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[Path] = None, batch_size: int = 512,
-                progress: bool = False, log: Callable[[str], None] = print,
-                fp: Optional[Dict[str, str]] = None) -> TeacherCache:
+                progress: bool = False, log: Callable[[str], None] = print, lazy: bool = False) -> TeacherCache:
     """Compute (or reuse) the teacher's outputs on every sample of ``data``.
 
     With ``spec.storage == "disk"`` the cache lives under ``cache_dir / slot``: a complete cache with the same
@@ -410,6 +428,8 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
         batch_size: batch size of the teacher's passes.
         progress: show a progress bar.
         log: where one-line messages go (reuse, staleness, resume).
+        lazy: compute nothing now; return the (possibly partly filled) cache for the training loop to fill
+            as the teacher meets each sample (:meth:`TeacherCache.fill`), so no extra pass is spent.
     """
     from .data.core import make_loader
 
@@ -417,27 +437,32 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
     was_training = model.training
     model.eval()
     out_shape = _probe(model, data, device)
-    fp = fp or fingerprint(model, data)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache_dir / slot_name(model, data, out_shape, spec.dtype, spec.topk)
+    fp: Optional[Dict[str, str]] = None
+    if spec.storage == "disk" or (path / "meta.json").is_file():
+        fp = fingerprint(model, data)  # hashing weights and data costs a fraction of one teacher pass
     existing = TeacherCache.open(path, writable=spec.storage == "disk")
     cache: Optional[TeacherCache] = None
     if existing is not None:
         stale = existing.matches(fp)
         if stale is not None:
-            log(f"teacher cache {path} is stale ({stale}); rebuilding it")
+            log(f"teacher cache {path} is stale ({stale}); " + ("rebuilding it" if spec.storage == "disk"
+                                                                 else "ignoring it and caching in memory"))
         elif existing.complete:
             log(f"teacher cache: reusing {path}")
             model.train(was_training)
             return existing.to_memory() if spec.storage == "memory" else existing
         elif spec.storage == "disk":
             cache = existing
-            log(f"teacher cache: resuming {path} ({len(existing) - len(existing.missing())}/{len(existing)} rows done)")
+            log(f"teacher cache: resuming {path} ({cache.filled}/{len(cache)} rows done)")
     if cache is None:
-        cache = TeacherCache.allocate(len(data), out_shape, spec, fp, path if spec.storage == "disk" else None)
+        cache = TeacherCache.allocate(len(data), out_shape, spec, fp or {}, path if spec.storage == "disk" else None)
+    if lazy:
+        model.train(was_training)
+        return cache
     todo = cache.missing()
-    loader = make_loader(data, batch_size)
-    chunks: Iterable = loader
+    chunks: Iterable = make_loader(data, batch_size)
     if len(todo) < len(cache):  # resume: only the missing rows, in chunks of batch_size
         chunks = _subset_batches(data, todo, batch_size)
     if progress:
@@ -451,6 +476,7 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
             cache.mark_done(idx)
             if cache.path is not None and i % 20 == 19:
                 cache.flush()
+    cache.filled = len(cache)
     cache.finish()
     model.train(was_training)
     return cache

@@ -59,6 +59,7 @@ from .config import TrainConfig
 from .data.core import make_loader
 from .errors import KdkitError
 from .evaluate import predict, quality
+from .teacher import Teacher
 
 
 def seed_everything(seed: int) -> None:
@@ -239,10 +240,13 @@ def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, ba
             cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
                                 log=lambda _m: None)
     else:
+        # Lazy: no extra pass; the teacher's live outputs of the first epoch fill the table as they come
+        # (a complete matching disk cache, e.g. from `kdkit cache`, is reused instead).
         cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
-                            progress=cfg.progress and rank == 0, log=log if rank == 0 else (lambda _m: None))
+                            log=log if rank == 0 else (lambda _m: None), lazy=True)
     teacher.use_cache(cache)
-    return cache, f"{cache.describe()} ({reason})"
+    teacher.cache_hits = teacher.live_calls = 0
+    return cache, f"{mode}, {reason}"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -385,7 +389,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
                 else contextlib.nullcontext())
     val_teacher_outputs: List[Optional[torch.Tensor]] = [None]  # the frozen teacher's, computed once
 
-    if main and cfg.progress and history.teacher_cache != "off (the method has no frozen kdkit Teacher)":
+    if main and cfg.progress and isinstance(teacher, Teacher):
         print(f"teacher cache: {history.teacher_cache}", file=sys.stderr)
     bar = _progress(cfg.progress and main)
     try:
@@ -421,6 +425,13 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
                     _check_finite(stats, step + 1, epoch, micro_steps, ckpt)
                     if hasattr(it, "set_postfix"):
                         it.set_postfix(loss=f"{float(stats.losses[step]):.4f}")
+            if cache is not None:
+                if teacher.cache_hits == 0 and teacher.live_calls == 0:
+                    # The method runs the teacher network itself (feature methods): nothing to cache.
+                    teacher.use_cache(None)
+                    cache, history.teacher_cache = None, "off (the method never asked the Teacher for outputs)"
+                elif cache.path is not None and cache.filled < len(cache):
+                    cache.flush()
             record: Dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             record.update(stats.result())
             record["epoch_seconds"] = time.perf_counter() - t0
@@ -446,6 +457,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
     finally:
         if cache is not None:
             teacher.use_cache(None)
+            history.teacher_cache = f"{cache.describe()}; {history.teacher_cache}"
     return history
 
 
