@@ -22,7 +22,7 @@ from torch import nn
 from .checkpoint import load_weights, weights_path
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config
 from .data import DATASETS, UNLABELLED, ArrayData, DataSplits, as_dataset, hide_labels
-from .engine import History, fit, resolve_device
+from .engine import History, dist_env, fit, resolve_device
 from .errors import KdkitError
 from .evaluate import evaluate
 from .methods import METHODS, Method
@@ -310,8 +310,9 @@ def validate(cfg: RunConfig, command: str) -> RunConfig:
 def run_config(cfg: RunConfig, command: str, resume: bool = False) -> Run:
     """``kdkit train`` / ``kdkit distill``: validate, build, train, evaluate, report."""
     cfg = validate(cfg, command)
-    run_dir = create_run_dir(cfg.out_dir, resume)
-    if not resume:
+    rank = dist_env()[0]  # under torchrun only rank 0 writes the run directory
+    run_dir = create_run_dir(cfg.out_dir, resume) if rank == 0 else Path(cfg.out_dir)
+    if not resume and rank == 0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     splits = build_data(cfg.data, cfg.seed)
     teacher = None
@@ -329,9 +330,40 @@ def run_config(cfg: RunConfig, command: str, resume: bool = False) -> Run:
     history = fit(method, splits.train, splits.val, cfg.train, run_dir=run_dir, seed=cfg.seed, device=cfg.device,
                   batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                   num_workers=cfg.data.num_workers, resume=resume, name=name)
+    if rank != 0:
+        return Run(student=method.student, metrics={}, history=history.epochs, dir=None)
     title = f"kdkit {command}: {cfg.data.name}" + (f", {cfg.method.name}" if command == "distill" else "")
     return _finish(method, history, run_dir, splits.test, splits.val, teacher, title,
-                   extra={"dataset": cfg.data.name, "data_info": splits.info})
+                   extra={"dataset": cfg.data.name, "data_info": splits.info, "teacher_cache": history.teacher_cache})
+
+
+def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
+    """``kdkit cache``: precompute a distillation config's teacher outputs into a disk cache (resumable).
+
+    The cache is written where ``train.cache_dir`` says (default ``$KDKIT_CACHE_DIR`` or
+    ``~/.cache/kdkit/teacher``), in the form ``train.cache_dtype`` / ``train.cache_topk`` say; a later
+    ``kdkit distill`` of the same config finds it by fingerprint and skips the teacher entirely.
+    """
+    from .cache import CacheSpec, build_cache
+    from .engine import cache_plan
+
+    cfg = validate(cfg.model_copy(update={"out_dir": cfg.out_dir or "(unused)"}), "distill")
+    splits = build_data(cfg.data, cfg.seed)
+    if cfg.teacher is None and not cfg.teachers:
+        raise KdkitError(f"kdkit cache: method {cfg.method.name!r} has no teacher, so there is nothing to cache")
+    teacher = build_teacher(cfg, splits)
+    method = build_method(cfg.method.name, build_model(cfg.student, splits), teacher, cfg.method.options(),
+                          train_data=splits.train, num_classes=splits.num_classes)
+    train = cfg.train.model_copy(update={"teacher_cache": "auto"})
+    mode, reason = cache_plan(method, splits.train, train)
+    if mode == "off":
+        raise KdkitError(f"kdkit cache: this run cannot use a teacher cache: {reason}")
+    teacher.to(resolve_device(cfg.device))
+    cache = build_cache(teacher.model, splits.train, CacheSpec(cfg.train.cache_dtype, cfg.train.cache_topk, "disk"),
+                        cache_dir=Path(cfg.train.cache_dir) if cfg.train.cache_dir else None,
+                        batch_size=cfg.data.eval_batch_size, progress=cfg.train.progress, log=log)
+    return {"path": str(cache.path), "rows": len(cache), "bytes": cache.nbytes, "description": cache.describe(),
+            **{k: v for k, v in cache.meta.items() if k.startswith(("topk_kl", "fp16"))}}
 
 
 def evaluate_run(run_dir, split: str = "test") -> Dict[str, Dict[str, Any]]:

@@ -4,6 +4,8 @@
     kdkit train CONFIG [key.path=value ...]     # supervised training (teachers, baselines)
     kdkit distill CONFIG [key.path=value ...]   # distillation
     kdkit evaluate RUN_DIR [--split test|val]
+    kdkit cache CONFIG [key.path=value ...]     # precompute the teacher's outputs for distill
+    torchrun --nproc_per_node N -m kdkit distill CONFIG   # data-parallel (DDP)
     kdkit ls                                    # registered models, methods, datasets
     kdkit compress CONFIG [key.path=value ...]  # prune / low-rank / quantise with recovery distillation: the ladder
     kdkit export RUN_DIR --format onnx|torchscript [--int8]   # export with a parity check on real inputs
@@ -39,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
         c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.temperature=2 train.epochs=3")
         c.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+
+    k = sub.add_parser("cache", help="precompute a distillation config's teacher outputs (resumable)")
+    k.add_argument("config", help="the distillation YAML config")
+    k.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.cache_dtype=float16")
 
     e = sub.add_parser("evaluate", help="re-evaluate a run directory's best checkpoint")
     e.add_argument("run_dir")
@@ -159,8 +165,14 @@ def run(argv: Optional[List[str]] = None) -> int:
                 raise KdkitError(f"kdkit {args.command}: a CONFIG file is required (or --resume RUN_DIR)")
             cfg = load_config(args.config, args.overrides)
         result = api.run_config(cfg, args.command, resume=bool(args.resume))
+        if result.dir is None:  # a torchrun worker other than rank 0: rank 0 reports
+            return 0
         print(format_table(result.metrics))
         print(f"run directory: {result.dir}")
+        return 0
+    if args.command == "cache":
+        info = api.cache_config(load_config(args.config, args.overrides), log=lambda m: print(m, file=sys.stderr))
+        print(f"teacher cache: {info['description']}")
         return 0
     if args.command == "born-again":
         from .born_again import born_again_config
@@ -184,6 +196,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         code = 130
+    if "torch.distributed" in sys.modules:  # under torchrun: leave the process group cleanly
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     sys.exit(code)
 
 
