@@ -32,10 +32,11 @@ def _standardise(train_x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Te
 
 
 @DATASETS.register("digits")
-def digits(seed: int = 0) -> DataSplits:
+def digits(seed: int = 0, train_subset: Optional[int] = None) -> DataSplits:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), embedded in the package.
 
-    Fixed split: 360 test, 180 validation, 1,257 training images. Inputs are (1, 8, 8) floats, standardised.
+    Fixed split: 360 test, 180 validation, 1,257 training images (the first ``train_subset`` of them if given).
+    Inputs are (1, 8, 8) floats, standardised.
     """
     from sklearn.datasets import load_digits
 
@@ -43,6 +44,8 @@ def digits(seed: int = 0) -> DataSplits:
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.long)
     tr, va, te = fixed_split(len(x), 180, 360, seed=seed)
+    if train_subset is not None:
+        tr = tr[:train_subset]
     xtr, xva, xte = _standardise(x[tr], x[va], x[te])
     return DataSplits(ArrayData(xtr, y[tr]), ArrayData(xva, y[va]), ArrayData(xte, y[te]),
                       num_classes=10, input_shape=(1, 8, 8), info={"source": "sklearn.datasets.load_digits"})
