@@ -15,7 +15,13 @@ from kdkit.methods.combo import shared_forward
 from kdkit.models import create_model
 from kdkit.teacher import Teacher
 
-from conftest import tiny_config
+
+def tiny_config(out_dir, **sections):
+    """A digits config small enough to train in a second or two (as tests/conftest.py's helper)."""
+    cfg = {"seed": 0, "out_dir": str(out_dir), "data": {"name": "digits", "batch_size": 64, "train_subset": 256},
+           "train": {"epochs": 2, "lr": 0.01, "progress": False}}
+    cfg.update(sections)
+    return cfg
 
 
 class Counting(nn.Module):

@@ -13,7 +13,14 @@ from kdkit.errors import KdkitError
 from kdkit.evaluate import evaluate
 from kdkit.teacher import EnsembleModel, Teacher, TeacherEnsemble, as_teacher, ensemble_weights
 
-from conftest import tiny_config
+
+def tiny_config(out_dir, **sections):
+    """A digits config small enough to train in a second or two (as tests/conftest.py's helper)."""
+    cfg = {"seed": 0, "out_dir": str(out_dir), "data": {"name": "digits", "batch_size": 64, "train_subset": 256},
+           "train": {"epochs": 2, "lr": 0.01, "progress": False}}
+    cfg.update(sections)
+    return cfg
+
 
 # Two teachers on two classes with hand-picked softmax outputs:
 #   teacher A: logits (0, 0)     -> p = (0.5, 0.5),  max 0.5,  H = ln 2

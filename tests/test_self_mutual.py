@@ -18,7 +18,13 @@ from kdkit.methods.byot import self_distillation_loss
 from kdkit.methods.dml import mutual_loss
 from kdkit.models import create_model
 
-from conftest import tiny_config
+
+def tiny_config(out_dir, **sections):
+    """A digits config small enough to train in a second or two (as tests/conftest.py's helper)."""
+    cfg = {"seed": 0, "out_dir": str(out_dir), "data": {"name": "digits", "batch_size": 64, "train_subset": 256},
+           "train": {"epochs": 2, "lr": 0.01, "progress": False}}
+    cfg.update(sections)
+    return cfg
 
 
 def _kl(p, q):
