@@ -252,60 +252,74 @@ def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, ba
 # ----------------------------------------------------------------------------- the loop
 
 class _Tracker:
-    """Epoch statistics kept on the device: no host sync until :meth:`check` / :meth:`result`.
+    """Epoch statistics kept on the device: no host sync until :meth:`first_bad` / :meth:`result`.
 
-    ``losses`` holds every micro-step's loss, so the first non-finite one can be named exactly.
+    Each micro-step writes one row ``[loss, parts..., hits, labelled]`` into a (steps, K) device buffer
+    (one ``stack`` and one copy per step, whatever the number of parts), so the first non-finite loss can be
+    named exactly and the epoch means are one weighted sum at the end. The scalar parts are those of the
+    epoch's first step (a part missing later counts as 0).
     """
 
     def __init__(self, device: torch.device, steps: int):
         self.device = device
-        self.losses = torch.zeros(steps, device=device)
-        self.sums: Dict[str, torch.Tensor] = {}
-        self.correct = torch.zeros((), dtype=torch.long, device=device)
-        self.labelled = torch.zeros((), dtype=torch.long, device=device)
-        self.has_labels = False
-        self.seen = 0
+        self.steps = steps
+        self.keys: Optional[List[str]] = None
+        self.buf: Optional[torch.Tensor] = None
+        self.labels = False
+        self.sizes: List[int] = []
         self.checked = 0
 
     def add(self, step: int, out: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]) -> None:
-        n = batch["x"].shape[0]
-        self.seen += n
-        self.losses[step] = out["loss"].detach()
-        for k, v in out.items():
-            if k != "logits" and torch.is_tensor(v) and v.dim() == 0:
-                acc = self.sums.get(k)
-                if acc is None:
-                    acc = self.sums[k] = torch.zeros((), dtype=torch.float32, device=self.device)
-                acc.add_(v.detach().float(), alpha=n)
+        self.sizes.append(batch["x"].shape[0])
         y = batch.get("y")
         logits = out.get("logits")
-        if y is not None and not y.is_floating_point() and logits is not None and logits.dim() == 2:
-            self.has_labels = True
+        if self.keys is None:
+            self.keys = ["loss"] + [k for k, v in out.items()
+                                    if k not in ("loss", "logits") and torch.is_tensor(v) and v.dim() == 0]
+            self.labels = y is not None and not y.is_floating_point() and logits is not None and logits.dim() == 2
+            self.buf = torch.zeros(self.steps, len(self.keys) + 2, device=self.device)
+        zero = None
+        row = []
+        for k in self.keys:
+            v = out.get(k)
+            if v is None:
+                zero = zero if zero is not None else torch.zeros((), device=self.device)
+                v = zero
+            row.append(v.detach())
+        if self.labels:
             # Unlabelled samples carry y = -1, which argmax never equals: no mask needed for the hits.
-            self.correct += (logits.detach().argmax(1) == y).sum()
-            self.labelled += (y >= 0).sum()
+            row.append((logits.detach().argmax(1) == y).sum())
+            row.append((y >= 0).sum())
+        self.buf[step, :len(row)] = torch.stack(row)
+
+    @property
+    def losses(self) -> torch.Tensor:
+        return self.buf[:, 0] if self.buf is not None else torch.zeros(0)
 
     def first_bad(self, upto: int) -> Optional[int]:
         """Index of the first non-finite loss among steps [checked, upto), or None (one host sync)."""
-        window = self.losses[self.checked:upto]
+        window = self.buf[self.checked:upto, 0]
         bad = ~torch.isfinite(window)
-        flag = torch.where(bad.any(), self.checked + bad.to(torch.uint8).argmax(), torch.tensor(-1, device=self.device))
-        flag = flag.to(torch.long)
-        # Under DDP every rank must stop together: take the earliest bad step over ranks (-1 = none).
-        flag = torch.where(flag < 0, torch.tensor(2**62, device=self.device), flag)
+        none = torch.tensor(2**62, device=self.device)
+        flag = torch.where(bad.any(), self.checked + bad.to(torch.uint8).argmax(), none).to(torch.long)
+        # Under DDP every rank must stop together: take the earliest bad step over ranks.
         flag = int(_all_reduce(flag, "min"))
         self.checked = upto
         return None if flag == 2**62 else flag
 
     def result(self) -> Dict[str, float]:
-        keys = sorted(self.sums)
-        vec = torch.stack([self.sums[k] for k in keys] + [self.correct.float(), self.labelled.float(),
-                                                          torch.tensor(float(self.seen), device=self.device)])
+        if self.buf is None:
+            return {}
+        n = len(self.sizes)
+        sizes = torch.tensor(self.sizes, dtype=torch.float32, device=self.device)
+        k = len(self.keys)
+        sums = (self.buf[:n, :k] * sizes[:, None]).sum(0)
+        vec = torch.cat([sums, self.buf[:n, k:].sum(0), sizes.sum().reshape(1)])
         vec = _all_reduce(vec).tolist()  # the epoch's one sync (sum over ranks under DDP)
         seen = max(vec[-1], 1.0)
-        record = {f"train_{k}": v / seen for k, v in zip(keys, vec)}
-        if self.has_labels and vec[-2] > 0:
-            record["train_accuracy"] = vec[-3] / vec[-2]
+        record = {f"train_{key}": v / seen for key, v in zip(self.keys, vec)}
+        if self.labels and vec[k + 1] > 0:
+            record["train_accuracy"] = vec[k] / vec[k + 1]
         return record
 
 

@@ -1,0 +1,344 @@
+"""Speed benchmark (issue 4): how close kdkit's distillation gets to the cost of training the student alone.
+
+    python benchmarks/speed.py                       # ~15 min on 2 shared cores
+    python benchmarks/speed.py --quick               # smoke run, a minute or two
+
+Writes ``benchmarks/results/speed.json`` and prints a table. Five measurements, side by side in one run, each a
+median over repeats that are *interleaved* (repeat r runs every variant once before repeat r+1 starts), so that
+load from other processes on the machine hits all variants alike:
+
+1. cached distillation epoch / student-only (supervised) epoch, same student, same data;
+2. live-teacher distillation epoch / cached, for teacher/student parameter ratios ~1x, 10x, 50x;
+3. kdkit's loop / a minimal hand-written PyTorch KD loop doing the same work (live teacher, and cached);
+4. kdkit / torchdistill on the same job (same modules, data in memory, optimiser, batch, epochs, KD T=4):
+   time per epoch and final test accuracy; torchdistill runs in its own virtual environment
+   (``--peer-python``, script ``peer_torchdistill.py``);
+5. bytes of the teacher cache, dense fp32 / fp16 / top-k, for 60,000 x 10 (real teacher logits on
+   Fashion-MNIST) and a synthetic 100,000 x 1,000 problem, with the top-k reconstruction KL.
+
+Data: Fashion-MNIST (``/usr/share/datasets/fashion-mnist``), a training subset (``--train-subset``) and few
+epochs, so the whole run stays near 15 minutes on 2 shared cores. Models are MLPs (student 784-128-10). All
+timings use one intra-op thread (``--threads``) to limit interference with other processes. Cached epochs are
+the epochs after the first: kdkit fills its cache from the first epoch's live teacher outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from speed_common import accuracy, load_state, mlp, n_params, save_state  # noqa: E402
+
+import kdkit  # noqa: E402
+import kdkit.api  # noqa: E402
+import kdkit.engine as engine  # noqa: E402
+from kdkit.cache import CacheSpec, TeacherCache, soft_target_kl, topk_compress, topk_expand  # noqa: E402
+from kdkit.config import TrainConfig  # noqa: E402
+from kdkit.data import ArrayData  # noqa: E402
+from kdkit.losses import kd_loss  # noqa: E402
+from kdkit.methods import METHODS  # noqa: E402
+from kdkit.teacher import Teacher  # noqa: E402
+
+STUDENT = [128]
+TEACHERS = {"1x": [128], "10x": [1024, 256], "50x": [2048, 1536]}
+T, ALPHA, LR, SEED = 4.0, 0.9, 0.05, 0
+
+
+def median(xs: List[float]) -> float:
+    return float(statistics.median(xs))
+
+
+# ----------------------------------------------------------------------------- kdkit runs
+
+def kdkit_epochs(method, data, epochs: int, batch: int, **train) -> List[float]:
+    cfg = TrainConfig(epochs=epochs, optimizer="sgd", lr=LR, schedule="constant", progress=False, **train)
+    hist = engine.fit(method, data, None, cfg, seed=SEED, batch_size=batch)
+    return [e["epoch_seconds"] for e in hist.epochs]
+
+
+def kd_method(student, teacher):
+    return METHODS.get("kd")(student, Teacher(teacher), temperature=T, alpha=ALPHA)
+
+
+# ----------------------------------------------------------------------------- the hand-written loop
+
+def hand_kd_epochs(student, teacher, data: ArrayData, epochs: int, batch: int, table=None) -> List[float]:
+    """The minimal KD loop: shuffle, slice, student forward, teacher forward (or table lookup), loss, step."""
+    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, nesterov=True)
+    teacher.eval()
+    x_all, y_all = data.x, data.y
+    g = torch.Generator().manual_seed(SEED)
+    times = []
+    for _ in range(epochs):
+        student.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(x_all), generator=g)
+        for i in range(0, len(perm), batch):
+            idx = perm[i:i + batch]
+            x, y = x_all[idx], y_all[idx]
+            logits = student(x)
+            if table is None:
+                with torch.inference_mode():
+                    t_logits = teacher(x)
+                t_logits = t_logits.clone()
+            else:
+                t_logits = table[idx]
+            loss = ALPHA * kd_loss(logits, t_logits, T) + (1 - ALPHA) * F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------- profile
+
+def profile_epoch(make_method, data, batch: int, train: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Top operators (self CPU time) of one kdkit epoch, for the README's "where the time goes"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    method = make_method()
+    cfg = TrainConfig(epochs=1, optimizer="sgd", lr=LR, schedule="constant", progress=False, **train)
+    if train.get("teacher_cache") != "off" and isinstance(getattr(method, "teacher", None), Teacher):
+        engine.fit(method, data, None, cfg, seed=SEED, batch_size=batch)  # fill the cache first
+        cache_cfg = cfg
+    else:
+        cache_cfg = cfg
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.fit(method, data, None, cache_cfg, seed=SEED, batch_size=batch)
+    rows = []
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]:
+        rows.append({"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2),
+                     "share": round(e.self_cpu_time_total / max(total, 1), 3), "calls": e.count})
+    return rows
+
+
+# ----------------------------------------------------------------------------- (5) cache memory
+
+def cache_memory(teacher, x60k: torch.Tensor) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    with torch.inference_mode():
+        logits = torch.cat([teacher(x60k[i:i + 4096]) for i in range(0, len(x60k), 4096)])
+    g = torch.Generator().manual_seed(0)
+    n, c = 100_000, 1000
+    labels = torch.randint(0, c, (n,), generator=g)
+    # Synthetic "trained teacher" logits: N(0, 1) noise plus a margin of 8 on a random true class and 4 on a
+    # random runner-up (real many-class teachers put most mass on a few classes; uniform noise alone would not).
+    synth = torch.randn(n, c, generator=g)
+    synth[torch.arange(n), labels] += 8.0
+    synth[torch.arange(n), torch.randint(0, c, (n,), generator=g)] += 4.0
+    for name, z, ks in (("fashion_mnist_60000x10", logits, [1, 3]), ("synthetic_100000x1000", synth, [10, 50])):
+        rows = {}
+        forms = [("dense_fp32", CacheSpec("float32")), ("dense_fp16", CacheSpec("float16"))]
+        forms += [(f"top{k}_fp16", CacheSpec("float16", topk=k)) for k in ks]
+        for label, spec in forms:
+            cache = TeacherCache.allocate(len(z), tuple(z.shape[1:]), spec, {})
+            for i in range(0, len(z), 8192):
+                idx = torch.arange(i, min(i + 8192, len(z)))
+                cache.put(idx, z[idx])
+                cache.mark_done(idx)
+            cache.finish()
+            row = {"bytes": cache.nbytes, "MiB": round(cache.nbytes / 2**20, 2),
+                   "bytes_per_sample": cache.nbytes / len(z)}
+            row.update({k: v for k, v in cache.meta.items() if k.startswith(("topk_kl", "fp16"))})
+            rows[label] = row
+            del cache
+        out[name] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--train-subset", type=int, default=10000)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per timing run (the first fills the cache)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--peer-epochs", type=int, default=5)
+    ap.add_argument("--peer-repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peer-python", default="/work/venvs/torchdistill/bin/python")
+    ap.add_argument("--out", default=str(HERE / "results" / "speed.json"))
+    ap.add_argument("--work", default=str(HERE / "out" / "speed"))
+    args = ap.parse_args()
+    if args.quick:
+        args.train_subset, args.repeats, args.peer_repeats, args.peer_epochs = 2000, 2, 1, 2
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    B, E = args.batch_size, args.epochs
+
+    splits = kdkit.api.build_data(kdkit.load_config({"data": {"name": "fashion_mnist", "train_subset": args.train_subset}}).data)
+    train, test = splits.train, splits.test
+    result: Dict[str, Any] = {
+        "setup": {"dataset": "fashion_mnist", "train_samples": len(train), "test_samples": len(test),
+                  "batch_size": B, "epochs_per_run": E, "repeats": args.repeats, "threads": args.threads,
+                  "student": f"mlp {STUDENT}", "torch": torch.__version__,
+                  "note": "medians over interleaved repeats; cached epochs exclude the first (cache-filling) epoch"}}
+
+    # Teacher for (1), (3), (4): the 10x MLP, trained once and kept in benchmarks/out/.
+    teacher_file = work / "teacher.npz"
+    teacher = mlp(TEACHERS["10x"])
+    if teacher_file.is_file():
+        load_state(teacher, teacher_file)
+    else:
+        torch.manual_seed(SEED)
+        kdkit.train(teacher, train, None, epochs=5, optimizer="sgd", lr=LR, schedule="cosine", progress=False,
+                    batch_size=B, seed=SEED)
+        save_state(teacher, teacher_file)
+    teacher.eval()
+    result["setup"]["teacher_test_accuracy"] = accuracy(teacher, test.x, test.y)
+    teachers = {k: (teacher if k == "10x" else mlp(h)) for k, h in TEACHERS.items()}
+    s_params = n_params(mlp(STUDENT))
+    result["setup"]["params"] = {"student": s_params, **{k: n_params(m) for k, m in teachers.items()}}
+    torch.manual_seed(SEED + 1)
+    init = mlp(STUDENT)
+
+    def student():
+        return load_state(mlp(STUDENT), work / "student_init.npz")
+
+    save_state(init, work / "student_init.npz")
+    np.savez(work / "data.npz", x_train=train.x.numpy(), y_train=train.y.numpy(), x_test=test.x.numpy(),
+             y_test=test.y.numpy())
+    (work / "job.json").write_text(json.dumps({"teacher_hidden": TEACHERS["10x"], "student_hidden": STUDENT,
+                                               "temperature": T, "alpha": ALPHA, "seed": SEED}))
+    with torch.inference_mode():
+        table = torch.cat([teacher(train.x[i:i + 2048]) for i in range(0, len(train), 2048)]).clone()
+
+    # ------------------------------------------------------------------ (1)-(3), interleaved
+    t: Dict[str, List[float]] = {}
+
+    def add(key, epochs_s, skip_first=False):
+        t.setdefault(key, []).extend(epochs_s[1:] if skip_first else epochs_s)
+
+    cache_dir = str(work / "cache")
+    for r in range(args.repeats):
+        print(f"repeat {r + 1}/{args.repeats} ({time.time() - t_start:.0f}s)", flush=True)
+        add("student_only", kdkit_epochs(METHODS.get("supervised")(student()), train, E, B))
+        for k, tm in teachers.items():
+            ep = kdkit_epochs(kd_method(student(), tm), train, E, B, teacher_cache="memory", cache_dir=cache_dir)
+            add(f"cached_{k}", ep, skip_first=True)
+            add(f"cached_fill_epoch_{k}", ep[:1])
+            add(f"live_{k}", kdkit_epochs(kd_method(student(), tm), train, E, B, teacher_cache="off"))
+        add("hand_live_10x", hand_kd_epochs(student(), teacher, train, E, B))
+        add("hand_cached_10x", hand_kd_epochs(student(), teacher, train, E, B, table=table))
+        add("cached_10x_bf16", kdkit_epochs(kd_method(student(), teacher), train, E, B, teacher_cache="memory",
+                                            precision="bf16"), skip_first=True)
+    med = {k: median(v) for k, v in t.items()}
+    result["epoch_seconds_median"] = med
+    result["epoch_seconds_all"] = t
+    ratios = {
+        "1_cached_distill_over_student_only": med["cached_10x"] / med["student_only"],
+        "2_live_over_cached": {k: med[f"live_{k}"] / med[f"cached_{k}"] for k in TEACHERS},
+        "3_kdkit_over_hand_loop_live": med["live_10x"] / med["hand_live_10x"],
+        "3_kdkit_over_hand_loop_cached": med["cached_10x"] / med["hand_cached_10x"],
+        "hand_cached_over_student_only": med["hand_cached_10x"] / med["student_only"],
+        "bf16_over_fp32_cached": med["cached_10x_bf16"] / med["cached_10x"],
+    }
+    result["ratios"] = ratios
+    result["expectations"] = {
+        "1_cached_distill_over_student_only<=1.10": ratios["1_cached_distill_over_student_only"] <= 1.10,
+        "3_kdkit_over_hand_loop<=1.05 (live)": ratios["3_kdkit_over_hand_loop_live"] <= 1.05,
+        "3_kdkit_over_hand_loop<=1.05 (cached)": ratios["3_kdkit_over_hand_loop_cached"] <= 1.05,
+    }
+    print(json.dumps(ratios, indent=1), flush=True)
+
+    # ------------------------------------------------------------------ where the time goes
+    print(f"profiles ({time.time() - t_start:.0f}s)", flush=True)
+    result["profile_top_ops"] = {
+        "student_only": profile_epoch(lambda: METHODS.get("supervised")(student()), train, B, {}),
+        "kdkit_cached_10x": profile_epoch(lambda: kd_method(student(), teacher), train, B,
+                                          {"teacher_cache": "memory"}),
+    }
+
+    # ------------------------------------------------------------------ (4) kdkit vs torchdistill
+    print(f"peer comparison ({time.time() - t_start:.0f}s)", flush=True)
+    peer: Dict[str, Any] = {"kdkit_live": [], "kdkit_cached": [], "torchdistill_live": []}
+    peer_ok = Path(args.peer_python).is_file()
+    for r in range(args.peer_repeats):
+        for mode in ("off", "memory"):
+            s = student()
+            torch.manual_seed(SEED)
+            cfg = TrainConfig(epochs=args.peer_epochs, optimizer="sgd", lr=LR, schedule="constant", progress=False,
+                              teacher_cache=mode)
+            hist = engine.fit(kd_method(s, teacher), train, None, cfg, seed=SEED, batch_size=B)
+            peer["kdkit_live" if mode == "off" else "kdkit_cached"].append(
+                {"epoch_seconds": [e["epoch_seconds"] for e in hist.epochs], "test_accuracy": accuracy(s, test.x, test.y)})
+        if peer_ok:
+            out = work / f"peer_{r}.json"
+            proc = subprocess.run([args.peer_python, str(HERE / "peer_torchdistill.py"), "--work", str(work),
+                                   "--out", str(out), "--epochs", str(args.peer_epochs), "--batch-size", str(B),
+                                   "--lr", str(LR), "--threads", str(args.threads)], capture_output=True, text=True)
+            if proc.returncode == 0:
+                peer["torchdistill_live"].append(json.loads(out.read_text()))
+            else:
+                peer["torchdistill_error"] = proc.stderr[-2000:]
+    summary: Dict[str, Any] = {}
+    for key, runs in peer.items():
+        if not isinstance(runs, list) or not runs:
+            continue
+        skip = 1 if key == "kdkit_cached" else 0
+        summary[key] = {
+            "epoch_seconds_median": median([s for run in runs for s in run["epoch_seconds"][skip:]]),
+            "test_accuracy_mean": float(np.mean([run["test_accuracy"] for run in runs])),
+            "test_accuracy_runs": [run["test_accuracy"] for run in runs],
+            "tool": runs[0].get("tool", f"kdkit {kdkit.__version__}" if hasattr(kdkit, "__version__") else "kdkit"),
+        }
+    peer["summary"] = summary
+    if "torchdistill_live" in summary:
+        td = summary["torchdistill_live"]
+        peer["ratios"] = {
+            "kdkit_live_over_torchdistill_live": summary["kdkit_live"]["epoch_seconds_median"] / td["epoch_seconds_median"],
+            "kdkit_cached_over_torchdistill_live": summary["kdkit_cached"]["epoch_seconds_median"] / td["epoch_seconds_median"],
+            "accuracy_points_kdkit_live_minus_torchdistill": 100 * (summary["kdkit_live"]["test_accuracy_mean"] - td["test_accuracy_mean"]),
+            "accuracy_points_kdkit_cached_minus_torchdistill": 100 * (summary["kdkit_cached"]["test_accuracy_mean"] - td["test_accuracy_mean"]),
+        }
+    peer["torchdistill_cache"] = "none: torchdistill 1.x has no teacher-output cache (checked its source), so only live"
+    result["peer"] = peer
+    print(json.dumps(peer.get("ratios", summary), indent=1), flush=True)
+
+    # ------------------------------------------------------------------ (5) cache memory
+    print(f"cache memory ({time.time() - t_start:.0f}s)", flush=True)
+    full = kdkit.api.build_data(kdkit.load_config({"data": {"name": "fashion_mnist"}}).data)
+    x60k = torch.cat([full.train.x, full.val.x])[:60000]
+    result["cache_memory"] = cache_memory(teacher, x60k)
+    result["wall_seconds"] = time.time() - t_start
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print_table(result)
+    print(f"wrote {args.out} ({result['wall_seconds']:.0f}s)")
+
+
+def print_table(r: Dict[str, Any]) -> None:
+    med, ra = r["epoch_seconds_median"], r["ratios"]
+    print("\nepoch seconds (median):")
+    for k, v in med.items():
+        print(f"  {k:28s} {v:8.3f}")
+    print("\nratios:")
+    for k, v in ra.items():
+        print(f"  {k:40s} {v if isinstance(v, dict) else round(v, 3)}")
+    for name, rows in r["cache_memory"].items():
+        print(f"\ncache memory {name}:")
+        for form, row in rows.items():
+            print(f"  {form:12s} {row['MiB']:10.2f} MiB  " + " ".join(f"{k}={v:.2e}" for k, v in row.items()
+                                                                if k.startswith(("topk_kl_mean", "fp16"))))
+
+
+if __name__ == "__main__":
+    main()
