@@ -3,7 +3,7 @@
 
 What it measures (everything goes to ``benchmarks/results/fashion_mnist.json`` and a printed table):
 
-1. A CNN teacher (zoo ``cnn_large``) trained once with ``kdkit.train`` and cached in
+1. A CNN teacher (LeNet-style, see :func:`teacher_net`) trained once with ``kdkit.train`` and cached in
    ``benchmarks/out/fashion_mnist/`` (loaded, with its test accuracy, when present).
 2. An MLP student trained from scratch (``kdkit.train``) and distilled (``kdkit.distill``, Hinton KD)
    over several seeds, in several regimes: all labels with a short and a longer schedule, and a
@@ -64,6 +64,9 @@ REGIMES: List[Dict[str, Any]] = [
      "labelled": 1.0, "epochs": 20, "scratch_epochs": 20, "temperature": 4.0, "alpha": 0.9, "hidden": [64]},
     {"name": "labels-5%", "what": "labels for 5% of the images (2,750), the rest unlabelled transfer set",
      "labelled": 0.05, "epochs": 15, "scratch_epochs": 100, "temperature": 4.0, "alpha": 0.9, "hidden": [64]},
+    {"name": "labels-5%-own-teacher", "what": "as labels-5%, but the teacher too is trained on those 2,750 labels only",
+     "labelled": 0.05, "epochs": 15, "scratch_epochs": 100, "temperature": 4.0, "alpha": 0.9, "hidden": [64],
+     "own_teacher_epochs": 20},
 ]
 
 
@@ -100,34 +103,51 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- teacher (cached)
 
+def teacher_net(width: int = 16) -> torch.nn.Module:
+    """The teacher: a LeNet-style CNN (two 3x3 conv + max-pool blocks, a 128-unit hidden layer).
+
+    Chosen over the zoo's ``cnn_large`` for this benchmark because its flat head learns much faster on a
+    budget of a few epochs: in a one-off check (one epoch on 12,000 images, 2 busy CPU cores) this design
+    at width 32 reached 82.5% validation accuracy against 70.0% for ``cnn_large`` at width 16, at a
+    similar cost, and ``cnn_large`` (width 16) was at 84.4% after 2 of 4 epochs on the full set. A teacher
+    that is not clearly better than the student would make the comparison pointless.
+    """
+    w = width
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, w, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),  # (B, w, 14, 14)
+        torch.nn.Conv2d(w, 2 * w, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),  # (B, 2w, 7, 7)
+        torch.nn.Flatten(), torch.nn.Linear(2 * w * 49, 128), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 10))
+
+
 def get_teacher(splits, args, out: Path) -> Dict[str, Any]:
     """Train the teacher with kdkit.train once; later runs load its weights and numbers from ``out``."""
     from safetensors.torch import load_file, save_file
 
-    tag = f"teacher-cnn_large-w{args.teacher_width}-e{args.teacher_epochs}-n{len(splits.train)}"
+    tag = f"teacher-lenet-w{args.teacher_width}-e{args.teacher_epochs}-n{len(splits.train)}"
     tdir = out / tag
     info_path = tdir / "teacher.json"
-    model = create_model("cnn_large", num_classes=10, input_shape=(1, 28, 28), width=args.teacher_width)
+    model = teacher_net(args.teacher_width)
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         load_weights(model, tdir / "run" / "checkpoints" / "best.safetensors")
         info["cached"] = True
         print(f"teacher: loaded {tdir} (test accuracy {info['test_accuracy']:.4f})", flush=True)
     else:
-        print(f"teacher: training cnn_large (width {args.teacher_width}) for {args.teacher_epochs} epochs on "
+        print(f"teacher: training the LeNet-style CNN (width {args.teacher_width}) for {args.teacher_epochs} epochs on "
               f"{len(splits.train)} images; cached in {tdir}", flush=True)
         tmp = out / (tag + ".partial")
         if tmp.exists():
             shutil.rmtree(tmp)  # our own unfinished cache from an interrupted run
         torch.manual_seed(0)
-        model = create_model("cnn_large", num_classes=10, input_shape=(1, 28, 28), width=args.teacher_width)
+        model = teacher_net(args.teacher_width)
         t0 = time.perf_counter()
         run = kdkit.train(model, splits.train, splits.val, test_data=None, out_dir=tmp / "run", seed=0,
                           device=args.device, batch_size=128, epochs=args.teacher_epochs, optimizer="adam",
                           lr=2e-3, schedule="cosine", progress=False)
         seconds = time.perf_counter() - t0
         model = run.student
-        info = {"model": "cnn_large", "width": args.teacher_width, "epochs": args.teacher_epochs,
+        info = {"model": "LeNet-style CNN: conv3x3(w)-pool-conv3x3(2w)-pool-fc128-fc10", "width": args.teacher_width, "epochs": args.teacher_epochs,
                 "train_images": len(splits.train), "optimizer": "adam", "lr": 2e-3, "schedule": "cosine",
                 "batch_size": 128, "selection": "best validation accuracy (5,000 held-out training images)",
                 "best_epoch": max(run.history, key=lambda r: r.get("val_accuracy", 0))["epoch"],
@@ -165,7 +185,7 @@ def hide_labels(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
 def run_regime(regime: Dict[str, Any], splits, teacher: Dict[str, Any], seeds: List[int], args) -> Dict[str, Any]:
     x, y_all = splits.train.x, splits.train.y
     x_test, y_test = splits.test.x, splits.test.y
-    t_test = teacher["logits"]["test"]
+    own_teacher_acc: List[float] = []
     train_opts = {"optimizer": "adam", "lr": args.lr, "schedule": "cosine", "progress": False}
     rows = {"scratch": [], "distilled": []}
     for seed in seeds:
@@ -179,13 +199,25 @@ def run_regime(regime: Dict[str, Any], splits, teacher: Dict[str, Any], seeds: L
                               batch_size=args.batch_size, epochs=regime["scratch_epochs"], **train_opts).student
         t_scratch = time.perf_counter() - t0
         # Distilled: every training image; labels where kept, -1 elsewhere (CE skips those).
+        t_model, t_test, cache = teacher["model"], teacher["logits"]["test"], {"teacher_cache": "disk",
+                                                                                 "cache_dir": str(teacher["cache_dir"])}
+        if regime.get("own_teacher_epochs"):
+            # Everyone is label-scarce: a fresh teacher trained on this seed's labelled images only (fixed
+            # schedule, no validation-based selection), its outputs cached in memory for this run.
+            torch.manual_seed(seed)
+            t_model = kdkit.train(teacher_net(args.teacher_width), ArrayData(x[labelled], y[labelled]), seed=seed,
+                                  device=args.device, batch_size=args.batch_size, epochs=regime["own_teacher_epochs"],
+                                  optimizer="adam", lr=2e-3, schedule="cosine", progress=False).student.cpu().eval()
+            t_test = outputs(t_model, x_test)
+            own_teacher_acc.append(accuracy(t_test, y_test))
+            cache = {"teacher_cache": "memory", "cache_dir": str(teacher["cache_dir"]) + "-unused"}
         t0 = time.perf_counter()
         # kdkit's teacher-output cache on disk: the first run fills it, every later one reuses it (same teacher
         # weights and inputs); exact here (frozen teacher, no augmentation).
-        distilled = kdkit.distill(Teacher(teacher["model"]), copy.deepcopy(init), ArrayData(x, y), method="kd",
+        distilled = kdkit.distill(Teacher(t_model), copy.deepcopy(init), ArrayData(x, y), method="kd",
                                   seed=seed, device=args.device, batch_size=args.batch_size, epochs=regime["epochs"],
-                                  temperature=regime["temperature"], alpha=regime["alpha"], teacher_cache="disk",
-                                  cache_dir=str(teacher["cache_dir"]), **train_opts).student
+                                  temperature=regime["temperature"], alpha=regime["alpha"], **cache,
+                                  **train_opts).student
         t_kd = time.perf_counter() - t0
         for name, model, secs in (("scratch", scratch, t_scratch), ("distilled", distilled, t_kd)):
             out = outputs(model.cpu(), x_test)
@@ -195,6 +227,9 @@ def run_regime(regime: Dict[str, Any], splits, teacher: Dict[str, Any], seeds: L
         print(f"  {regime['name']} seed {seed}: scratch {rows['scratch'][-1]['accuracy']:.4f} "
               f"({t_scratch:.0f}s)  distilled {rows['distilled'][-1]['accuracy']:.4f} ({t_kd:.0f}s)", flush=True)
     result = {k: v for k, v in regime.items()}
+    if own_teacher_acc:
+        result["own_teacher_accuracy"] = own_teacher_acc
+        result["own_teacher_mean"] = statistics.mean(own_teacher_acc)
     result["labelled_images"] = int(labelled.sum())
     result["transfer_images"] = len(x)
     for name in rows:
@@ -284,7 +319,7 @@ def fmt(r: Dict[str, Any]) -> str:
 
 def table(result: Dict[str, Any]) -> str:
     t = result["teacher"]
-    lines = [f"Teacher: cnn_large (width {t['width']}, {t['parameters']:,} params), {t['epochs']} epochs on "
+    lines = [f"Teacher: {t['model']} (w={t['width']}, {t['parameters']:,} params), {t['epochs']} epochs on "
              f"{t['train_images']:,} images: test accuracy {100 * t['test_accuracy']:.2f}%",
              f"Student: mlp 784-{'-'.join(map(str, result['regimes'][0]['hidden']))}-10 "
              f"({result['student_parameters']:,} params); test accuracy (%) over seeds {result['seeds']}, mean ± std",
@@ -292,7 +327,8 @@ def table(result: Dict[str, Any]) -> str:
              "| regime | labelled images | KD epochs (scratch) | T | alpha | scratch | distilled | gain | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["regimes"]:
-        lines.append(f"| {r['name']}: {r['what']} | {r['labelled_images']:,} of {r['transfer_images']:,} | "
+        what = r["what"] + (f" (teacher: {100 * r['own_teacher_mean']:.2f}%)" if "own_teacher_mean" in r else "")
+        lines.append(f"| {r['name']}: {what} | {r['labelled_images']:,} of {r['transfer_images']:,} | "
                      f"{r['epochs']} ({r['scratch_epochs']}) | {r['temperature']:g} | {r['alpha']:g} | "
                      f"{fmt(r['scratch'])} | {fmt(r['distilled'])} | {100 * r['gain']:+.2f} | {r['verdict']} |")
     lines += ["", "| loop cost per epoch | images | kdkit (s) | hand-written (s) | ratio |", "|---|---|---|---|---|"]
@@ -321,7 +357,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest and steadiest when the cores are shared)")
     p.add_argument("--teacher-only", action="store_true", help="train (or load) the cached teacher and stop")
+    p.add_argument("--table", metavar="JSON", help="print the markdown table of an existing results file and stop")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     regimes = [dict(r) for r in REGIMES]
     if args.regimes:
         wanted = args.regimes.split(",")
