@@ -129,20 +129,21 @@ def born_again_config(cfg: RunConfig, generations: int = 2) -> BornAgainRun:
         if cfg.teacher.checkpoint is None:
             raise KdkitError("config: teacher.checkpoint is required (generation 0), or omit teacher to train it here")
         validate(cfg.model_copy(update={"student": cfg.student or ModelConfig(name="linear")}), "distill")
-    create_run_dir(base)
-    gen0_metrics = None
-    if cfg.teacher is not None:
         arch = cfg.teacher
         if arch.name is None:
             arch = _model_spec_from_run(Path(arch.checkpoint)).model_copy(update={"checkpoint": arch.checkpoint})
         if cfg.student is not None and cfg.student.name not in (None, arch.name):
             raise KdkitError(f"config: born-again students share the teacher's architecture ({arch.name}); "
                              f"remove student: {cfg.student.name}")
-        previous = arch  # generation 0 as given (name + checkpoint)
     else:
         arch = cfg.student or cfg.model
         if arch is None:
             raise KdkitError("config: give teacher: {checkpoint: RUN_DIR} (generation 0) or a student/model section")
+    create_run_dir(base)
+    gen0_metrics = None
+    if cfg.teacher is not None:
+        previous = arch  # generation 0 as given (name + checkpoint)
+    else:
         gen0_cfg = cfg.model_copy(update={"out_dir": str(base / "gen0"), "model": arch.model_copy(update={"checkpoint": None}),
                                           "student": None, "teacher": None})
         gen0 = run_config(gen0_cfg, "train")
