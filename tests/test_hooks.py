@@ -228,3 +228,31 @@ def test_build_method_injects_example_batch_num_samples_and_num_classes():
             build_method("_probe_injection", cnn(), Teacher(cnn("cnn_large")), {"num_samples": 3})
     finally:
         METHODS._items.pop("_probe_injection", None)
+
+
+def test_distill_injects_what_feature_methods_need():
+    import kdkit
+
+    x, y = torch.randn(48, *SHAPE), torch.randint(0, 10, (48,))
+    run = kdkit.distill(cnn("cnn_large"), cnn(), (x, y), method="crd", nce_k=16, epochs=1, batch_size=16,
+                        progress=False)
+    assert run.student is not None
+    run = kdkit.distill(cnn("cnn_large"), cnn(), (x, y), method="fitnets", student_layer="features.0",
+                        teacher_layer="features.2", epochs=1, batch_size=16, progress=False)
+    assert run.student is not None
+
+
+@pytest.mark.slow
+def test_run_config_injects_what_feature_methods_need(tmp_path, teacher_run):
+    import kdkit
+
+    def config(out, method):
+        return {"seed": 0, "out_dir": str(out), "data": {"name": "digits", "batch_size": 64, "train_subset": 256},
+                "student": {"name": "cnn_small", "width": 4}, "teacher": {"checkpoint": str(teacher_run)},
+                "method": method, "train": {"epochs": 1, "lr": 0.01, "progress": False}}
+
+    # CRD sizes its memory bank from the training split; its options are checked before any work starts
+    run = kdkit.run_config(kdkit.load_config(config(tmp_path / "crd", {"name": "crd", "nce_k": 32})), "distill")
+    assert 0.0 <= run.metrics["student"]["accuracy"] <= 1.0
+    with pytest.raises(KdkitError, match="unknown option 'num_samples'"):
+        kdkit.run_config(kdkit.load_config(config(tmp_path / "bad", {"name": "crd", "num_samples": 5})), "distill")
