@@ -25,7 +25,8 @@ class CorrelationCongruence(FeatureMethod):
     Args:
         student_layer, teacher_layer: any layers (default: the embeddings ``head:input``).
         gamma, order: RBF width and Taylor order of the kernel.
-        beta: weight.
+        beta: weight (20, our choice: with ``‖K_s - K_t‖² / B²`` the term starts near half the cross-entropy
+            for the zoo's CNNs; not a value from the paper, whose normalisation differs).
         ce_weight, kd_weight, temperature: see :class:`~kdkit.methods.feature_base.FeatureMethod`.
     """
 
@@ -33,7 +34,7 @@ class CorrelationCongruence(FeatureMethod):
     part = "cc"
 
     def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
-                 gamma: float = 0.4, order: int = 2, beta: float = 1.0, ce_weight: float = 1.0,
+                 gamma: float = 0.4, order: int = 2, beta: float = 20.0, ce_weight: float = 1.0,
                  kd_weight: float = 0.0, temperature: float = 4.0, example_batch=None):
         super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
                          temperature)

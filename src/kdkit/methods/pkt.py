@@ -23,7 +23,8 @@ class PKT(FeatureMethod):
 
     Args:
         student_layer, teacher_layer: any layers (default: the embeddings ``head:input``).
-        beta: weight of the KL.
+        beta: weight of the KL (500: RepDistiller's 30000 was applied to a mean over the B² entries at batch
+            64; our per-anchor KL is about B times larger, so 30000 / 64 ≈ 470, rounded).
         ce_weight, kd_weight, temperature: see :class:`~kdkit.methods.feature_base.FeatureMethod`.
     """
 
@@ -31,7 +32,7 @@ class PKT(FeatureMethod):
     part = "pkt"
 
     def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
-                 beta: float = 1.0, ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
+                 beta: float = 500.0, ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
                  example_batch=None):
         super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
                          temperature)
