@@ -33,6 +33,10 @@ class CRD(FeatureMethod):
     (the paper draws them per sample), which keeps the cost at B x K dot products instead of a (B, K, D)
     gather.
 
+    Under DDP (``torchrun``) the memory banks are module buffers, which DDP re-broadcasts from rank 0 at
+    every forward: rows written by other ranks are overwritten, so their samples' memory lags. Train CRD
+    on one process, or accept the weaker memory.
+
     Args:
         student_layer, teacher_layer: embedding layers (default ``head:input`` of each).
         num_samples: training-set size (supplied by ``kdkit.api.build_method``); batches must carry
