@@ -67,6 +67,11 @@ REGIMES: List[Dict[str, Any]] = [
     {"name": "labels-5%-own-teacher", "what": "as labels-5%, but the teacher too is trained on those 2,750 labels only",
      "labelled": 0.05, "epochs": 15, "scratch_epochs": 100, "temperature": 4.0, "alpha": 0.9, "hidden": [64],
      "own_teacher_epochs": 20},
+    # Run on request (--regimes NAME --merge): other settings tried after the three above.
+    {"name": "full-long-T2-a0.5", "what": "all labels, 20 epochs, softer mix (T=2, alpha=0.5)", "extra": True,
+     "labelled": 1.0, "epochs": 20, "scratch_epochs": 20, "temperature": 2.0, "alpha": 0.5, "hidden": [64]},
+    {"name": "full-long-mlp16", "what": "all labels, 20 epochs, smaller student 784-16-10", "extra": True,
+     "labelled": 1.0, "epochs": 20, "scratch_epochs": 20, "temperature": 4.0, "alpha": 0.9, "hidden": [16]},
 ]
 
 
@@ -331,10 +336,11 @@ def table(result: Dict[str, Any]) -> str:
         lines.append(f"| {r['name']}: {what} | {r['labelled_images']:,} of {r['transfer_images']:,} | "
                      f"{r['epochs']} ({r['scratch_epochs']}) | {r['temperature']:g} | {r['alpha']:g} | "
                      f"{fmt(r['scratch'])} | {fmt(r['distilled'])} | {100 * r['gain']:+.2f} | {r['verdict']} |")
-    lines += ["", "| loop cost per epoch | images | kdkit (s) | hand-written (s) | ratio |", "|---|---|---|---|---|"]
+    lines += ["", "| loop cost, median seconds per epoch | images | kdkit epoch | hand-written epoch | ratio | "
+              "kdkit whole distill(epochs=1) call | ratio per call |", "|---|---|---|---|---|---|---|"]
     for name, c in result["loop_cost"].items():
         lines.append(f"| {name} | {c['images']:,} | {c['kdkit_median']:.3f} | {c['hand_median']:.3f} | "
-                     f"{c['ratio']:.3f} |")
+                     f"{c['ratio']:.3f} | {c['kdkit_call_median']:.3f} | {c['ratio_call']:.3f} |")
     return "\n".join(lines)
 
 
@@ -357,6 +363,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest and steadiest when the cores are shared)")
     p.add_argument("--teacher-only", action="store_true", help="train (or load) the cached teacher and stop")
+    p.add_argument("--merge", action="store_true",
+                   help="add these regimes to the existing results file (same teacher) instead of starting a new one")
+    p.add_argument("--no-loop-cost", action="store_true", help="skip the loop-cost measurement")
     p.add_argument("--table", metavar="JSON", help="print the markdown table of an existing results file and stop")
     args = p.parse_args(argv)
     if args.table:
@@ -366,6 +375,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.regimes:
         wanted = args.regimes.split(",")
         regimes = [r for r in regimes if r["name"] in wanted]
+    else:
+        regimes = [r for r in regimes if not r.get("extra")]
     if args.quick:
         args.train_subset = args.train_subset or 5000
         args.teacher_epochs, args.seeds, args.loop_repeats, args.loop_images = 1, 2, 2, 1000
@@ -399,22 +410,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     for regime in regimes:
         print(f"regime {regime['name']}: {regime['what']}", flush=True)
         result["regimes"].append(run_regime(regime, splits, teacher, seeds, args))
-    # Loop cost 1: the real teacher in the loop (what a distillation epoch costs), on the first N images.
-    n = min(args.loop_images, len(splits.train))
-    x, y = splits.train.x[:n], splits.train.y[:n]
-    model = teacher["model"]
-    live = lambda xb, idx: model(xb)  # noqa: E731
-    live.teacher = Teacher(model)
-    result["loop_cost"]["teacher in the loop"] = loop_cost(
-        "teacher in the loop", live, x, y, args.loop_repeats, args, teacher_cache="off")
-    # Loop cost 2: teacher outputs cached (student work only: where the loop's own overhead shows most).
-    logits = teacher["logits"]["train"]
-    cached = lambda xb, idx: logits[idx]  # noqa: E731
-    cached.teacher = Teacher(model)
-    result["loop_cost"]["teacher outputs cached"] = loop_cost(
-        "teacher outputs cached", cached, splits.train.x, splits.train.y, args.loop_repeats, args,
-        teacher_cache="disk", cache_dir=str(teacher["cache_dir"]))
+        result["regimes"][-1]["student_parameters"] = sum(
+            p.numel() for p in create_model("mlp", num_classes=10, input_shape=(1, 28, 28), hidden=regime["hidden"]).parameters())
+    if not args.no_loop_cost:
+        # Loop cost 1: the real teacher in the loop (what a distillation epoch costs), on the first N images.
+        n = min(args.loop_images, len(splits.train))
+        x, y = splits.train.x[:n], splits.train.y[:n]
+        model = teacher["model"]
+        live = lambda xb, idx: model(xb)  # noqa: E731
+        live.teacher = Teacher(model)
+        result["loop_cost"]["teacher in the loop"] = loop_cost(
+            "teacher in the loop", live, x, y, args.loop_repeats, args, teacher_cache="off")
+        # Loop cost 2: teacher outputs cached (student work only: where the loop's own overhead shows most).
+        logits = teacher["logits"]["train"]
+        cached = lambda xb, idx: logits[idx]  # noqa: E731
+        cached.teacher = Teacher(model)
+        result["loop_cost"]["teacher outputs cached"] = loop_cost(
+            "teacher outputs cached", cached, splits.train.x, splits.train.y, args.loop_repeats, args,
+            teacher_cache="disk", cache_dir=str(teacher["cache_dir"]))
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    if args.merge and json_path.is_file():
+        old = json.loads(json_path.read_text())
+        if abs(old["teacher"]["test_accuracy"] - result["teacher"]["test_accuracy"]) > 1e-9:
+            print(f"error: {json_path} was made with another teacher; not merging", file=sys.stderr)
+            return 1
+        names = [r["name"] for r in result["regimes"]]
+        old["regimes"] = [r for r in old["regimes"] if r["name"] not in names] + result["regimes"]
+        old["loop_cost"].update(result["loop_cost"])
+        old["merged_wall_seconds"] = old.get("merged_wall_seconds", []) + [result["wall_seconds"]]
+        result = old
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     print()
