@@ -72,6 +72,8 @@ REGIMES: List[Dict[str, Any]] = [
      "labelled": 1.0, "epochs": 20, "scratch_epochs": 20, "temperature": 2.0, "alpha": 0.5, "hidden": [64]},
     {"name": "full-long-mlp16", "what": "all labels, 20 epochs, smaller student 784-16-10", "extra": True,
      "labelled": 1.0, "epochs": 20, "scratch_epochs": 20, "temperature": 4.0, "alpha": 0.9, "hidden": [16]},
+    {"name": "full-60", "what": "all labels, 60 epochs", "extra": True,
+     "labelled": 1.0, "epochs": 60, "scratch_epochs": 60, "temperature": 4.0, "alpha": 0.9, "hidden": [64]},
 ]
 
 
