@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,7 @@ import kdkit.engine as engine  # noqa: E402
 from kdkit.cache import CacheSpec, TeacherCache, soft_target_kl, topk_compress, topk_expand  # noqa: E402
 from kdkit.config import TrainConfig  # noqa: E402
 from kdkit.data import ArrayData  # noqa: E402
-from kdkit.losses import kd_loss  # noqa: E402
+from kdkit.losses import kd_loss, masked_cross_entropy  # noqa: E402
 from kdkit.methods import METHODS  # noqa: E402
 from kdkit.teacher import Teacher  # noqa: E402
 
@@ -62,10 +63,11 @@ def median(xs: List[float]) -> float:
 
 # ----------------------------------------------------------------------------- kdkit runs
 
-def kdkit_epochs(method, data, epochs: int, batch: int, **train) -> List[float]:
+def kdkit_epochs(method, data, epochs: int, batch: int, **train) -> List[List[float]]:
+    """[[wall seconds, CPU seconds] per epoch] of one kdkit run."""
     cfg = TrainConfig(epochs=epochs, optimizer="sgd", lr=LR, schedule="constant", progress=False, **train)
     hist = engine.fit(method, data, None, cfg, seed=SEED, batch_size=batch)
-    return [e["epoch_seconds"] for e in hist.epochs]
+    return [[e["epoch_seconds"], e["epoch_cpu_seconds"]] for e in hist.epochs]
 
 
 def kd_method(student, teacher):
@@ -74,7 +76,8 @@ def kd_method(student, teacher):
 
 # ----------------------------------------------------------------------------- the hand-written loop
 
-def hand_kd_epochs(student, teacher, data: ArrayData, epochs: int, batch: int, table=None) -> List[float]:
+def hand_kd_epochs(student, teacher, data: ArrayData, epochs: int, batch: int, table=None,
+                   ce=F.cross_entropy) -> List[List[float]]:
     """The minimal KD loop: shuffle, slice, student forward, teacher forward (or table lookup), loss, step."""
     opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, nesterov=True)
     teacher.eval()
@@ -83,7 +86,7 @@ def hand_kd_epochs(student, teacher, data: ArrayData, epochs: int, batch: int, t
     times = []
     for _ in range(epochs):
         student.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         perm = torch.randperm(len(x_all), generator=g)
         for i in range(0, len(perm), batch):
             idx = perm[i:i + batch]
@@ -95,11 +98,11 @@ def hand_kd_epochs(student, teacher, data: ArrayData, epochs: int, batch: int, t
                 t_logits = t_logits.clone()
             else:
                 t_logits = table[idx]
-            loss = ALPHA * kd_loss(logits, t_logits, T) + (1 - ALPHA) * F.cross_entropy(logits, y)
+            loss = ALPHA * kd_loss(logits, t_logits, T) + (1 - ALPHA) * ce(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        times.append(time.perf_counter() - t0)
+        times.append([time.perf_counter() - t0, time.process_time() - c0])
     return times
 
 
@@ -111,13 +114,11 @@ def profile_epoch(make_method, data, batch: int, train: Dict[str, Any]) -> List[
 
     method = make_method()
     cfg = TrainConfig(epochs=1, optimizer="sgd", lr=LR, schedule="constant", progress=False, **train)
-    if train.get("teacher_cache") != "off" and isinstance(getattr(method, "teacher", None), Teacher):
-        engine.fit(method, data, None, cfg, seed=SEED, batch_size=batch)  # fill the cache first
-        cache_cfg = cfg
-    else:
-        cache_cfg = cfg
+    if train.get("teacher_cache") == "disk":
+        engine.fit(make_method(), data, None, cfg, seed=SEED, batch_size=batch)  # fills the disk cache
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        engine.fit(method, data, None, cache_cfg, seed=SEED, batch_size=batch)
+        hist = engine.fit(method, data, None, cfg, seed=SEED, batch_size=batch)
+    print(f"  profiled epoch: teacher cache {hist.teacher_cache}", flush=True)
     rows = []
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]:
@@ -190,7 +191,9 @@ def main() -> None:
         "setup": {"dataset": "fashion_mnist", "train_samples": len(train), "test_samples": len(test),
                   "batch_size": B, "epochs_per_run": E, "repeats": args.repeats, "threads": args.threads,
                   "student": f"mlp {STUDENT}", "torch": torch.__version__,
-                  "note": "medians over interleaved repeats; cached epochs exclude the first (cache-filling) epoch"}}
+                  "note": ("ratios: per repeat, median epoch time of A / of B (variants back to back, ABBA order), then the "
+                           "median over repeats; CPU time = process_time of the (1-thread) process, robust to the "
+                           "load of other processes; kdkit cached epochs exclude the first (cache-filling) epoch")}}
 
     # Teacher for (1), (3), (4): the 10x MLP, trained once and kept in benchmarks/out/.
     teacher_file = work / "teacher.npz"
@@ -222,40 +225,63 @@ def main() -> None:
         table = torch.cat([teacher(train.x[i:i + 2048]) for i in range(0, len(train), 2048)]).clone()
 
     # ------------------------------------------------------------------ (1)-(3), interleaved
-    t: Dict[str, List[float]] = {}
-
-    def add(key, epochs_s, skip_first=False):
-        t.setdefault(key, []).extend(epochs_s[1:] if skip_first else epochs_s)
-
+    # runs[variant] = one list per repeat of [wall, cpu] per epoch. The variants of one repeat run back to back,
+    # in reversed order every other repeat (ABBA), and ratios are taken per repeat, then the median over repeats.
+    runs: Dict[str, List[List[List[float]]]] = {}
     cache_dir = str(work / "cache")
+    variants = {
+        "student_only": lambda: kdkit_epochs(METHODS.get("supervised")(student()), train, E, B),
+        "hand_live_10x": lambda: hand_kd_epochs(student(), teacher, train, E, B),
+        "hand_cached_10x": lambda: hand_kd_epochs(student(), teacher, train, E, B, table=table),
+        # the same hand loop with kdkit's label-masked cross-entropy (kd method's CE; unlabelled samples allowed)
+        "hand_cached_10x_masked_ce": lambda: hand_kd_epochs(student(), teacher, train, E, B, table=table,
+                                                            ce=masked_cross_entropy),
+        "cached_10x_bf16": lambda: kdkit_epochs(kd_method(student(), teacher), train, E, B, teacher_cache="memory",
+                                                precision="bf16"),
+    }
+    for k, tm in teachers.items():
+        variants[f"cached_{k}"] = (lambda tm=tm: kdkit_epochs(kd_method(student(), tm), train, E, B,
+                                                              teacher_cache="memory", cache_dir=cache_dir))
+        variants[f"live_{k}"] = (lambda tm=tm: kdkit_epochs(kd_method(student(), tm), train, E, B,
+                                                            teacher_cache="off"))
+    order = ["student_only", "cached_10x", "hand_cached_10x", "hand_cached_10x_masked_ce", "live_10x", "hand_live_10x", "cached_1x", "live_1x",
+             "cached_50x", "live_50x", "cached_10x_bf16"]
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats} ({time.time() - t_start:.0f}s)", flush=True)
-        add("student_only", kdkit_epochs(METHODS.get("supervised")(student()), train, E, B))
-        for k, tm in teachers.items():
-            ep = kdkit_epochs(kd_method(student(), tm), train, E, B, teacher_cache="memory", cache_dir=cache_dir)
-            add(f"cached_{k}", ep, skip_first=True)
-            add(f"cached_fill_epoch_{k}", ep[:1])
-            add(f"live_{k}", kdkit_epochs(kd_method(student(), tm), train, E, B, teacher_cache="off"))
-        add("hand_live_10x", hand_kd_epochs(student(), teacher, train, E, B))
-        add("hand_cached_10x", hand_kd_epochs(student(), teacher, train, E, B, table=table))
-        add("cached_10x_bf16", kdkit_epochs(kd_method(student(), teacher), train, E, B, teacher_cache="memory",
-                                            precision="bf16"), skip_first=True)
-    med = {k: median(v) for k, v in t.items()}
-    result["epoch_seconds_median"] = med
-    result["epoch_seconds_all"] = t
-    ratios = {
-        "1_cached_distill_over_student_only": med["cached_10x"] / med["student_only"],
-        "2_live_over_cached": {k: med[f"live_{k}"] / med[f"cached_{k}"] for k in TEACHERS},
-        "3_kdkit_over_hand_loop_live": med["live_10x"] / med["hand_live_10x"],
-        "3_kdkit_over_hand_loop_cached": med["cached_10x"] / med["hand_cached_10x"],
-        "hand_cached_over_student_only": med["hand_cached_10x"] / med["student_only"],
-        "bf16_over_fp32_cached": med["cached_10x_bf16"] / med["cached_10x"],
-    }
+        for name in (order if r % 2 == 0 else order[::-1]):
+            runs.setdefault(name, []).append(variants[name]())
+
+    def steady(name: str, rep: List[List[float]], col: int) -> List[float]:
+        # kdkit cached runs: drop the first epoch, which ran the teacher live to fill the cache
+        skip = 1 if name.startswith("cached") else 0
+        return [e[col] for e in rep[skip:]]
+
+    def ratio(a: str, b: str, col: int = 1) -> float:
+        return median([median(steady(a, ra, col)) / median(steady(b, rb, col)) for ra, rb in zip(runs[a], runs[b])])
+
+    result["epoch_seconds_median"] = {
+        clock: {name: median([v for rep in reps for v in steady(name, rep, col)]) for name, reps in runs.items()}
+        for clock, col in (("cpu", 1), ("wall", 0))}
+    result["fill_epoch_cpu_seconds_median"] = {k: median([rep[0][1] for rep in runs[f"cached_{k}"]]) for k in TEACHERS}
+    result["runs"] = runs
+    ratios: Dict[str, Any] = {}
+    for clock, col in (("cpu", 1), ("wall", 0)):
+        ratios[clock] = {
+            "1_cached_distill_over_student_only": ratio("cached_10x", "student_only", col),
+            "2_live_over_cached": {k: ratio(f"live_{k}", f"cached_{k}", col) for k in TEACHERS},
+            "3_kdkit_over_hand_loop_live": ratio("live_10x", "hand_live_10x", col),
+            "3_kdkit_over_hand_loop_cached": ratio("cached_10x", "hand_cached_10x", col),
+            "hand_cached_over_student_only": ratio("hand_cached_10x", "student_only", col),
+            "kdkit_over_hand_loop_with_masked_ce_cached": ratio("cached_10x", "hand_cached_10x_masked_ce", col),
+            "hand_masked_ce_over_hand_plain_ce_cached": ratio("hand_cached_10x_masked_ce", "hand_cached_10x", col),
+            "bf16_over_fp32_cached": ratio("cached_10x_bf16", "cached_10x", col),
+        }
     result["ratios"] = ratios
-    result["expectations"] = {
-        "1_cached_distill_over_student_only<=1.10": ratios["1_cached_distill_over_student_only"] <= 1.10,
-        "3_kdkit_over_hand_loop<=1.05 (live)": ratios["3_kdkit_over_hand_loop_live"] <= 1.05,
-        "3_kdkit_over_hand_loop<=1.05 (cached)": ratios["3_kdkit_over_hand_loop_cached"] <= 1.05,
+    c = ratios["cpu"]
+    result["expectations_cpu_time"] = {
+        "1_cached_distill_over_student_only<=1.10": c["1_cached_distill_over_student_only"] <= 1.10,
+        "3_kdkit_over_hand_loop<=1.05 (live)": c["3_kdkit_over_hand_loop_live"] <= 1.05,
+        "3_kdkit_over_hand_loop<=1.05 (cached)": c["3_kdkit_over_hand_loop_cached"] <= 1.05,
     }
     print(json.dumps(ratios, indent=1), flush=True)
 
@@ -264,51 +290,56 @@ def main() -> None:
     result["profile_top_ops"] = {
         "student_only": profile_epoch(lambda: METHODS.get("supervised")(student()), train, B, {}),
         "kdkit_cached_10x": profile_epoch(lambda: kd_method(student(), teacher), train, B,
-                                          {"teacher_cache": "memory"}),
+                                          {"teacher_cache": "disk", "cache_dir": str(work / "profile_cache")}),
     }
 
     # ------------------------------------------------------------------ (4) kdkit vs torchdistill
+    # Both tools run as scripts in the same virtual environment (the one holding torchdistill, so the same torch
+    # build), one after the other, order alternating per repeat.
     print(f"peer comparison ({time.time() - t_start:.0f}s)", flush=True)
-    peer: Dict[str, Any] = {"kdkit_live": [], "kdkit_cached": [], "torchdistill_live": []}
-    peer_ok = Path(args.peer_python).is_file()
-    for r in range(args.peer_repeats):
-        for mode in ("off", "memory"):
-            s = student()
-            torch.manual_seed(SEED)
-            cfg = TrainConfig(epochs=args.peer_epochs, optimizer="sgd", lr=LR, schedule="constant", progress=False,
-                              teacher_cache=mode)
-            hist = engine.fit(kd_method(s, teacher), train, None, cfg, seed=SEED, batch_size=B)
-            peer["kdkit_live" if mode == "off" else "kdkit_cached"].append(
-                {"epoch_seconds": [e["epoch_seconds"] for e in hist.epochs], "test_accuracy": accuracy(s, test.x, test.y)})
-        if peer_ok:
-            out = work / f"peer_{r}.json"
-            proc = subprocess.run([args.peer_python, str(HERE / "peer_torchdistill.py"), "--work", str(work),
-                                   "--out", str(out), "--epochs", str(args.peer_epochs), "--batch-size", str(B),
-                                   "--lr", str(LR), "--threads", str(args.threads)], capture_output=True, text=True)
-            if proc.returncode == 0:
-                peer["torchdistill_live"].append(json.loads(out.read_text()))
-            else:
-                peer["torchdistill_error"] = proc.stderr[-2000:]
+    peer: Dict[str, Any] = {"kdkit_live": [], "kdkit_cached": [], "torchdistill_live": [], "errors": []}
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
+    common = ["--work", str(work), "--epochs", str(args.peer_epochs), "--batch-size", str(B), "--lr", str(LR),
+              "--threads", str(args.threads)]
+    jobs = {"kdkit_live": ["peer_kdkit.py", "--teacher-cache", "off"],
+            "kdkit_cached": ["peer_kdkit.py", "--teacher-cache", "memory"],
+            "torchdistill_live": ["peer_torchdistill.py"]}
+    if Path(args.peer_python).is_file():
+        for r in range(args.peer_repeats):
+            for name in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
+                out = work / f"peer_{name}_{r}.json"
+                script, *extra = jobs[name]
+                proc = subprocess.run([args.peer_python, str(HERE / script), *common, "--out", str(out), *extra],
+                                      capture_output=True, text=True, env=env)
+                if proc.returncode == 0:
+                    peer[name].append(json.loads(out.read_text()))
+                else:
+                    peer["errors"].append(f"{name}: {proc.stderr[-1500:]}")
     summary: Dict[str, Any] = {}
-    for key, runs in peer.items():
-        if not isinstance(runs, list) or not runs:
+    for key in jobs:
+        reps = peer[key]
+        if not reps:
             continue
         skip = 1 if key == "kdkit_cached" else 0
         summary[key] = {
-            "epoch_seconds_median": median([s for run in runs for s in run["epoch_seconds"][skip:]]),
-            "test_accuracy_mean": float(np.mean([run["test_accuracy"] for run in runs])),
-            "test_accuracy_runs": [run["test_accuracy"] for run in runs],
-            "tool": runs[0].get("tool", f"kdkit {kdkit.__version__}" if hasattr(kdkit, "__version__") else "kdkit"),
+            "epoch_cpu_seconds_median": median([s for run in reps for s in run["epoch_cpu_seconds"][skip:]]),
+            "epoch_seconds_median": median([s for run in reps for s in run["epoch_seconds"][skip:]]),
+            "test_accuracy_mean": float(np.mean([run["test_accuracy"] for run in reps])),
+            "test_accuracy_runs": [run["test_accuracy"] for run in reps],
+            "tool": reps[0]["tool"], "torch": reps[0]["torch"],
         }
     peer["summary"] = summary
-    if "torchdistill_live" in summary:
+    if len(summary) == 3:
         td = summary["torchdistill_live"]
-        peer["ratios"] = {
-            "kdkit_live_over_torchdistill_live": summary["kdkit_live"]["epoch_seconds_median"] / td["epoch_seconds_median"],
-            "kdkit_cached_over_torchdistill_live": summary["kdkit_cached"]["epoch_seconds_median"] / td["epoch_seconds_median"],
-            "accuracy_points_kdkit_live_minus_torchdistill": 100 * (summary["kdkit_live"]["test_accuracy_mean"] - td["test_accuracy_mean"]),
-            "accuracy_points_kdkit_cached_minus_torchdistill": 100 * (summary["kdkit_cached"]["test_accuracy_mean"] - td["test_accuracy_mean"]),
-        }
+        pr = {}
+        for key in ("kdkit_live", "kdkit_cached"):
+            pr[f"{key}_over_torchdistill_cpu"] = median([
+                median(a["epoch_cpu_seconds"][1 if key == "kdkit_cached" else 0:]) / median(b["epoch_cpu_seconds"])
+                for a, b in zip(peer[key], peer["torchdistill_live"])])
+            pr[f"{key}_over_torchdistill_wall"] = summary[key]["epoch_seconds_median"] / td["epoch_seconds_median"]
+            pr[f"accuracy_points_{key}_minus_torchdistill"] = 100 * (summary[key]["test_accuracy_mean"]
+                                                                    - td["test_accuracy_mean"])
+        peer["ratios"] = pr
     peer["torchdistill_cache"] = "none: torchdistill 1.x has no teacher-output cache (checked its source), so only live"
     result["peer"] = peer
     print(json.dumps(peer.get("ratios", summary), indent=1), flush=True)
@@ -327,12 +358,16 @@ def main() -> None:
 
 def print_table(r: Dict[str, Any]) -> None:
     med, ra = r["epoch_seconds_median"], r["ratios"]
-    print("\nepoch seconds (median):")
-    for k, v in med.items():
-        print(f"  {k:28s} {v:8.3f}")
-    print("\nratios:")
-    for k, v in ra.items():
-        print(f"  {k:40s} {v if isinstance(v, dict) else round(v, 3)}")
+    print("\nepoch seconds (median)        cpu      wall")
+    for k in med["cpu"]:
+        print(f"  {k:28s} {med['cpu'][k]:8.3f} {med['wall'][k]:8.3f}")
+    print("\nratios (cpu | wall):")
+    for k, v in ra["cpu"].items():
+        w = ra["wall"][k]
+        if isinstance(v, dict):
+            print(f"  {k:40s} " + ", ".join(f"{t}: {v[t]:.2f} | {w[t]:.2f}" for t in v))
+        else:
+            print(f"  {k:40s} {v:.3f} | {w:.3f}")
     for name, rows in r["cache_memory"].items():
         print(f"\ncache memory {name}:")
         for form, row in rows.items():

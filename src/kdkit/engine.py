@@ -367,10 +367,6 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
     history = History()
     cache, history.teacher_cache = prepare_teacher_cache(method, train_data, cfg, batch_size=eval_batch_size,
                                                          rank=rank, world_size=world)
-    if cfg.compile:
-        method.student.compile()
-        if teacher is not None and cache is None and hasattr(teacher, "model"):
-            teacher.model.compile()
     loader = make_loader(train_data, batch_size // world, shuffle=True, seed=seed, num_workers=num_workers,
                          rank=rank, world_size=world)
     micro_steps = len(loader)
@@ -394,11 +390,19 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
             if main:
                 metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history.epochs))
     model: nn.Module = method
+    ddp = None
     if world > 1 and params:
         from torch.nn.parallel import DistributedDataParallel
 
         # Only the method is wrapped: student + trainable extras. The teacher is no submodule of it.
-        model = DistributedDataParallel(method, device_ids=[dev.index] if dev.type == "cuda" else None)
+        model = ddp = DistributedDataParallel(method, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        # Compile the method's forward as called by the loop (student, connectors and loss; a graph break
+        # where it asks the teacher, whose network is compiled on its own when it runs live). `method`
+        # itself stays unwrapped, so parameters, state_dict keys and checkpoints are unchanged.
+        model = torch.compile(model)
+        if teacher is not None and cache is None and hasattr(teacher, "model"):
+            teacher.model.compile()
     autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     val_teacher_outputs: List[Optional[torch.Tensor]] = [None]  # the frozen teacher's, computed once
@@ -413,7 +417,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
             elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
                 loader.sampler.set_epoch(epoch)
             method.train()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             stats = _Tracker(dev, micro_steps)
             it = bar(loader, total=micro_steps, desc=f"{name} {epoch + 1}/{cfg.epochs}")
             optimizer.zero_grad(set_to_none=True)
@@ -422,7 +426,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
                 group_start = step - step % accum
                 group = min(accum, micro_steps - group_start)  # micro-batches in this optimiser step
                 last = step + 1 == group_start + group
-                sync = model.no_sync() if (model is not method and not last) else contextlib.nullcontext()
+                sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
                 with sync:
                     with autocast:
                         out = model(batch)
@@ -449,6 +453,8 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
             record: Dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             record.update(stats.result())
             record["epoch_seconds"] = time.perf_counter() - t0
+            # CPU time of this process (all its threads): on a shared machine, the work done, not the wait.
+            record["epoch_cpu_seconds"] = time.process_time() - c0
             if main and val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 val = _validate(method, val_data, eval_batch_size, val_teacher_outputs)
                 record.update({f"val_{k}": v for k, v in val.items()})
