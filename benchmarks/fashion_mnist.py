@@ -84,7 +84,7 @@ def load_data(root: Path, train_subset: Optional[int]):
     """The fixed kdkit split (55,000 train / 5,000 val / 10,000 test), or exit with install instructions."""
     missing = [f for f in DATA_FILES if not any((root / (f + s)).exists() for s in ("", ".gz"))]
     if missing:
-        print(f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}[.gz]).\n"
+        print(f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}, raw or .gz).\n"
               "Install it with:  apt-get install dataset-fashion-mnist   (puts the IDX files in "
               "/usr/share/datasets/fashion-mnist)\nor pass --data-root DIR holding the four IDX files.",
               file=sys.stderr)
