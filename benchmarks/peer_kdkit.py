@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data order (and of nothing else)")
     ap.add_argument("--teacher-cache", default="memory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -44,7 +45,7 @@ def main() -> None:
     method = METHODS.get("kd")(student, Teacher(teacher), temperature=spec["temperature"], alpha=spec["alpha"])
     cfg = TrainConfig(epochs=args.epochs, optimizer="sgd", lr=args.lr, momentum=0.9, schedule="constant",
                       progress=False, teacher_cache=args.teacher_cache)
-    hist = engine.fit(method, ArrayData(data["x_train"], data["y_train"]), None, cfg, seed=spec["seed"],
+    hist = engine.fit(method, ArrayData(data["x_train"], data["y_train"]), None, cfg, seed=args.seed,
                       batch_size=args.batch_size)
     acc = accuracy(student, data["x_test"], data["y_test"])
     Path(args.out).write_text(json.dumps({

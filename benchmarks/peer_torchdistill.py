@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data order (and of nothing else)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import torchdistill
@@ -44,7 +45,7 @@ def main() -> None:
     data = load_arrays(work / "data.npz")
     teacher = load_state(mlp(spec["teacher_hidden"]), work / "teacher.npz")
     student = load_state(mlp(spec["student_hidden"]), work / "student_init.npz")
-    torch.manual_seed(spec["seed"])
+    torch.manual_seed(args.seed)  # RandomSampler draws the epoch orders from the global generator
     train_config = {
         "num_epochs": args.epochs,
         "train_data_loader": {"dataset_id": "train", "sampler": {"class_or_func": RandomSampler, "kwargs": {}},

@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--train-subset", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=3, help="epochs per timing run (the first fills the cache)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--peer-epochs", type=int, default=5)
     ap.add_argument("--peer-repeats", type=int, default=3)
@@ -295,7 +295,8 @@ def main() -> None:
 
     # ------------------------------------------------------------------ (4) kdkit vs torchdistill
     # Both tools run as scripts in the same virtual environment (the one holding torchdistill, so the same torch
-    # build), one after the other, order alternating per repeat.
+    # build), one after the other, order alternating per repeat; repeat r uses data-order seed r in both tools
+    # (same teacher, same initial student), so the accuracies are means over seeds.
     print(f"peer comparison ({time.time() - t_start:.0f}s)", flush=True)
     peer: Dict[str, Any] = {"kdkit_live": [], "kdkit_cached": [], "torchdistill_live": [], "errors": []}
     env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
@@ -309,7 +310,8 @@ def main() -> None:
             for name in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
                 out = work / f"peer_{name}_{r}.json"
                 script, *extra = jobs[name]
-                proc = subprocess.run([args.peer_python, str(HERE / script), *common, "--out", str(out), *extra],
+                proc = subprocess.run([args.peer_python, str(HERE / script), *common, "--out", str(out),
+                                       "--seed", str(r), *extra],
                                       capture_output=True, text=True, env=env)
                 if proc.returncode == 0:
                     peer[name].append(json.loads(out.read_text()))
@@ -325,6 +327,7 @@ def main() -> None:
             "epoch_cpu_seconds_median": median([s for run in reps for s in run["epoch_cpu_seconds"][skip:]]),
             "epoch_seconds_median": median([s for run in reps for s in run["epoch_seconds"][skip:]]),
             "test_accuracy_mean": float(np.mean([run["test_accuracy"] for run in reps])),
+            "test_accuracy_std": float(np.std([run["test_accuracy"] for run in reps])),
             "test_accuracy_runs": [run["test_accuracy"] for run in reps],
             "tool": reps[0]["tool"], "torch": reps[0]["torch"],
         }

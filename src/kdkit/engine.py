@@ -288,8 +288,8 @@ class _Tracker:
             row.append(v.detach())
         if self.labels:
             # Unlabelled samples carry y = -1, which argmax never equals: no mask needed for the hits.
-            row.append((logits.detach().argmax(1) == y).sum())
-            row.append((y >= 0).sum())
+            row.append((logits.detach().argmax(1) == y).sum(dtype=torch.float32))
+            row.append((y >= 0).sum(dtype=torch.float32))
         self.buf[step, :len(row)] = torch.stack(row)
 
     @property
