@@ -166,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-subset", type=int, default=2000)
     p.add_argument("--val-size", type=int, default=1000, help="held out of training (unused for selection)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="all", help="comma-separated row labels, or all")
