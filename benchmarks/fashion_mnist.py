@@ -329,7 +329,7 @@ def table(result: Dict[str, Any]) -> str:
     t = result["teacher"]
     lines = [f"Teacher: {t['model']} (w={t['width']}, {t['parameters']:,} params), {t['epochs']} epochs on "
              f"{t['train_images']:,} images: test accuracy {100 * t['test_accuracy']:.2f}%",
-             f"Student: mlp 784-{'-'.join(map(str, result['regimes'][0]['hidden']))}-10 "
+             f"Student: mlp 784-{'-'.join(map(str, REGIMES[0]['hidden']))}-10 "
              f"({result['student_parameters']:,} params); test accuracy (%) over seeds {result['seeds']}, mean ± std",
              "",
              "| regime | labelled images | KD epochs (scratch) | T | alpha | scratch | distilled | gain | verdict |",
@@ -347,6 +347,17 @@ def table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def git_commit() -> Optional[str]:
+    """The checkout's HEAD commit (what kdkit code was measured), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
@@ -357,7 +368,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--teacher-width", type=int, default=16)
     p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
-    p.add_argument("--regimes", default=None, help="comma-separated regime names to run (default: all)")
+    p.add_argument("--regimes", default=None,
+                   help="comma-separated regime names to run, or none (default: all but the optional ones)")
     p.add_argument("--loop-repeats", type=int, default=5)
     p.add_argument("--loop-images", type=int, default=5000, help="images per epoch for the teacher-in-the-loop timing")
     p.add_argument("--batch-size", type=int, default=128)
@@ -405,16 +417,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         "schedule": "cosine (per step, to zero at the last epoch)",
         "verdict_rule": "helps if gain > std(scratch) + std(distilled); hurts if gain < -(that); else no clear difference",
         "student_parameters": sum(p.numel() for p in create_model("mlp", num_classes=10, input_shape=(1, 28, 28),
-                                                                  hidden=regimes[0]["hidden"]).parameters()),
+                                                                  hidden=REGIMES[0]["hidden"]).parameters()),
+        "kdkit_commit": git_commit(),
         "regimes": [], "loop_cost": {},
     }
     print(f"teacher test accuracy {teacher['info']['test_accuracy']:.4f}", flush=True)
     for regime in regimes:
         print(f"regime {regime['name']}: {regime['what']}", flush=True)
         result["regimes"].append(run_regime(regime, splits, teacher, seeds, args))
+        result["regimes"][-1]["kdkit_commit"] = result["kdkit_commit"]
         result["regimes"][-1]["student_parameters"] = sum(
             p.numel() for p in create_model("mlp", num_classes=10, input_shape=(1, 28, 28), hidden=regime["hidden"]).parameters())
     if not args.no_loop_cost:
+        result["loop_cost_commit"] = result["kdkit_commit"]
         # Loop cost 1: the real teacher in the loop (what a distillation epoch costs), on the first N images.
         n = min(args.loop_images, len(splits.train))
         x, y = splits.train.x[:n], splits.train.y[:n]
@@ -439,6 +454,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         names = [r["name"] for r in result["regimes"]]
         old["regimes"] = [r for r in old["regimes"] if r["name"] not in names] + result["regimes"]
         old["loop_cost"].update(result["loop_cost"])
+        if "loop_cost_commit" in result:
+            old["loop_cost_commit"] = result["loop_cost_commit"]
         old["merged_wall_seconds"] = old.get("merged_wall_seconds", []) + [result["wall_seconds"]]
         result = old
     json_path.parent.mkdir(parents=True, exist_ok=True)
