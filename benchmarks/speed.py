@@ -127,6 +127,70 @@ def profile_epoch(make_method, data, batch: int, train: Dict[str, Any]) -> List[
     return rows
 
 
+# ----------------------------------------------------------------------------- per-step components
+
+def step_components(teacher, train: ArrayData, batch: int, cache_dir: str) -> Dict[str, float]:
+    """CPU microseconds of the pieces of one training step (best of 5 rounds of 200 calls), to say where the
+    time of a cached distillation step goes beyond the student's own forward/backward/step."""
+    from kdkit.cache import build_cache
+    from kdkit.engine import _Tracker
+
+    def cpu_us(fn, n=200):
+        for _ in range(20):
+            fn()
+        best = float("inf")
+        for _ in range(5):
+            c0 = time.process_time()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.process_time() - c0) / n * 1e6)
+        return best
+
+    s = mlp(STUDENT)
+    opt = torch.optim.SGD(s.parameters(), lr=LR, momentum=0.9, nesterov=True)
+    t = Teacher(teacher)
+    t.use_cache(build_cache(teacher, train, CacheSpec(), cache_dir=Path(cache_dir), log=lambda m: None))
+    method = METHODS.get("kd")(s, t, temperature=T, alpha=ALPHA)
+    idx = torch.randperm(len(train))[:batch]
+    b = {"x": train.x[idx], "y": train.y[idx], "index": idx}
+    table = t.cache._t["values"]
+    logits = s(b["x"]).detach()
+
+    def grad_of(loss_fn):
+        def f():
+            z = logits.clone().requires_grad_()
+            loss_fn(z).backward()
+        return f
+
+    def student_step():
+        out = F.cross_entropy(s(b["x"]), b["y"])
+        opt.zero_grad(set_to_none=True)
+        out.backward()
+        opt.step()
+
+    def kdkit_method_step():
+        out = method(b)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+
+    tracker = _Tracker(torch.device("cpu"), 10**6)
+    out = method(b)
+    step = iter(range(10**6))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    return {
+        "student_fwd_bwd_step_plain_ce": cpu_us(student_step),
+        "kdkit_kd_method_fwd_bwd_step_cached": cpu_us(kdkit_method_step),
+        "teacher_cached_call": cpu_us(lambda: t(b)),
+        "plain_table_lookup": cpu_us(lambda: table[idx]),
+        "kd_loss_fwd_bwd": cpu_us(grad_of(lambda z: kd_loss(z, table[idx], T))),
+        "masked_ce_fwd_bwd": cpu_us(grad_of(lambda z: masked_cross_entropy(z, b["y"]))),
+        "plain_ce_fwd_bwd": cpu_us(grad_of(lambda z: F.cross_entropy(z, b["y"]))),
+        "engine_epoch_stats_per_step": cpu_us(lambda: tracker.add(next(step), out, b)),
+        "lr_scheduler_step": cpu_us(lambda: (opt.step(), sched.step()) and None) - cpu_us(opt.step),
+    }
+
+
 # ----------------------------------------------------------------------------- (5) cache memory
 
 def cache_memory(teacher, x60k: torch.Tensor) -> Dict[str, Any]:
@@ -292,6 +356,9 @@ def main() -> None:
         "kdkit_cached_10x": profile_epoch(lambda: kd_method(student(), teacher), train, B,
                                           {"teacher_cache": "disk", "cache_dir": str(work / "profile_cache")}),
     }
+
+    result["step_components_cpu_us"] = step_components(teacher, train, B, str(work / "profile_cache"))
+    print(json.dumps(result["step_components_cpu_us"], indent=1), flush=True)
 
     # ------------------------------------------------------------------ (4) kdkit vs torchdistill
     # Both tools run as scripts in the same virtual environment (the one holding torchdistill, so the same torch
