@@ -149,7 +149,7 @@ def prune_structured(model: nn.Module, example: torch.Tensor, sparsity: Optional
         raise KdkitError(f"{type(model).__name__} has only its output layer among Linear/Conv2d layers; "
                          "structured pruning keeps the output layer whole, so nothing can be removed")
     example = example.detach().cpu()
-    lo, hi = 0.0, 0.99
+    lo, hi = 0.0, 0.9  # torch-pruning leaves a layer untouched when a ratio would empty it
     best = _prune_channels(model, example, hi)
     if count_parameters(best) > target_parameters:
         raise KdkitError(f"structured pruning cannot get {type(model).__name__} below {count_parameters(best)} "
