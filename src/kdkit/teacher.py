@@ -4,6 +4,12 @@ A :class:`Teacher` is deliberately *not* an ``nn.Module``: it is never a
 submodule of a method, so ``method.parameters()`` never includes it, it never
 reaches the optimiser, and ``method.train()`` never switches it out of eval
 mode. It runs under ``torch.inference_mode()``.
+
+Caching its outputs is the teacher's business: while the engine trains with a
+:class:`kdkit.cache.TeacherCache` attached (``train.teacher_cache``), a call with a
+batch dict answers by ``batch["index"]`` from the cache (filling it from live
+passes the first time each sample is seen), so methods never know. A teacher
+with forward hooks installed (a method reading its features) always runs live.
 """
 
 from __future__ import annotations
