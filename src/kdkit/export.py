@@ -175,9 +175,16 @@ def quantize_onnx(float_path, out_path, calibration: np.ndarray) -> Path:
             source = pre
         except Exception:  # pre-processing is an optimisation only
             source = Path(float_path)
+        import onnx
+
+        graph = onnx.load(str(source)).graph
+        outputs = {o.name for o in graph.output}
+        # The layer producing the logits stays float: int8 logits clip at the calibrated range, so inputs
+        # beyond it would get saturated scores (a common choice: first and last layers kept in float).
+        last = [n.name for n in graph.node if outputs & set(n.output) and n.name]
         quantize_static(str(source), str(out_path), _Reader(np.ascontiguousarray(calibration, dtype=np.float32)),
                         quant_format=QuantFormat.QDQ, per_channel=False, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8)
+                        weight_type=QuantType.QInt8, nodes_to_exclude=last)
     root.setLevel(level)
     if pre.exists():
         pre.unlink()
