@@ -292,6 +292,10 @@ class TeacherCache:
         """Whether every row of ``index`` is stored (a host-side check of the CPU done mask)."""
         return self.filled >= len(self) or bool(self._t["done"][index.to("cpu", torch.long)].all())
 
+    def done_mask(self, index: torch.Tensor) -> torch.Tensor:
+        """(B,) bool on the CPU: which rows of ``index`` are stored."""
+        return self._t["done"][index.to("cpu", torch.long)].bool()
+
     def fill(self, index: torch.Tensor, outputs: torch.Tensor) -> None:
         """Store live outputs of rows ``index`` (lazy filling during the first epoch); completes the cache
         when the last row arrives."""
@@ -488,14 +492,19 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
         elif spec.storage == "disk":
             cache = existing
             log(f"teacher cache: resuming {path} ({cache.filled}/{len(cache)} rows done)")
+    augment = getattr(data, "augment", None)
+    views = getattr(augment, "views", 1)  # replayable augmentation (kdkit.augment): one row per (sample, view)
     if cache is None:
-        cache = TeacherCache.allocate(len(data), out_shape, spec, fp or {}, path if spec.storage == "disk" else None)
+        cache = TeacherCache.allocate(len(data) * views, out_shape, spec, fp or {},
+                                      path if spec.storage == "disk" else None)
     if lazy:
         model.train(was_training)
         return cache
     todo = cache.missing()
     chunks: Iterable = make_loader(data, batch_size)
-    if len(todo) < len(cache):  # resume: only the missing rows, in chunks of batch_size
+    if views > 1 or augment is not None:
+        chunks = _view_batches(data, augment, batch_size)
+    elif len(todo) < len(cache):  # resume: only the missing rows, in chunks of batch_size
         chunks = _subset_batches(data, todo, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -503,7 +512,9 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
         chunks = tqdm(chunks, total=-(-len(todo) // batch_size), desc="teacher cache", dynamic_ncols=True)
     with torch.inference_mode():
         for i, batch in enumerate(chunks):
-            idx = batch["index"]
+            idx = batch.get("cache_index", batch["index"])
+            if cache.has(idx):  # done before an interruption
+                continue
             cache.put(idx, model(batch["x"].to(device)))
             cache.mark_done(idx)
             if cache.path is not None and i % 20 == 19:
@@ -512,6 +523,16 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
     cache.finish()
     model.train(was_training)
     return cache
+
+
+def _view_batches(data, augment, batch_size: int):
+    """Every (sample, view) of an augmented in-memory dataset, as batches with their ``cache_index``."""
+    n = len(data)
+    for v in range(augment.views):
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n))
+            view = torch.full_like(idx, v)
+            yield {"x": augment.apply(data.x[idx], idx, view), "index": idx, "cache_index": idx * augment.views + v}
 
 
 def _subset_batches(data, todo: torch.Tensor, batch_size: int):

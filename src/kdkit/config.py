@@ -52,6 +52,10 @@ class DataConfig(_Named):
     labelled_fraction: float = Field(1.0, gt=0.0, le=1.0, description="keep labels for this fraction of training samples")
     unlabelled: bool = Field(False, description="drop every label: distil from an unlabelled transfer set")
     num_workers: int = Field(0, ge=0)
+    augment: Optional[Literal["crop_flip"]] = Field(
+        None, description="random crop (zero padding) + horizontal flip of training images, replayable per view")
+    augment_pad: int = Field(2, ge=0, description="crop_flip: shift of up to this many pixels")
+    augment_views: int = Field(8, gt=0, description="crop_flip: distinct views per image (teacher cache rows)")
 
 
 class ModelConfig(_Named):

@@ -195,7 +195,7 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
         reason = "the teacher has forward hooks (a method reads its features), which a logits cache would not fire"
     elif isinstance(train_data, DataLoader) or not hasattr(train_data, "__getitem__"):
         reason = "the training data is a DataLoader/iterable whose sample indices and transforms kdkit cannot see"
-    elif is_augmented(train_data):
+    elif is_augmented(train_data) and not hasattr(getattr(train_data, "augment", None), "views"):
         reason = ("the training data is randomly augmented, so the teacher sees a new view every epoch "
                   "(replaying stored views, as in FKD, is not implemented)")
     if reason is not None:
@@ -209,7 +209,8 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     from .cache import CacheSpec, _probe, cache_bytes
 
     out_shape = _probe(teacher.model, train_data, teacher.device)
-    est = cache_bytes(len(train_data), out_shape, CacheSpec(cfg.cache_dtype, cfg.cache_topk))
+    rows = len(train_data) * getattr(getattr(train_data, "augment", None), "views", 1)  # FKD: one row per view
+    est = cache_bytes(rows, out_shape, CacheSpec(cfg.cache_dtype, cfg.cache_topk))
     if est <= cfg.cache_memory_mb * 2**20:
         return "memory", f"auto: {est / 2**20:.1f} MiB fits train.cache_memory_mb={cfg.cache_memory_mb}"
     return "disk", f"auto: {est / 2**20:.1f} MiB exceeds train.cache_memory_mb={cfg.cache_memory_mb}"
@@ -245,7 +246,7 @@ def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, ba
         cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
                             log=log if rank == 0 else (lambda _m: None), lazy=True)
     teacher.use_cache(cache)
-    teacher.cache_hits = teacher.live_calls = 0
+    teacher.cache_hits = teacher.live_calls = teacher.live_rows = 0
     return cache, f"{mode}, {reason}"
 
 
@@ -406,6 +407,8 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
     autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     val_teacher_outputs: List[Optional[torch.Tensor]] = [None]  # the frozen teacher's, computed once
+    augment = getattr(train_data, "augment", None)  # kdkit.augment: replayable views (FKD)
+    augment = augment if hasattr(augment, "batch") else None
 
     if main and cfg.progress and isinstance(teacher, Teacher):
         print(f"teacher cache: {history.teacher_cache}", file=sys.stderr)
@@ -422,6 +425,8 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
             it = bar(loader, total=micro_steps, desc=f"{name} {epoch + 1}/{cfg.epochs}")
             optimizer.zero_grad(set_to_none=True)
             for step, batch in enumerate(it):
+                if augment is not None:
+                    batch = augment.batch(batch, epoch)  # the epoch's view of each sample, for student and teacher
                 batch = _prepare(batch, dev, cfg.channels_last)
                 group_start = step - step % accum
                 group = min(accum, micro_steps - group_start)  # micro-batches in this optimiser step

@@ -36,6 +36,7 @@ class Teacher:
         self.cache = None  # a kdkit.cache.TeacherCache of the training set while the engine trains with one
         self.cache_hits = 0
         self.live_calls = 0
+        self.live_rows = 0  # rows the network computed while a cache was attached
 
     def to(self, device: Union[str, torch.device]) -> "Teacher":
         self.model.to(device)
@@ -61,16 +62,19 @@ class Teacher:
         x = batch["x"] if isinstance(batch, dict) else batch
         cache = self.cache
         if cache is not None and isinstance(batch, dict) and "index" in batch and not self._hooked():
-            index = batch["index"]
+            index = batch.get("cache_index", batch["index"])  # with replayable augmentation: (sample, view) row
             if cache.has(index):
                 self.cache_hits += 1
                 return cache.get(index, device=x.device)  # (B, C) float32, a fresh tensor
-            # First sight of (some of) these samples: run live, store, answer from the cache so that every
-            # epoch sees the same stored form (fp16 / top-k), whenever a row was computed.
+            # First sight of some of these rows: run live on those only, store them, and answer the whole
+            # batch from the cache, so every epoch sees the same stored form (fp16 / top-k).
             self.live_calls += 1
+            miss = ~cache.done_mask(index)
+            x_miss = x if bool(miss.all()) else x[miss.to(x.device)]
             with torch.inference_mode():
-                out = self.model(x)
-            cache.fill(index, out)
+                out = self.model(x_miss)
+            self.live_rows += len(x_miss)
+            cache.fill(index[miss.to(index.device)], out)
             return cache.get(index, device=x.device)
         self.live_calls += 1
         with torch.inference_mode():
