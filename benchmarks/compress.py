@@ -75,7 +75,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--train-subset", type=int, default=8000)
     ap.add_argument("--teacher-epochs", type=int, default=3)
-    ap.add_argument("--prune", type=float, default=0.75, help="fraction of the student's parameters removed")
+    ap.add_argument("--prune", type=float, default=0.6, help="fraction of the student's parameters removed")
+    ap.add_argument("--distill-epochs", type=int, default=8)
+    ap.add_argument("--prune-epochs", type=int, default=3, help="recovery KD epochs after pruning")
+    ap.add_argument("--out", default="compress.json", help="file name under benchmarks/results/")
     args = ap.parse_args()
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,7 @@ def main() -> None:
     # 2. the ladder
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ladder_dir = OUT / f"ladder{'-quick' if quick else ''}-{stamp}"
-    e = 1 if quick else 3
+    e = 1 if quick else args.distill_epochs
     cfg = load_config({
         "out_dir": str(ladder_dir), "seed": 0, "device": "cpu", "data": data,
         "teacher": {"checkpoint": str(teacher_dir)},
@@ -100,8 +103,8 @@ def main() -> None:
         "compress": [
             {"step": "transfer", "layers": "every_other"},
             {"step": "distill", "epochs": e},
-            {"step": "prune", "structured": True, "sparsity": args.prune, "iterations": 1 if quick else 2,
-             "epochs": 1, "lr": 1e-3},
+            {"step": "prune", "structured": True, "sparsity": args.prune, "iterations": 1,
+             "epochs": 1 if quick else args.prune_epochs, "lr": 1e-3},
             {"step": "quantize", "mode": "static", "calibration_samples": 1024},
         ]})
     t0 = time.perf_counter()
@@ -159,6 +162,7 @@ def main() -> None:
     result = {
         "benchmark": "compress", "quick": quick, "dataset": "fashion_mnist",
         "train_subset": subset, "teacher_epochs": 1 if quick else args.teacher_epochs,
+        "settings": {"distill_epochs": e, "prune_sparsity": args.prune, "prune_epochs": args.prune_epochs},
         "threads": 1, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                   "cpus": __import__("os").cpu_count()},
         "ladder_dir": str(ladder.dir), "ladder": rows, "ladder_steps": [
@@ -178,7 +182,7 @@ def main() -> None:
                     "total": time.perf_counter() - t_start},
     }
     (ROOT / "results").mkdir(exist_ok=True)
-    out = ROOT / "results" / ("compress_quick.json" if quick else "compress.json")
+    out = ROOT / "results" / ("compress_quick.json" if quick else args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_tables(result)
     print(f"wrote {out}")
