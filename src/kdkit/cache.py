@@ -32,10 +32,14 @@ resumable: rows are written in chunks and marked done only after they are
 flushed.
 
 Random augmentation breaks the premise (the teacher would see a different view
-each epoch); ``auto`` therefore refuses to cache augmented data, and
-``memory``/``disk`` refuse with an error. FKD-style replay of stored
-augmentation views (Shen & Xing, "A Fast Knowledge Distillation Framework for
-Visual Recognition", ECCV 2022) is not implemented.
+each epoch). kdkit's own replayable augmentation (:mod:`kdkit.augment`,
+``data.augment: crop_flip``) keeps it: a fixed number of views per sample, each
+a pure function of (seed, sample, view), as in FKD (Shen & Xing, "A Fast
+Knowledge Distillation Framework for Visual Recognition", ECCV 2022); the cache
+then holds one row per (sample, view) and the student always gets the view
+whose teacher output it is paired with. Any other augmentation (a dataset with
+``augmented = True``, a torchvision ``Random*`` transform) makes ``auto``
+refuse to cache, and ``memory``/``disk`` refuse with an error.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Speed (issue "distillation that costs little more than training the student"):
 - **Teacher-output cache** (:mod:`kdkit.cache`): ``train.teacher_cache`` ``auto``
   (default) computes the teacher's outputs on the training set once and the
   :class:`~kdkit.teacher.Teacher` answers by ``batch["index"]``, when that is
-  correct: not for augmented data, not for methods that read teacher features
+  correct: not for augmented data (except kdkit's replayable views, one cache row per
+  sample and view, :mod:`kdkit.augment`), not for methods that read teacher features
   (a ``uses_teacher_features = True`` attribute, or forward hooks found on the
   teacher), not for user DataLoaders. The teacher's validation outputs are
   computed once per run, not once per epoch (it is frozen).
@@ -196,8 +197,8 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     elif isinstance(train_data, DataLoader) or not hasattr(train_data, "__getitem__"):
         reason = "the training data is a DataLoader/iterable whose sample indices and transforms kdkit cannot see"
     elif is_augmented(train_data) and not hasattr(getattr(train_data, "augment", None), "views"):
-        reason = ("the training data is randomly augmented, so the teacher sees a new view every epoch "
-                  "(replaying stored views, as in FKD, is not implemented)")
+        reason = ("the training data is randomly augmented in a way kdkit cannot replay, so the teacher sees a "
+                  "new view every epoch (data.augment: crop_flip has replayable views)")
     if reason is not None:
         if mode == "auto":
             return "off", reason
