@@ -50,7 +50,9 @@ class Teacher:
     def use_cache(self, cache) -> None:
         """Answer batches by ``batch["index"]`` from ``cache`` (a :class:`kdkit.cache.TeacherCache` of the
         dataset those indices refer to), or run live again with ``None``. The engine sets it for the
-        training loop only; methods never know."""
+        training loop only; methods never know. A method that feeds the teacher *other* inputs than the
+        batch's own (mixed, perturbed) must call it with a tensor or a dict without ``index``, which always
+        runs live."""
         self.cache = cache
 
     def _hooked(self) -> bool:
