@@ -44,10 +44,9 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
         logits: (B, C).
         labels: (B,) integer classes, ``ignore_index`` for unlabelled samples.
     """
-    mask = labels != ignore_index
-    # Computed unconditionally (no data-dependent branch, no host sync): sum over labelled / count.
-    per_sample = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
-    return (per_sample * mask).sum() / mask.sum().clamp_min(1)
+    # No data-dependent branch and no host sync: the sum over labelled samples divided by their count.
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp_min(1)
 
 
 def output_mse(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
