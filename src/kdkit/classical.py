@@ -324,7 +324,8 @@ def _tree_paths(tree) -> List[Tuple[List[Condition], int, float, int]]:
             value = t.value[node][0]
             cls = int(np.argmax(value))
             total = float(value.sum())
-            out.append((conds, cls, float(value[cls] / total) if total else 0.0, int(t.n_node_samples[node])))
+            # weighted count: with soft-target copies (weights summing to 1 per input) this counts inputs
+            out.append((conds, cls, float(value[cls] / total) if total else 0.0, int(round(t.weighted_n_node_samples[node]))))
             return
         f, thr = int(t.feature[node]), float(t.threshold[node])
         walk(left, conds + [(f, "<=", thr)])
