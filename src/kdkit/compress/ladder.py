@@ -19,6 +19,11 @@ split: accuracy, agreement with the teacher, parameters, non-zero parameters, by
 at batch 1 and 256 on one thread (:func:`single_thread`). The run directory gets ``report.json``/``report.html`` with the ladder table and a plot of
 accuracy against latency and size, ``model.safetensors`` (the last float model) and ``compressed.json``,
 which is what :func:`load_compressed` (and ``kdkit export``) need to rebuild the compressed architecture.
+
+Limits: an int8 model is not reloaded from ``model-int8.safetensors`` (that file is for size and shipping
+inspection); ``kdkit export`` exports the last float model and quantises the ONNX graph itself with
+``--int8``. After ``mode: qat`` the float model saved is the one before QAT (the QAT-trained weights live
+only in the int8 model).
 """
 
 from __future__ import annotations
