@@ -25,6 +25,7 @@ def _cnn():
     return create_model("cnn_small", num_classes=4, input_shape=(1, 10, 10), width=4).eval()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 @pytest.mark.parametrize("fmt,name", [("onnx", "m.onnx"), ("torchscript", "m.pt")])
 def test_export_parity_and_dynamic_batch(fmt, name, tmp_path):
     model = _cnn()

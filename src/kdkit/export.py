@@ -241,7 +241,8 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
                                    what=f"ONNX export {path.name}")
     else:
         export_torchscript(model, inputs[:1], path)
-        loaded = torch.jit.load(str(path), map_location="cpu")
+        with _quiet():  # torch 2.13 marks torch.jit deprecated; TorchScript is still the format asked for
+            loaded = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
             exported = loaded(inputs).float().numpy()
         result["parity"] = _checked(path, compare, reference, exported, atol, rtol,
