@@ -309,6 +309,16 @@ class _Tracker:
         self.checked = upto
         return None if flag == 2**62 else flag
 
+    def live(self, step: int) -> Dict[str, str]:
+        """Progress-bar figures at a sync point: this step's loss and the epoch's running accuracy."""
+        shown = {"loss": f"{float(self.buf[step, 0]):.4f}"}
+        if self.labels:
+            k = len(self.keys)
+            hits, labelled = self.buf[:step + 1, k:k + 2].sum(0).tolist()
+            if labelled > 0:
+                shown["acc"] = f"{hits / labelled:.3f}"
+        return shown
+
     def result(self) -> Dict[str, float]:
         if self.buf is None:
             return {}
@@ -414,6 +424,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
     if main and cfg.progress and isinstance(teacher, Teacher):
         print(f"teacher cache: {history.teacher_cache}", file=sys.stderr)
     bar = _progress(cfg.progress and main)
+    tensorboard = None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if hasattr(loader, "set_epoch"):
@@ -448,7 +459,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
                 if (step + 1) % cfg.sync_every == 0 or step + 1 == micro_steps:
                     _check_finite(stats, step + 1, epoch, micro_steps, ckpt)
                     if hasattr(it, "set_postfix"):
-                        it.set_postfix(loss=f"{float(stats.losses[step]):.4f}")
+                        it.set_postfix(stats.live(step))
             if cache is not None:
                 if teacher.cache_hits == 0 and teacher.live_calls == 0:
                     # The method runs the teacher network itself (feature methods): nothing to cache.
@@ -475,16 +486,33 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
             if run_dir is not None and main:
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
+                tensorboard = tensorboard or _tensorboard(Path(run_dir))
+                if tensorboard is not None:
+                    for key, value in record.items():
+                        if key != "epoch" and isinstance(value, (int, float)):
+                            tensorboard.add_scalar(key, value, epoch + 1)
+                    tensorboard.flush()
                 save_weights(method.student, ckpt / "last.safetensors")
                 if val_data is None:
                     save_weights(method.student, ckpt / "best.safetensors")
                 save_training_state(ckpt / "state", method, optimizer, scheduler,
                                     {"epoch": epoch, "best_score": history.best_score, "best_epoch": history.best_epoch})
     finally:
+        if tensorboard is not None:
+            tensorboard.close()
         if cache is not None:
             teacher.use_cache(None)
             history.teacher_cache = f"{cache.describe()}; {history.teacher_cache}"
     return history
+
+
+def _tensorboard(run_dir: Path):
+    """A SummaryWriter on ``run_dir/tensorboard`` when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _check_finite(stats: _Tracker, upto: int, epoch: int, steps_per_epoch: int, ckpt: Optional[Path]) -> None:
