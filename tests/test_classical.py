@@ -10,13 +10,6 @@ from kdkit.classical import (OnnxTeacher, STUDENTS, compare_students, expand_sof
 from kdkit.errors import KdkitError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _data(n=300, d=6, seed=0):
     rng = np.random.default_rng(seed)

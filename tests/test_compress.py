@@ -14,14 +14,6 @@ from kdkit.models import create_model
 SHAPE = (1, 12, 12)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a busy 2-core machine: thread hand-offs cost more than the work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _cnn(width=8, large=False):
     torch.manual_seed(0)

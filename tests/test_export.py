@@ -12,13 +12,6 @@ from kdkit.models import create_model
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _cnn():
     torch.manual_seed(0)

@@ -19,15 +19,6 @@ from kdkit.teacher import Teacher
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On the shared 2-core machine, two OpenMP threads contending with
-    other processes made a 16x1x8x8 conv take ~100x longer than one thread does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def cnn(name: str = "cnn_small", width: int = 4) -> nn.Module:
     return create_model(name, num_classes=10, input_shape=SHAPE, width=width)

@@ -23,15 +23,6 @@ from kdkit.teacher import Teacher
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On the shared 2-core machine, two OpenMP threads contending with
-    other processes made a 16x1x8x8 conv take ~100x longer than one thread does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def close(a, b, tol=1e-5):
     a, b = float(torch.as_tensor(a).detach()), float(torch.as_tensor(b).detach())
