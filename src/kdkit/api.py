@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import load_weights, weights_path
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config
-from .data import DATASETS, UNLABELLED, ArrayData, DataSplits, as_dataset, hide_labels
+from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
 from .engine import History, dist_env, fit, resolve_device
 from .errors import KdkitError
 from .evaluate import evaluate
@@ -29,7 +29,7 @@ from .methods import METHODS, Method
 from .models import create_model, resolve_factory
 from .registry import call_checked, check_kwargs
 from .report import format_table, write_report
-from .rundir import create_run_dir, read_metrics
+from .rundir import create_run_dir
 from .teacher import Teacher, as_teacher
 
 

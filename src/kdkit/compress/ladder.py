@@ -43,7 +43,7 @@ from torch import nn
 
 from ..checkpoint import load_weights, read_tensors, save_weights, weights_path
 from ..config import (DistillStep, LowRankStep, PruneStep, QuantizeStep, RunConfig, TransferStep, dump_config,
-                      load_config, parse_compress_steps)
+                      parse_compress_steps)
 from ..errors import KdkitError
 from ..evaluate import latency, predict, quality
 from ..rundir import create_run_dir, write_json
