@@ -60,13 +60,15 @@ def _curves_png(histories: Dict[str, Sequence[Dict[str, Any]]]) -> str:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, hist in histories.items():
+    for i, (name, hist) in enumerate(histories.items()):
+        color = f"C{i % 10}"  # one colour per model: solid validation, dotted training
         epochs = [r["epoch"] for r in hist]
         if any("train_loss" in r for r in hist):
-            ax_loss.plot(epochs, [r.get("train_loss") for r in hist], label=f"{name} train loss")
+            ax_loss.plot(epochs, [r.get("train_loss") for r in hist], color=color, label=f"{name} train loss")
         for key, style in (("val_accuracy", "-"), ("train_accuracy", ":")):
             if any(key in r for r in hist):
-                ax_acc.plot(epochs, [r.get(key) for r in hist], style, label=f"{name} {key.replace('_', ' ')}")
+                ax_acc.plot(epochs, [r.get(key) for r in hist], style, color=color,
+                            label=f"{name} {key.replace('_', ' ')}")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     for ax in (ax_loss, ax_acc):
