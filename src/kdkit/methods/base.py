@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..losses import masked_cross_entropy
 from ..registry import Registry
 from ..teacher import Teacher
 
@@ -42,3 +43,17 @@ class Method(nn.Module):
 
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @staticmethod
+    def add_ce(loss: torch.Tensor, out: Dict[str, torch.Tensor], logits: torch.Tensor, batch: Batch,
+               weight: float) -> torch.Tensor:
+        """``loss + weight · CE`` over the batch's labelled samples, logging ``out["ce"]``.
+
+        Unchanged when ``weight`` is 0 or the batch has no class labels (unlabelled data, regression targets).
+        """
+        y = batch.get("y")
+        if y is None or y.is_floating_point() or weight <= 0:
+            return loss
+        ce = masked_cross_entropy(logits, y)
+        out["ce"] = ce.detach()
+        return loss + weight * ce

@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ..losses import dist_inter_loss, dist_intra_loss, masked_cross_entropy
+from ..losses import dist_inter_loss, dist_intra_loss
 from .base import METHODS, Batch, Method
 
 
@@ -41,10 +41,6 @@ class DIST(Method):
         intra = dist_intra_loss(logits, t_logits, self.temperature)
         loss = self.beta * inter + self.gamma * intra
         out = {"inter": inter.detach(), "intra": intra.detach()}
-        y = batch.get("y")
-        if y is not None and self.ce_weight > 0:
-            ce = masked_cross_entropy(logits, y)
-            loss = loss + self.ce_weight * ce
-            out["ce"] = ce.detach()
+        loss = self.add_ce(loss, out, logits, batch, self.ce_weight)
         out.update(loss=loss, logits=logits)
         return out

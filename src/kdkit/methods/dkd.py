@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ..losses import dkd_loss, masked_cross_entropy
+from ..losses import dkd_loss
 from .base import METHODS, Batch, Method
 
 
@@ -48,16 +48,13 @@ class DKD(Method):
         pseudo = t_logits.argmax(1)
         targets = pseudo if y is None else torch.where(y >= 0, y, pseudo)
         dkd = dkd_loss(logits, t_logits, targets, self.alpha, self.beta, self.temperature)
-        weight = 1.0
+        loss = dkd
         if self.warmup_steps:
-            weight = min(1.0, (float(self.steps) + 1.0) / self.warmup_steps)
+            # Ramp computed on the device from the step buffer: no host sync in the training step.
+            loss = dkd * ((self.steps + 1).to(dkd.dtype) / self.warmup_steps).clamp(max=1.0)
         if self.training:
             self.steps += 1
-        loss = weight * dkd
         out = {"dkd": dkd.detach()}
-        if y is not None and self.ce_weight > 0:
-            ce = masked_cross_entropy(logits, y)
-            loss = loss + self.ce_weight * ce
-            out["ce"] = ce.detach()
+        loss = self.add_ce(loss, out, logits, batch, self.ce_weight)
         out.update(loss=loss, logits=logits)
         return out

@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import KdkitError
 from ..hooks import (FeatureCapture, LayerRecord, embedding_layer, feature_maps_by_resolution, get_module,
                      last_feature_map, trace)
-from ..losses import kd_loss, masked_cross_entropy
+from ..losses import kd_loss
 from .base import Batch, Method
 
 LayerSpec = Union[str, Sequence[str], None]
@@ -192,11 +192,7 @@ class FeatureMethod(Method):
             kd = kd_loss(logits, t_logits, self.temperature)
             loss = loss + self.kd_weight * kd
             out["kd"] = kd.detach()
-        y = batch.get("y")
-        if y is not None and not y.is_floating_point() and self.ce_weight > 0:
-            ce = masked_cross_entropy(logits, y)
-            loss = loss + self.ce_weight * ce
-            out["ce"] = ce.detach()
+        loss = self.add_ce(loss, out, logits, batch, self.ce_weight)
         out.update({k: v.detach() for k, v in (parts or {}).items()})
         out["loss"] = loss
         out["logits"] = logits
