@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 import kdkit
 from kdkit import ArrayData, KdkitError, Teacher, create_model
-from kdkit.checkpoint import load_weights
+from kdkit.training.checkpoint import load_weights
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "fashion_mnist"

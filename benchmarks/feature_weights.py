@@ -55,7 +55,7 @@ def _setup():
 
 
 def _accuracy(model, data) -> float:
-    from kdkit.evaluate import predict, quality
+    from kdkit.evaluation.metrics import predict, quality
 
     pred = predict(model, data, 1000)
     return quality(pred["outputs"], pred["y"])["accuracy"]
@@ -63,8 +63,8 @@ def _accuracy(model, data) -> float:
 
 def teacher_weights() -> Path:
     """Train (or reuse) the cnn_large teacher; return its safetensors path."""
-    from kdkit.checkpoint import save_weights
-    from kdkit.engine import fit
+    from kdkit.training.checkpoint import save_weights
+    from kdkit.training.loop import fit
     from kdkit.methods import METHODS
     from kdkit.models import create_model
 
@@ -87,8 +87,8 @@ def run_one(label: str, method: str, options: Dict[str, Any], seed: int, teacher
     """One student: a fresh seeded cnn_small trained with ``method`` (or on labels for ``scratch``)."""
     torch.set_num_threads(1)
     from kdkit.api import build_method
-    from kdkit.checkpoint import load_weights
-    from kdkit.engine import fit
+    from kdkit.training.checkpoint import load_weights
+    from kdkit.training.loop import fit
     from kdkit.models import create_model
     from kdkit.teacher import Teacher
 

@@ -36,10 +36,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from kdkit.api import build_data, build_method
-from kdkit.checkpoint import load_weights, save_weights
+from kdkit.training.checkpoint import load_weights, save_weights
 from kdkit.config import DataConfig, TrainConfig
-from kdkit.engine import fit
-from kdkit.evaluate import predict, quality
+from kdkit.training.loop import fit
+from kdkit.evaluation.metrics import predict, quality
 from kdkit.methods import METHODS
 from kdkit.models import create_model
 from kdkit.teacher import Teacher, TeacherEnsemble

@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import kdkit
-    import kdkit.engine as engine
+    import kdkit.training.loop as engine
     from kdkit.config import TrainConfig
     from kdkit.data import ArrayData
     from kdkit.methods import METHODS

@@ -44,8 +44,8 @@ from speed_common import accuracy, load_state, mlp, n_params, save_state  # noqa
 
 import kdkit  # noqa: E402
 import kdkit.api  # noqa: E402
-import kdkit.engine as engine  # noqa: E402
-from kdkit.cache import CacheSpec, TeacherCache, soft_target_kl, topk_compress, topk_expand  # noqa: E402
+import kdkit.training.loop as engine  # noqa: E402
+from kdkit.teacher.cache import CacheSpec, TeacherCache, soft_target_kl, topk_compress, topk_expand  # noqa: E402
 from kdkit.config import TrainConfig  # noqa: E402
 from kdkit.data import ArrayData  # noqa: E402
 from kdkit.losses import kd_loss, masked_cross_entropy  # noqa: E402
@@ -132,8 +132,8 @@ def profile_epoch(make_method, data, batch: int, train: Dict[str, Any]) -> List[
 def step_components(teacher, train: ArrayData, batch: int, cache_dir: str) -> Dict[str, float]:
     """CPU microseconds of the pieces of one training step (best of 5 rounds of 200 calls), to say where the
     time of a cached distillation step goes beyond the student's own forward/backward/step."""
-    from kdkit.cache import build_cache
-    from kdkit.engine import _Tracker
+    from kdkit.teacher.cache import build_cache
+    from kdkit.training.loop import _Tracker
 
     def cpu_us(fn, n=200):
         for _ in range(20):

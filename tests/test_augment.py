@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-import kdkit.engine as engine
-from kdkit.augment import AugmentedData, CropFlip
-from kdkit.cache import CacheSpec, build_cache
+import kdkit.training.loop as engine
+from kdkit.teacher.augment import AugmentedData, CropFlip
+from kdkit.teacher.cache import CacheSpec, build_cache
 from kdkit.config import TrainConfig
 from kdkit.data import ArrayData
 from kdkit.methods import METHODS

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-import kdkit.engine as engine
-from kdkit.cache import (CacheSpec, TeacherCache, build_cache, cache_bytes, fingerprint_data, fingerprint_model,
+import kdkit.training.loop as engine
+from kdkit.teacher.cache import (CacheSpec, TeacherCache, build_cache, cache_bytes, fingerprint_data, fingerprint_model,
                          is_augmented, soft_target_kl, topk_compress, topk_expand)
 from kdkit.config import TrainConfig
 from kdkit.data import ArrayData

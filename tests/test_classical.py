@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit.classical import (OnnxTeacher, STUDENTS, compare_students, expand_soft_targets, fit_student,
+from kdkit.recipes.classical import (OnnxTeacher, STUDENTS, compare_students, expand_soft_targets, fit_student,
                              parse_rules, predict_rules, soft_targets, teacher_features, tree_rules)
 from kdkit.errors import KdkitError
 

@@ -134,7 +134,7 @@ def test_int8_outputs_within_tolerance(mode, tmp_path):
     assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
     size = save_quantized(q, tmp_path / "q.safetensors")
-    from kdkit.checkpoint import save_weights
+    from kdkit.training.checkpoint import save_weights
     from kdkit.compress import quantized_tensors
 
     tensors, _ = quantized_tensors(q)

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import kdkit.engine as engine
+import kdkit.training.loop as engine
 from kdkit.config import TrainConfig
 from kdkit.data import ArrayData
 from kdkit.methods import METHODS

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import kdkit
-import kdkit.engine as engine
-from kdkit.checkpoint import read_tensors
+import kdkit.training.loop as engine
+from kdkit.training.checkpoint import read_tensors
 from kdkit.config import TrainConfig
 from kdkit.data import ArrayData
 from kdkit.errors import KdkitError

@@ -9,7 +9,7 @@ from torch import nn
 from kdkit.api import build_method
 from kdkit.cli import run as cli_run
 from kdkit.errors import KdkitError
-from kdkit.hooks import (capture, embedding_layer, feature_maps_by_resolution, format_trace, last_feature_map,
+from kdkit.methods.hooks import (capture, embedding_layer, feature_maps_by_resolution, format_trace, last_feature_map,
                          teacher_forward, trace)
 from kdkit.methods import METHODS, Method
 from kdkit.methods.connectors import Resize, make_connector

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import kdkit.engine as engine
+import kdkit.training.loop as engine
 from kdkit.config import TrainConfig
 from kdkit.data import ArrayData
 from kdkit.errors import KdkitError

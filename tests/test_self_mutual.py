@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkit
-from kdkit.born_again import born_again
-from kdkit.checkpoint import read_tensors
+from kdkit.recipes.born_again import born_again
+from kdkit.training.checkpoint import read_tensors
 from kdkit.cli import run as cli_run
 from kdkit.methods import METHODS
 from kdkit.methods.byot import self_distillation_loss

@@ -14,7 +14,7 @@ from .api import Run, distill, evaluate_run, run_config, train
 from .config import RunConfig, load_config
 from .data import DATASETS, ArrayData
 from .errors import KdkitError
-from .evaluate import evaluate
+from .evaluation.metrics import evaluate
 from .methods import METHODS, Method, list_methods, register_method
 from .models import create_model, list_models, register_model
 from .teacher import Teacher

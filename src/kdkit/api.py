@@ -19,17 +19,17 @@ import torch
 import yaml
 from torch import nn
 
-from .checkpoint import load_weights, weights_path
+from .training.checkpoint import load_weights, weights_path
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config
 from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
-from .engine import History, dist_env, fit, resolve_device
+from .training.loop import History, dist_env, fit, resolve_device
 from .errors import KdkitError
-from .evaluate import evaluate
+from .evaluation.metrics import evaluate
 from .methods import METHODS, Method
 from .models import create_model, resolve_factory
 from .registry import call_checked, check_kwargs
-from .report import format_table, write_report
-from .rundir import create_run_dir
+from .evaluation.report import format_table, write_report
+from .training.rundir import create_run_dir
 from .teacher import Teacher, as_teacher
 
 
@@ -228,7 +228,7 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataSplits:
     elif cfg.labelled_fraction < 1.0 and isinstance(splits.train, ArrayData):
         splits.train = hide_labels(splits.train, cfg.labelled_fraction, seed=seed)
     if cfg.augment == "crop_flip":
-        from .augment import AugmentedData, CropFlip
+        from .teacher.augment import AugmentedData, CropFlip
 
         if not isinstance(splits.train, ArrayData) or splits.train.x.dim() != 4:
             raise KdkitError(f"data.augment=crop_flip needs an in-memory image dataset (N, C, H, W); "
@@ -352,8 +352,8 @@ def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
     ``~/.cache/kdkit/teacher``), in the form ``train.cache_dtype`` / ``train.cache_topk`` say; a later
     ``kdkit distill`` of the same config finds it by fingerprint and skips the teacher entirely.
     """
-    from .cache import CacheSpec, build_cache
-    from .engine import cache_plan
+    from .teacher.cache import CacheSpec, build_cache
+    from .training.loop import cache_plan
 
     cfg = validate(cfg.model_copy(update={"out_dir": cfg.out_dir or "(unused)"}), "distill")
     splits = build_data(cfg.data, cfg.seed)

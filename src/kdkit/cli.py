@@ -92,7 +92,7 @@ def _inspect(args: argparse.Namespace) -> str:
     """``kdkit inspect``: one dry-run forward of a zero batch with hooks on every module."""
     import torch
 
-    from .hooks import format_trace, trace
+    from .methods.hooks import format_trace, trace
     from .models import create_model
 
     shape, classes = None, args.num_classes
@@ -121,7 +121,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from . import api
     from .config import load_config
-    from .report import format_table
+    from .evaluation.report import format_table
 
     if args.command == "inspect":
         print(_inspect(args))
@@ -147,7 +147,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     if args.command == "demo":
-        from .demo import run_demo
+        from .recipes.demo import run_demo
 
         run_demo(_demo_dir(args.out), epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
         return 0
@@ -175,7 +175,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         print(f"teacher cache: {info['description']}")
         return 0
     if args.command == "born-again":
-        from .born_again import born_again_config
+        from .recipes.born_again import born_again_config
 
         result = born_again_config(load_config(args.config, args.overrides), args.generations)
         print(f"generations in: {result.dir} (summary.json)")

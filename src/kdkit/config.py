@@ -90,7 +90,7 @@ class TrainConfig(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0, description="max global gradient norm")
     eval_every: int = Field(1, gt=0, description="evaluate on the validation split every N epochs")
     progress: bool = True
-    # speed (see kdkit.engine and kdkit.cache)
+    # speed (see kdkit.training.loop and kdkit.teacher.cache)
     grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimiser step")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward passes (CPU and CUDA)")
     channels_last: bool = Field(False, description="NHWC memory format for 4-D inputs and the models")

@@ -12,7 +12,7 @@
       - {step: lowrank, energy: 0.9, epochs: 1}
       - {step: quantize, mode: static}
 
-Every step may end with ``epochs`` of distillation from the teacher (the one loop, :func:`kdkit.engine.fit`,
+Every step may end with ``epochs`` of distillation from the teacher (the one loop, :func:`kdkit.training.loop.fit`,
 with the configured method) to recover accuracy. After each step the model is saved under
 ``steps/NN-<step>/model.safetensors`` (``model-int8.safetensors`` once quantised) and measured on the test
 split: accuracy, agreement with the teacher, parameters, non-zero parameters, bytes of that file, CPU latency
@@ -41,12 +41,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import load_weights, read_tensors, save_weights, weights_path
+from ..training.checkpoint import load_weights, read_tensors, save_weights, weights_path
 from ..config import (DistillStep, LowRankStep, PruneStep, QuantizeStep, RunConfig, TransferStep, dump_config,
                       parse_compress_steps)
 from ..errors import KdkitError
-from ..evaluate import latency, predict, quality
-from ..rundir import create_run_dir, write_json
+from ..evaluation.metrics import latency, predict, quality
+from ..training.rundir import create_run_dir, write_json
 from ..teacher import Teacher
 from .lowrank import apply_edits, factorize
 from .prune import count_nonzero, count_parameters, prune_structured, prune_unstructured
@@ -76,7 +76,7 @@ def validate_compress(cfg: RunConfig) -> RunConfig:
     """Every check that needs no data or training: steps, teacher, student, method, out_dir."""
     from ..api import resolve_model_spec
     from ..data import DATASETS
-    from ..engine import resolve_device
+    from ..training.loop import resolve_device
     from ..methods import METHODS
     from ..registry import check_kwargs
 
@@ -175,8 +175,8 @@ def _step_name(i: int, step) -> str:
 def run_compress(cfg: RunConfig) -> Ladder:
     """Validate, build teacher and starting model, run every step with its recovery phase, measure, report."""
     from ..api import build_data, build_method, build_model, check_outputs_match
-    from ..engine import fit
-    from ..report import format_table, write_report
+    from ..training.loop import fit
+    from ..evaluation.report import format_table, write_report
 
     cfg = validate_compress(cfg)
     steps = parse_compress_steps(cfg.compress)
@@ -360,7 +360,7 @@ def _resize_to(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
 def load_compressed(run_dir) -> nn.Module:
     """The last float model of a ``kdkit compress`` run, rebuilt from ``compressed.json`` and ``model.safetensors``."""
     from ..models import create_model
-    from ..rundir import read_json
+    from ..training.rundir import read_json
 
     run_dir = Path(run_dir)
     info = read_json(run_dir / "compressed.json")

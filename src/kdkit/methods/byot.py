@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hooks import INPUT_SUFFIX, capture, embedding_layer, feature_maps_by_resolution, trace
+from .hooks import INPUT_SUFFIX, capture, embedding_layer, feature_maps_by_resolution, trace
 from ..losses import kd_loss, masked_cross_entropy
 from .base import METHODS, Batch, Method
 

@@ -138,7 +138,7 @@ class DML(Method):
 
     def evaluate_peers(self, data, batch_size: int = 512) -> List[Dict[str, float]]:
         """Accuracy (and NLL, ECE) of every peer on ``data``, the student first."""
-        from ..evaluate import predict, quality
+        from ..evaluation.metrics import predict, quality
 
         return [quality(**{"outputs": p["outputs"], "y": p.get("y")})
                 for p in (predict(m, data, batch_size) for m in self.models)]

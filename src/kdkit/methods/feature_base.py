@@ -4,7 +4,7 @@ A :class:`FeatureMethod` picks (or is given) layer names of the student and of t
 teacher, checks them with one dry-run forward of the ``example_batch`` that
 :func:`kdkit.api.build_method` supplies, records the feature shapes (so
 subclasses can size connectors), and on every step runs both networks with
-forward hooks (:mod:`kdkit.hooks`) and returns the student's logits, the
+forward hooks (:mod:`kdkit.methods.hooks`) and returns the student's logits, the
 student's features, the teacher's logits and the teacher's features.
 
 Every feature method combines its loss the same documented way::
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import KdkitError
-from ..hooks import (FeatureCapture, LayerRecord, embedding_layer, feature_maps_by_resolution, get_module,
+from .hooks import (FeatureCapture, LayerRecord, embedding_layer, feature_maps_by_resolution, get_module,
                      last_feature_map, trace)
 from ..losses import kd_loss
 from .base import Batch, Method

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch import nn
 
-from .data.core import as_dataset, make_loader
-from .teacher import Teacher
+from ..data.core import as_dataset, make_loader
+from ..teacher import Teacher
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:

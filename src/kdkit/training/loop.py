@@ -13,11 +13,11 @@ the same weights as one never interrupted (same seed, CPU).
 
 Speed (issue "distillation that costs little more than training the student"):
 
-- **Teacher-output cache** (:mod:`kdkit.cache`): ``train.teacher_cache`` ``auto``
+- **Teacher-output cache** (:mod:`kdkit.teacher.cache`): ``train.teacher_cache`` ``auto``
   (default) computes the teacher's outputs on the training set once and the
   :class:`~kdkit.teacher.Teacher` answers by ``batch["index"]``, when that is
   correct: not for augmented data (except kdkit's replayable views, one cache row per
-  sample and view, :mod:`kdkit.augment`), not for methods that read teacher features
+  sample and view, :mod:`kdkit.teacher.augment`), not for methods that read teacher features
   (a ``uses_teacher_features = True`` attribute, or forward hooks found on the
   teacher), not for user DataLoaders. The teacher's validation outputs are
   computed once per run, not once per epoch (it is frozen).
@@ -56,11 +56,11 @@ import torch
 from torch import nn
 
 from .checkpoint import load_training_state, save_training_state, save_weights
-from .config import TrainConfig
-from .data.core import make_loader
-from .errors import KdkitError
-from .evaluate import predict, quality
-from .teacher import Teacher
+from ..config import TrainConfig
+from ..data.core import make_loader
+from ..errors import KdkitError
+from ..evaluation.metrics import predict, quality
+from ..teacher import Teacher
 
 
 def seed_everything(seed: int) -> None:
@@ -180,8 +180,8 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     """
     from torch.utils.data import DataLoader
 
-    from .cache import is_augmented
-    from .teacher import Teacher
+    from ..teacher.cache import is_augmented
+    from ..teacher import Teacher
 
     mode = cfg.teacher_cache
     if mode == "off":
@@ -207,7 +207,7 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
         return mode, f"train.teacher_cache={mode}"
     if world_size > 1:
         return "disk", "auto: several processes share one memory-mapped cache"
-    from .cache import CacheSpec, _probe, cache_bytes
+    from ..teacher.cache import CacheSpec, _probe, cache_bytes
 
     out_shape = _probe(teacher.model, train_data, teacher.device)
     rows = len(train_data) * getattr(getattr(train_data, "augment", None), "views", 1)  # FKD: one row per view
@@ -223,7 +223,7 @@ def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, ba
 
     Returns ``(cache or None, description)``.
     """
-    from .cache import CacheSpec, build_cache
+    from ..teacher.cache import CacheSpec, build_cache
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     mode, reason = cache_plan(method, train_data, cfg, world_size)
@@ -418,7 +418,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
     autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     val_teacher_outputs: List[Optional[torch.Tensor]] = [None]  # the frozen teacher's, computed once
-    augment = getattr(train_data, "augment", None)  # kdkit.augment: replayable views (FKD)
+    augment = getattr(train_data, "augment", None)  # kdkit.teacher.augment: replayable views (FKD)
     augment = augment if hasattr(augment, "batch") else None
 
     if main and cfg.progress and isinstance(teacher, Teacher):

@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
-from .api import build_data, build_model, run_config
-from .config import ModelConfig, load_config
-from .evaluate import predict, quality
-from .report import format_table, write_report
-from .rundir import create_run_dir, read_metrics
+from ..api import build_data, build_model, run_config
+from ..config import ModelConfig, load_config
+from ..evaluation.metrics import predict, quality
+from ..evaluation.report import format_table, write_report
+from ..training.rundir import create_run_dir, read_metrics
 
 TEACHER = {"name": "cnn_large", "width": 32}
 STUDENT = {"name": "mlp", "hidden": [32]}

@@ -25,12 +25,12 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .config import ModelConfig, RunConfig
-from .errors import KdkitError
-from .evaluate import evaluate
-from .methods.dml import reinitialise
-from .report import format_table
-from .rundir import create_run_dir, write_json
+from ..config import ModelConfig, RunConfig
+from ..errors import KdkitError
+from ..evaluation.metrics import evaluate
+from ..methods.dml import reinitialise
+from ..evaluation.report import format_table
+from ..training.rundir import create_run_dir, write_json
 
 
 @dataclass
@@ -54,7 +54,7 @@ class BornAgainRun:
 
 
 def _ensemble_metrics(models: List[nn.Module], data) -> Dict[str, Any]:
-    from .teacher import TeacherEnsemble
+    from ..teacher import TeacherEnsemble
 
     ens = TeacherEnsemble([m.to("cpu") for m in models])
     return evaluate(ens.model, data, measure_latency=False)
@@ -91,7 +91,7 @@ def born_again(teacher: nn.Module, train_data, val_data=None, *, generations: in
         A :class:`BornAgainRun`; with ``out_dir``, generation k is written to ``out_dir/gen{k}`` and the
         summary to ``out_dir/summary.json``.
     """
-    from .api import distill
+    from ..api import distill
 
     if generations < 1:
         raise KdkitError(f"generations must be >= 1; got {generations}")
@@ -116,7 +116,7 @@ def born_again_config(cfg: RunConfig, generations: int = 2) -> BornAgainRun:
     ``student`` (or ``model``) section into ``out_dir/gen0``. Every later generation uses generation 0's
     architecture, the config's ``method``/``train``/``data`` and seed ``seed + k``.
     """
-    from .api import _model_spec_from_run, run_config, validate
+    from ..api import _model_spec_from_run, run_config, validate
 
     if generations < 1:
         raise KdkitError(f"--generations must be >= 1; got {generations}")
@@ -159,7 +159,7 @@ def born_again_config(cfg: RunConfig, generations: int = 2) -> BornAgainRun:
             gen0_metrics = run.metrics.get("teacher")
         runs.append(run)
         previous = ModelConfig(checkpoint=str(run.dir))
-    from .api import build_data
+    from ..api import build_data
 
     splits = build_data(cfg.data, cfg.seed)
     test = splits.test if splits.test is not None else splits.val

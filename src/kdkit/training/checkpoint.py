@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import KdkitError
+from ..errors import KdkitError
 
 
 def _atomic(path: Path, write) -> None:

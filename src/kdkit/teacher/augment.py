@@ -23,7 +23,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .data.core import ArrayData
+from ..data.core import ArrayData
 
 _MASK = 0x7FFFFFFF
 

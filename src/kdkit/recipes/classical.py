@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import KdkitError
+from ..errors import KdkitError
 
 STUDENTS = ("logistic_regression", "linear_svm", "decision_tree", "gradient_boosting")
 
@@ -58,7 +58,7 @@ class OnnxTeacher:
     """
 
     def __init__(self, path: Union[str, Path], batch_size: int = 512):
-        from .export import onnx_session
+        from ..export import onnx_session
 
         path = Path(path)
         if not path.is_file():
@@ -69,7 +69,7 @@ class OnnxTeacher:
         self.batch_size = batch_size
 
     def __call__(self, x) -> np.ndarray:
-        from .export import run_onnx
+        from ..export import run_onnx
 
         x = x.numpy() if torch.is_tensor(x) else np.asarray(x)
         return run_onnx(self.session, x.astype(np.float32), self.batch_size)
@@ -87,7 +87,7 @@ def as_soft_teacher(teacher) -> Callable[[np.ndarray], Tuple[np.ndarray, str]]:
     path to a ``.onnx`` file, or any callable (kind detected: rows that are non-negative and sum to 1 are
     probabilities).
     """
-    from .teacher import Teacher
+    from ..teacher import Teacher
 
     if isinstance(teacher, Teacher):
         teacher = teacher.model
@@ -97,7 +97,7 @@ def as_soft_teacher(teacher) -> Callable[[np.ndarray], Tuple[np.ndarray, str]]:
         module = teacher.eval()
 
         def run_torch(x):
-            from .evaluate import model_device
+            from ..evaluation.metrics import model_device
 
             xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
             outs = []
@@ -148,8 +148,8 @@ def _flat(x) -> np.ndarray:
 
 def teacher_features(model: nn.Module, x, layer: str, batch_size: int = 512) -> np.ndarray:
     """Outputs of the teacher module ``layer`` on ``x``, flattened to (N, D): a frozen trunk's features."""
-    from .evaluate import model_device
-    from .hooks import capture
+    from ..evaluation.metrics import model_device
+    from ..methods.hooks import capture
 
     xt = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
     model = model.eval()
@@ -272,7 +272,7 @@ def compare_students(teacher, x_train, y_train, x_test, y_test, kinds: Sequence[
     p_train = soft_targets(teacher, x_train, temperature)
     t_test = soft_targets(teacher, x_test).argmax(1)
     if features is not None:
-        from .teacher import Teacher
+        from ..teacher import Teacher
 
         module = teacher.model if isinstance(teacher, Teacher) else teacher
         if not isinstance(module, nn.Module):

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from .rundir import write_json
+from ..training.rundir import write_json
 
 # Columns of the comparison table: (metric key, header, format).
 COLUMNS = [
@@ -119,7 +119,7 @@ def append_report(run_dir, key: str, value: Any, html_section: str = "") -> None
 
     Later commands (``kdkit export``) use this to put their numbers beside a run's own.
     """
-    from .rundir import read_json
+    from ..training.rundir import read_json
 
     run_dir = Path(run_dir)
     report = read_json(run_dir / "report.json") or {}

@@ -30,8 +30,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import KdkitError
-from .registry import closest_first
+from ..errors import KdkitError
+from ..registry import closest_first
 
 INPUT_SUFFIX = ":input"
 

@@ -32,7 +32,7 @@ resumable: rows are written in chunks and marked done only after they are
 flushed.
 
 Random augmentation breaks the premise (the teacher would see a different view
-each epoch). kdkit's own replayable augmentation (:mod:`kdkit.augment`,
+each epoch). kdkit's own replayable augmentation (:mod:`kdkit.teacher.augment`,
 ``data.augment: crop_flip``) keeps it: a fixed number of views per sample, each
 a pure function of (seed, sample, view), as in FKD (Shen & Xing, "A Fast
 Knowledge Distillation Framework for Visual Recognition", ECCV 2022); the cache
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import KdkitError
+from ..errors import KdkitError
 
 CACHE_VERSION = 1
 _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
@@ -437,7 +437,7 @@ def _write_meta(path: Path, meta: Dict[str, Any]) -> None:
 
 
 def _probe(model: nn.Module, data, device: torch.device) -> Tuple[int, ...]:
-    from .data.core import make_loader
+    from ..data.core import make_loader
 
     batch = next(iter(make_loader(data, 2)))
     with torch.inference_mode():
@@ -471,7 +471,7 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
         lazy: compute nothing now; return the (possibly partly filled) cache for the training loop to fill
             as the teacher meets each sample (:meth:`TeacherCache.fill`), so no extra pass is spent.
     """
-    from .data.core import make_loader
+    from ..data.core import make_loader
 
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     was_training = model.training
@@ -497,7 +497,7 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
             cache = existing
             log(f"teacher cache: resuming {path} ({cache.filled}/{len(cache)} rows done)")
     augment = getattr(data, "augment", None)
-    views = getattr(augment, "views", 1)  # replayable augmentation (kdkit.augment): one row per (sample, view)
+    views = getattr(augment, "views", 1)  # replayable augmentation (kdkit.teacher.augment): one row per (sample, view)
     if cache is None:
         cache = TeacherCache.allocate(len(data) * views, out_shape, spec, fp or {},
                                       path if spec.storage == "disk" else None)
@@ -540,7 +540,7 @@ def _view_batches(data, augment, batch_size: int):
 
 
 def _subset_batches(data, todo: torch.Tensor, batch_size: int):
-    from .data.core import ArrayData, _Indexed
+    from ..data.core import ArrayData, _Indexed
 
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]

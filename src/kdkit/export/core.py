@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import KdkitError
+from ..errors import KdkitError
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "input"
@@ -213,7 +213,7 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
     path = Path(path)
     if path.exists():
         raise KdkitError(f"{path} already exists; remove it or choose another output path")
-    from .compress.quantize import is_quantized
+    from ..compress.quantize import is_quantized
 
     if is_quantized(model):
         raise KdkitError("export takes a float model; for int8 ONNX export the float model with --int8")
@@ -250,8 +250,8 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
     result["file"] = str(path)
     result["bytes"] = path.stat().st_size
     if timing:
-        from .compress.ladder import single_thread
-        from .evaluate import latency
+        from ..compress.ladder import single_thread
+        from ..evaluation.metrics import latency
 
         shape = tuple(inputs.shape[1:])
         with single_thread():
@@ -274,9 +274,9 @@ def _checked(path: Path, fn, *args, **kwargs):
 
 def _load_run_model(run_dir: Path):
     """The run's model (best checkpoint, or a compress run's last float model), its config and data splits."""
-    from .api import build_data, build_model
-    from .compress.ladder import is_compress_run, load_compressed
-    from .config import load_config
+    from ..api import build_data, build_model
+    from ..compress.ladder import is_compress_run, load_compressed
+    from ..config import load_config
 
     if not (run_dir / "config.yaml").is_file():
         raise KdkitError(f"{run_dir} is not a kdkit run directory (no config.yaml)")
@@ -314,10 +314,10 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
     result = export_model(model, inputs, path, fmt, int8=int8, calibration=calibration)
     result["normalisation"] = ("none baked in: feed inputs exactly as kdkit's dataset builder "
                                f"{cfg.data.name!r} produces them")
-    from .rundir import write_json
+    from ..training.rundir import write_json
 
     write_json(path.with_suffix(".json"), result)
-    from .report import append_report, format_table
+    from ..evaluation.report import append_report, format_table
 
     row = {**result["parity"], **result.get("pytorch", {}), **result.get("onnxruntime", {})}
     models = {f"{fmt}{' int8' if int8 else ''} ({path.name})": {

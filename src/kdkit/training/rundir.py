@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import KdkitError
+from ..errors import KdkitError
 
 
 def create_run_dir(path, resume: bool = False) -> Path:

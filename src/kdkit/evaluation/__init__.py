@@ -1,0 +1,1 @@
+"""Evaluation: the numbers users decide on (:mod:`.metrics`) and the HTML/JSON report (:mod:`.report`)."""

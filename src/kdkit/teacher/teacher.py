@@ -1,0 +1,100 @@
+"""The frozen teacher.
+
+A :class:`Teacher` is deliberately *not* an ``nn.Module``: it is never a
+submodule of a method, so ``method.parameters()`` never includes it, it never
+reaches the optimiser, and ``method.train()`` never switches it out of eval
+mode. It runs under ``torch.inference_mode()``.
+
+Caching its outputs is the teacher's business: while the engine trains with a
+:class:`kdkit.teacher.cache.TeacherCache` attached (``train.teacher_cache``), a call with a
+batch dict answers by ``batch["index"]`` from the cache (filling it from live
+passes the first time each sample is seen), so methods never know. A teacher
+with forward hooks installed (a method reading its features) always runs live.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+Batch = Dict[str, torch.Tensor]
+
+
+class Teacher:
+    """Frozen, eval-mode wrapper around a trained model.
+
+    Call it with a batch dict (or an input tensor) to get its outputs.
+
+    Args:
+        model: the trained teacher network.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval().requires_grad_(False)
+        self.cache = None  # a kdkit.teacher.cache.TeacherCache of the training set while the engine trains with one
+        self.cache_hits = 0
+        self.live_calls = 0
+        self.live_rows = 0  # rows the network computed while a cache was attached
+
+    def to(self, device: Union[str, torch.device]) -> "Teacher":
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def use_cache(self, cache) -> None:
+        """Answer batches by ``batch["index"]`` from ``cache`` (a :class:`kdkit.teacher.cache.TeacherCache` of the
+        dataset those indices refer to), or run live again with ``None``. The engine sets it for the
+        training loop only; methods never know. A method that feeds the teacher *other* inputs than the
+        batch's own (mixed, perturbed) must call it with a tensor or a dict without ``index``, which always
+        runs live."""
+        self.cache = cache
+
+    def _hooked(self) -> bool:
+        # Forward hooks on the teacher mean a method reads its intermediate features: only a live pass
+        # fires them, so a cached answer would leave the method without its features.
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())
+
+    def __call__(self, batch: Union[Batch, torch.Tensor]) -> torch.Tensor:
+        x = batch["x"] if isinstance(batch, dict) else batch
+        cache = self.cache
+        if cache is not None and isinstance(batch, dict) and "index" in batch and not self._hooked():
+            index = batch.get("cache_index", batch["index"])  # with replayable augmentation: (sample, view) row
+            if cache.has(index):
+                self.cache_hits += 1
+                return cache.get(index, device=x.device)  # (B, C) float32, a fresh tensor
+            # First sight of some of these rows: run live on those only, store them, and answer the whole
+            # batch from the cache, so every epoch sees the same stored form (fp16 / top-k).
+            self.live_calls += 1
+            miss = ~cache.done_mask(index)
+            x_miss = x if bool(miss.all()) else x[miss.to(x.device)]
+            with torch.inference_mode():
+                out = self.model(x_miss)
+            self.live_rows += len(x_miss)
+            cache.fill(index[miss.to(index.device)], out)
+            return cache.get(index, device=x.device)
+        self.live_calls += 1
+        with torch.inference_mode():
+            out = self.model(x)
+        # Inference tensors cannot be saved for the student's backward pass; a copy of the
+        # (B, C) outputs is cheap and turns them into ordinary constants.
+        return out.clone()
+
+
+def as_teacher(teacher: Optional[Union[Teacher, nn.Module]]) -> Optional[Teacher]:
+    """Wrap a module as a :class:`Teacher` (an existing Teacher or None pass through; a list becomes a
+    :class:`TeacherEnsemble`)."""
+    if teacher is None or isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, (list, tuple)):
+        from .ensemble import TeacherEnsemble
+
+        return TeacherEnsemble(teacher)  # several teachers: equal weights, averaged soft targets
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module or kdkit.Teacher; got {type(teacher).__name__}")
+    return Teacher(teacher)
