@@ -86,7 +86,7 @@ def teacher_weights() -> Path:
 def run_one(label: str, method: str, options: Dict[str, Any], seed: int, teacher_path: str) -> Dict[str, Any]:
     """One student: a fresh seeded cnn_small trained with ``method`` (or on labels for ``scratch``)."""
     torch.set_num_threads(1)
-    from kdkit.api import build_method
+    from kdkit.methods.build import build_method
     from kdkit.training.checkpoint import load_weights
     from kdkit.training.loop import fit
     from kdkit.models import create_model

@@ -35,7 +35,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from kdkit.api import build_data, build_method
+from kdkit.api import build_data
+from kdkit.methods.build import build_method
 from kdkit.training.checkpoint import load_weights, save_weights
 from kdkit.config import DataConfig, TrainConfig
 from kdkit.training.loop import fit

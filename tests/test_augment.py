@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import kdkit.training.loop as engine
+import kdkit.teacher.plan as plan
 from kdkit.teacher.augment import AugmentedData, CropFlip
 from kdkit.teacher.cache import CacheSpec, build_cache
 from kdkit.config import TrainConfig
@@ -76,7 +77,7 @@ def test_cached_training_on_augmented_data_equals_live_training(tmp_path):
 def test_plan_accepts_replayable_views_and_eager_build_stores_every_view(tmp_path):
     data, teacher = _setup()
     method = METHODS.get("kd")(_student(), Teacher(teacher))
-    assert engine.cache_plan(method, data, TrainConfig())[0] == "memory"
+    assert plan.cache_plan(method, data, TrainConfig())[0] == "memory"
     cache = build_cache(teacher, data, CacheSpec(storage="disk"), cache_dir=tmp_path, batch_size=16, log=lambda m: None)
     assert len(cache) == 64 * 2 and cache.complete
     idx = torch.arange(64)
@@ -87,4 +88,4 @@ def test_plan_accepts_replayable_views_and_eager_build_stores_every_view(tmp_pat
         assert torch.allclose(cache.get(idx * 2 + v), live, atol=1e-6)
     plain = ArrayData(data.x, data.y)
     plain.augmented = True  # augmentation kdkit cannot replay: still refused
-    assert engine.cache_plan(method, plain, TrainConfig())[0] == "off"
+    assert plan.cache_plan(method, plain, TrainConfig())[0] == "off"

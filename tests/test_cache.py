@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import kdkit.training.loop as engine
+import kdkit.teacher.plan as plan
 from kdkit.teacher.cache import (CacheSpec, TeacherCache, build_cache, cache_bytes, fingerprint_data, fingerprint_model,
                          is_augmented, soft_target_kl, topk_compress, topk_expand)
 from kdkit.config import TrainConfig
@@ -171,22 +172,22 @@ def test_auto_refuses_augmented_data_and_explicit_modes_fail():
     net = _net(c=2)
     data = _Augmented(_data().x, _data().y)
     assert is_augmented(data)
-    mode, reason = engine.cache_plan(_kd(net, 2), data, TrainConfig(teacher_cache="auto"))
+    mode, reason = plan.cache_plan(_kd(net, 2), data, TrainConfig(teacher_cache="auto"))
     assert mode == "off" and "augmented" in reason
     with pytest.raises(KdkitError, match="augmented"):
-        engine.cache_plan(_kd(net, 2), data, TrainConfig(teacher_cache="memory"))
+        plan.cache_plan(_kd(net, 2), data, TrainConfig(teacher_cache="memory"))
 
 
 def test_auto_refuses_feature_methods_and_hooked_teachers():
     net = _net(c=2)
     method = _kd(net, 2)
     method.uses_teacher_features = True
-    mode, reason = engine.cache_plan(method, _data(), TrainConfig())
+    mode, reason = plan.cache_plan(method, _data(), TrainConfig())
     assert mode == "off" and "features" in reason
     method = _kd(net, 2)
     handle = net[1].register_forward_hook(lambda *a: None)
     try:
-        assert engine.cache_plan(method, _data(), TrainConfig())[0] == "off"
+        assert plan.cache_plan(method, _data(), TrainConfig())[0] == "off"
         # Hooks installed later, inside a method's forward, also bypass the cache for that call.
         cache = build_cache(net, _data(), CacheSpec(), log=lambda m: None, lazy=True)
         method.teacher.use_cache(cache)
@@ -199,11 +200,11 @@ def test_auto_refuses_feature_methods_and_hooked_teachers():
 
 def test_auto_chooses_memory_when_it_fits_else_disk():
     net, data = _net(c=2), _data()
-    assert engine.cache_plan(_kd(net, 2), data, TrainConfig())[0] == "memory"
-    assert engine.cache_plan(_kd(net, 2), data, TrainConfig(cache_memory_mb=0))[0] == "disk"
-    assert engine.cache_plan(METHODS.get("supervised")(_net(c=2)), data, TrainConfig())[0] == "off"
+    assert plan.cache_plan(_kd(net, 2), data, TrainConfig())[0] == "memory"
+    assert plan.cache_plan(_kd(net, 2), data, TrainConfig(cache_memory_mb=0))[0] == "disk"
+    assert plan.cache_plan(METHODS.get("supervised")(_net(c=2)), data, TrainConfig())[0] == "off"
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x, data.y), batch_size=8)
-    assert engine.cache_plan(_kd(net, 2), loader, TrainConfig())[0] == "off"
+    assert plan.cache_plan(_kd(net, 2), loader, TrainConfig())[0] == "off"
 
 
 def test_lazy_disk_cache_is_filled_by_training_and_reused(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit.api import build_method
+from kdkit.methods.build import build_method
 from kdkit.cli import run as cli_run
 from kdkit.errors import KdkitError
 from kdkit.methods.hooks import (capture, embedding_layer, feature_maps_by_resolution, format_trace, last_feature_map,

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit.api import build_method
+from kdkit.methods.build import build_method
 from kdkit.errors import KdkitError
 from kdkit.methods import METHODS, Method
 from kdkit.models import create_model

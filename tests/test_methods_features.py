@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit import losses as L
-from kdkit.api import build_method
+from kdkit.methods.build import build_method
 from kdkit.errors import KdkitError
 from kdkit.models import create_model
 from kdkit.teacher import Teacher

@@ -22,10 +22,12 @@ from torch import nn
 from .training.checkpoint import load_weights, weights_path
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config
 from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
-from .training.loop import History, dist_env, fit, resolve_device
+from .training.distributed import dist_env
+from .training.loop import History, fit, resolve_device
 from .errors import KdkitError
 from .evaluation.metrics import evaluate
 from .methods import METHODS, Method
+from .methods.build import INJECTED_METHOD_ARGS, build_method, method_temperature
 from .models import create_model, resolve_factory
 from .registry import call_checked, check_kwargs
 from .evaluation.report import format_table, write_report
@@ -111,52 +113,6 @@ def train(model: nn.Module, train_data, val_data=None, *, test_data=None, out_di
     return _finish(method, history, run_dir, as_dataset(test_data), as_dataset(val_data), None, "kdkit train")
 
 
-# Constructor arguments build_method supplies itself (never user options): one small training batch for
-# dry runs that size connectors, the training-set size (CRD's memory bank) and the number of classes.
-INJECTED_METHOD_ARGS = ("student", "teacher", "example_batch", "num_samples", "num_classes")
-
-
-def example_batch_of(train_data, size: int = 16) -> Optional[Dict[str, torch.Tensor]]:
-    """The first ``size`` training samples as one batch dict (on the CPU), or None when there is no data."""
-    if train_data is None:
-        return None
-    from .data.core import make_loader
-
-    try:
-        return next(iter(make_loader(train_data, batch_size=min(size, max(1, len(train_data))))))
-    except (StopIteration, TypeError):
-        return None
-
-
-def build_method(name: str, student: nn.Module, teacher: Optional[Teacher], options: Dict[str, Any], *,
-                 train_data=None, example_batch: Optional[Dict[str, torch.Tensor]] = None,
-                 num_samples: Optional[int] = None, num_classes: Optional[int] = None) -> Method:
-    """Instantiate a registered method, checking its options.
-
-    Besides ``student`` and ``teacher``, a method's constructor receives, when it declares them,
-    ``example_batch`` (one small training batch, for dry runs), ``num_samples`` (training-set size) and
-    ``num_classes``; ``train_data`` fills the first two when they are not given.
-    """
-    cls = METHODS.get(name)
-    if getattr(cls, "needs_teacher", True) and teacher is None:
-        raise KdkitError(f"method {name!r} needs a teacher")
-    if example_batch is None:
-        example_batch = example_batch_of(train_data)
-    if num_samples is None and train_data is not None and hasattr(train_data, "__len__"):
-        num_samples = len(train_data)
-    if num_classes is None and teacher is not None and example_batch is not None:
-        try:
-            num_classes = int(teacher(example_batch).shape[-1])
-        except Exception:  # a teacher that cannot say; methods needing it will complain themselves
-            num_classes = None
-    injected = {"student": student, "teacher": teacher, "example_batch": example_batch,
-                "num_samples": num_samples, "num_classes": num_classes}
-    try:
-        return call_checked(cls, options, f"method {name!r}", injected)
-    except ValueError as e:
-        raise KdkitError(f"method {name!r}: {e}") from None
-
-
 def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *, method: str = "kd",
             test_data=None, out_dir=None, seed: int = 0, device: str = "auto", batch_size: int = 128,
             resume: bool = False, **options: Any) -> Run:
@@ -169,7 +125,7 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *
     if isinstance(teacher, (list, tuple)):  # several teachers: average their soft targets at the method's T
         from .teacher import TeacherEnsemble
 
-        t = TeacherEnsemble(teacher, temperature=_method_temperature(method, method_options))
+        t = TeacherEnsemble(teacher, temperature=method_temperature(method, method_options))
     else:
         t = as_teacher(teacher)
     train_ds = as_dataset(train_data)
@@ -256,16 +212,6 @@ def _validate_teachers(cfg: RunConfig) -> Optional[List[ModelConfig]]:
     return resolved
 
 
-def _method_temperature(name: str, options: Dict[str, Any]) -> float:
-    """The distillation temperature method ``name`` will use (its option, else its default, else 1)."""
-    if "temperature" in options:
-        return float(options["temperature"])
-    import inspect
-
-    param = inspect.signature(METHODS.get(name)).parameters.get("temperature")
-    return float(param.default) if param is not None and isinstance(param.default, (int, float)) else 1.0
-
-
 def build_teacher(cfg: RunConfig, splits: DataSplits) -> Teacher:
     """The frozen teacher of a config: one ``teacher:``, or a :class:`TeacherEnsemble` of ``teachers:``."""
     if not cfg.teachers:
@@ -280,7 +226,7 @@ def build_teacher(cfg: RunConfig, splits: DataSplits) -> Teacher:
             check_outputs_match(members[0], m, sample)
         except KdkitError as err:
             raise KdkitError(f"teachers.{i} does not match teachers.0: {err}") from None
-    temperature = e.temperature if e.temperature is not None else _method_temperature(cfg.method.name, cfg.method.options())
+    temperature = e.temperature if e.temperature is not None else method_temperature(cfg.method.name, cfg.method.options())
     try:
         return TeacherEnsemble(members, e.weights, e.weighting, temperature, e.combine)
     except ValueError as err:
@@ -353,7 +299,7 @@ def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
     ``kdkit distill`` of the same config finds it by fingerprint and skips the teacher entirely.
     """
     from .teacher.cache import CacheSpec, build_cache
-    from .training.loop import cache_plan
+    from .teacher.plan import cache_plan
 
     cfg = validate(cfg.model_copy(update={"out_dir": cfg.out_dir or "(unused)"}), "distill")
     splits = build_data(cfg.data, cfg.seed)

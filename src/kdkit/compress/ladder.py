@@ -94,7 +94,7 @@ def validate_compress(cfg: RunConfig) -> RunConfig:
     if any(isinstance(s, TransferStep) for s in steps) and student is None:
         raise KdkitError("config: a transfer step needs a student section (the smaller model to initialise)")
     cls = METHODS.get(cfg.method.name)
-    from ..api import INJECTED_METHOD_ARGS
+    from ..methods.build import INJECTED_METHOD_ARGS
 
     check_kwargs(cls, cfg.method.options(), f"method {cfg.method.name!r}", reserved=list(INJECTED_METHOD_ARGS))
     if cfg.out_dir is None:
@@ -174,7 +174,8 @@ def _step_name(i: int, step) -> str:
 
 def run_compress(cfg: RunConfig) -> Ladder:
     """Validate, build teacher and starting model, run every step with its recovery phase, measure, report."""
-    from ..api import build_data, build_method, build_model, check_outputs_match
+    from ..api import build_data, build_model, check_outputs_match
+    from ..methods.build import build_method
     from ..training.loop import fit
     from ..evaluation.report import format_table, write_report
 

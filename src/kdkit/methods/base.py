@@ -44,6 +44,12 @@ class Method(nn.Module):
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def on_optimizer_step(self) -> None:
+        """Called by the loop after every optimiser step (not every micro-batch under gradient accumulation).
+
+        Methods with a schedule of their own (DKD's warm-up) count steps here; the default does nothing.
+        """
+
     @staticmethod
     def add_ce(loss: torch.Tensor, out: Dict[str, torch.Tensor], logits: torch.Tensor, batch: Batch,
                weight: float) -> torch.Tensor:

@@ -43,18 +43,20 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..teacher.plan import prepare_teacher_cache
+from .distributed import all_reduce, init_distributed
+from .progress import epoch_summary, progress_bar
 from .checkpoint import load_training_state, save_training_state, save_weights
 from ..config import TrainConfig
 from ..data.core import make_loader
@@ -124,133 +126,6 @@ def _score(metrics: Dict[str, float]) -> Optional[float]:
     return metrics.get("agreement")
 
 
-# ----------------------------------------------------------------------------- distributed
-
-def dist_env() -> Tuple[int, int, int]:
-    """(rank, world_size, local_rank) of this process: from torch.distributed if initialised, else torchrun's env."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def init_distributed(device: torch.device) -> Tuple[int, int, torch.device]:
-    """Join the process group torchrun prepared (gloo on CPU, NCCL on CUDA); returns (rank, world_size, device)."""
-    import torch.distributed as dist
-
-    rank, world, local = dist_env()
-    if world <= 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
-    return t
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------- teacher cache
-
-def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int = 1) -> Tuple[str, str]:
-    """Decide what ``train.teacher_cache`` means for this run: ``("off"|"memory"|"disk", reason)``.
-
-    ``auto`` caches only when it is correct (a frozen :class:`~kdkit.teacher.Teacher`, an in-memory or
-    indexable dataset without random augmentation, a method that reads only the teacher's outputs) and
-    picks memory when the cache fits ``cache_memory_mb`` (disk under DDP, shared by the ranks).
-    An explicit ``memory``/``disk`` that would be wrong is an error.
-
-    Raises:
-        KdkitError: ``teacher_cache`` is ``memory``/``disk`` but caching would give wrong targets.
-    """
-    from torch.utils.data import DataLoader
-
-    from ..teacher.cache import is_augmented
-    from ..teacher import Teacher
-
-    mode = cfg.teacher_cache
-    if mode == "off":
-        return "off", "train.teacher_cache is off"
-    teacher = getattr(method, "teacher", None)
-    reason = None
-    if not isinstance(teacher, Teacher):
-        reason = "the method has no frozen kdkit Teacher"
-    elif getattr(method, "uses_teacher_features", False):
-        reason = f"method {type(method).__name__} reads the teacher's intermediate features, which a logits cache lacks"
-    elif teacher._hooked():
-        reason = "the teacher has forward hooks (a method reads its features), which a logits cache would not fire"
-    elif isinstance(train_data, DataLoader) or not hasattr(train_data, "__getitem__"):
-        reason = "the training data is a DataLoader/iterable whose sample indices and transforms kdkit cannot see"
-    elif is_augmented(train_data) and not hasattr(getattr(train_data, "augment", None), "views"):
-        reason = ("the training data is randomly augmented in a way kdkit cannot replay, so the teacher sees a "
-                  "new view every epoch (data.augment: crop_flip has replayable views)")
-    if reason is not None:
-        if mode == "auto":
-            return "off", reason
-        raise KdkitError(f"train.teacher_cache={mode} would give wrong teacher targets: {reason}; use auto or off")
-    if mode != "auto":
-        return mode, f"train.teacher_cache={mode}"
-    if world_size > 1:
-        return "disk", "auto: several processes share one memory-mapped cache"
-    from ..teacher.cache import CacheSpec, _probe, cache_bytes
-
-    out_shape = _probe(teacher.model, train_data, teacher.device)
-    rows = len(train_data) * getattr(getattr(train_data, "augment", None), "views", 1)  # FKD: one row per view
-    est = cache_bytes(rows, out_shape, CacheSpec(cfg.cache_dtype, cfg.cache_topk))
-    if est <= cfg.cache_memory_mb * 2**20:
-        return "memory", f"auto: {est / 2**20:.1f} MiB fits train.cache_memory_mb={cfg.cache_memory_mb}"
-    return "disk", f"auto: {est / 2**20:.1f} MiB exceeds train.cache_memory_mb={cfg.cache_memory_mb}"
-
-
-def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, batch_size: int = 512,
-                          rank: int = 0, world_size: int = 1, log=None):
-    """Build (or reuse) the teacher cache ``cfg`` asks for and attach it to the method's teacher.
-
-    Returns ``(cache or None, description)``.
-    """
-    from ..teacher.cache import CacheSpec, build_cache
-
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    mode, reason = cache_plan(method, train_data, cfg, world_size)
-    if mode == "off":
-        return None, f"off ({reason})"
-    teacher = method.teacher
-    spec = CacheSpec(cfg.cache_dtype, cfg.cache_topk, mode)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-    if world_size > 1 and mode == "disk":
-        # Rank 0 builds (or validates) the file; the others open what it wrote, read-only.
-        if rank == 0:
-            cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
-                                progress=cfg.progress, log=log)
-        _barrier()
-        if rank != 0:
-            cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
-                                log=lambda _m: None)
-    else:
-        # Lazy: no extra pass; the teacher's live outputs of the first epoch fill the table as they come
-        # (a complete matching disk cache, e.g. from `kdkit cache`, is reused instead).
-        cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
-                            log=log if rank == 0 else (lambda _m: None), lazy=True)
-    teacher.use_cache(cache)
-    teacher.cache_hits = teacher.live_calls = teacher.live_rows = 0
-    return cache, f"{mode}, {reason}"
-
-
 # ----------------------------------------------------------------------------- the loop
 
 class _Tracker:
@@ -305,7 +180,7 @@ class _Tracker:
         none = torch.tensor(2**62, device=self.device)
         flag = torch.where(bad.any(), self.checked + bad.to(torch.uint8).argmax(), none).to(torch.long)
         # Under DDP every rank must stop together: take the earliest bad step over ranks.
-        flag = int(_all_reduce(flag, "min"))
+        flag = int(all_reduce(flag, "min"))
         self.checked = upto
         return None if flag == 2**62 else flag
 
@@ -327,7 +202,7 @@ class _Tracker:
         k = len(self.keys)
         sums = (self.buf[:n, :k] * sizes[:, None]).sum(0)
         vec = torch.cat([sums, self.buf[:n, k:].sum(0), sizes.sum().reshape(1)])
-        vec = _all_reduce(vec).tolist()  # the epoch's one sync (sum over ranks under DDP)
+        vec = all_reduce(vec).tolist()  # the epoch's one sync (sum over ranks under DDP)
         seen = max(vec[-1], 1.0)
         record = {f"train_{key}": v / seen for key, v in zip(self.keys, vec)}
         if self.labels and vec[k + 1] > 0:
@@ -423,7 +298,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
 
     if main and cfg.progress and isinstance(teacher, Teacher):
         print(f"teacher cache: {history.teacher_cache}", file=sys.stderr)
-    bar = _progress(cfg.progress and main)
+    bar = progress_bar(cfg.progress and main)
     tensorboard = None
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -454,6 +329,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
                         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     optimizer.step()
                     scheduler.step()
+                    method.on_optimizer_step()
                     optimizer.zero_grad(set_to_none=True)
                 stats.add(step, out, batch)
                 if (step + 1) % cfg.sync_every == 0 or step + 1 == micro_steps:
@@ -482,7 +358,7 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
                         save_weights(method.student, ckpt / "best.safetensors")
             history.epochs.append(record)
             if hasattr(bar, "write"):
-                bar.write(_summary(name, record))
+                bar.write(epoch_summary(name, record))
             if run_dir is not None and main:
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
@@ -541,28 +417,3 @@ def _validate(method: nn.Module, val_data, batch_size: int, teacher_memo: Option
         else:
             t_out = teacher_memo[0]
     return quality(pred["outputs"], pred.get("y"), t_out)
-
-
-def _summary(name: str, record: Dict[str, Any]) -> str:
-    keys = ["train_loss", "train_accuracy", "val_accuracy", "val_agreement", "val_mse"]
-    parts = [f"{k}={record[k]:.4f}" for k in keys if k in record]
-    return f"{name} epoch {record['epoch']}: " + " ".join(parts) + f" ({record['epoch_seconds']:.1f}s)"
-
-
-class _Quiet:
-    def __call__(self, it, **_):
-        return it
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return _Quiet()
-    from tqdm.auto import tqdm
-
-    class _Bar:
-        write = staticmethod(tqdm.write)
-
-        def __call__(self, it, total, desc):
-            return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    return _Bar()

@@ -1,0 +1,102 @@
+"""Whether and how the teacher's outputs are cached for a run: decided once, before training.
+
+:func:`cache_plan` says what ``train.teacher_cache`` means for a method and a dataset;
+:func:`prepare_teacher_cache` builds (or reuses) that cache and attaches it to the method's teacher.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Tuple
+
+from torch import nn
+
+from ..config import TrainConfig
+from ..errors import KdkitError
+from ..training.distributed import barrier
+
+
+
+def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int = 1) -> Tuple[str, str]:
+    """Decide what ``train.teacher_cache`` means for this run: ``("off"|"memory"|"disk", reason)``.
+
+    ``auto`` caches only when it is correct (a frozen :class:`~kdkit.teacher.Teacher`, an in-memory or
+    indexable dataset without random augmentation, a method that reads only the teacher's outputs) and
+    picks memory when the cache fits ``cache_memory_mb`` (disk under DDP, shared by the ranks).
+    An explicit ``memory``/``disk`` that would be wrong is an error.
+
+    Raises:
+        KdkitError: ``teacher_cache`` is ``memory``/``disk`` but caching would give wrong targets.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..teacher.cache import is_augmented
+    from ..teacher import Teacher
+
+    mode = cfg.teacher_cache
+    if mode == "off":
+        return "off", "train.teacher_cache is off"
+    teacher = getattr(method, "teacher", None)
+    reason = None
+    if not isinstance(teacher, Teacher):
+        reason = "the method has no frozen kdkit Teacher"
+    elif getattr(method, "uses_teacher_features", False):
+        reason = f"method {type(method).__name__} reads the teacher's intermediate features, which a logits cache lacks"
+    elif teacher._hooked():
+        reason = "the teacher has forward hooks (a method reads its features), which a logits cache would not fire"
+    elif isinstance(train_data, DataLoader) or not hasattr(train_data, "__getitem__"):
+        reason = "the training data is a DataLoader/iterable whose sample indices and transforms kdkit cannot see"
+    elif is_augmented(train_data) and not hasattr(getattr(train_data, "augment", None), "views"):
+        reason = ("the training data is randomly augmented in a way kdkit cannot replay, so the teacher sees a "
+                  "new view every epoch (data.augment: crop_flip has replayable views)")
+    if reason is not None:
+        if mode == "auto":
+            return "off", reason
+        raise KdkitError(f"train.teacher_cache={mode} would give wrong teacher targets: {reason}; use auto or off")
+    if mode != "auto":
+        return mode, f"train.teacher_cache={mode}"
+    if world_size > 1:
+        return "disk", "auto: several processes share one memory-mapped cache"
+    from ..teacher.cache import CacheSpec, _probe, cache_bytes
+
+    out_shape = _probe(teacher.model, train_data, teacher.device)
+    rows = len(train_data) * getattr(getattr(train_data, "augment", None), "views", 1)  # FKD: one row per view
+    est = cache_bytes(rows, out_shape, CacheSpec(cfg.cache_dtype, cfg.cache_topk))
+    if est <= cfg.cache_memory_mb * 2**20:
+        return "memory", f"auto: {est / 2**20:.1f} MiB fits train.cache_memory_mb={cfg.cache_memory_mb}"
+    return "disk", f"auto: {est / 2**20:.1f} MiB exceeds train.cache_memory_mb={cfg.cache_memory_mb}"
+
+
+def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, batch_size: int = 512,
+                          rank: int = 0, world_size: int = 1, log=None):
+    """Build (or reuse) the teacher cache ``cfg`` asks for and attach it to the method's teacher.
+
+    Returns ``(cache or None, description)``.
+    """
+    from ..teacher.cache import CacheSpec, build_cache
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    mode, reason = cache_plan(method, train_data, cfg, world_size)
+    if mode == "off":
+        return None, f"off ({reason})"
+    teacher = method.teacher
+    spec = CacheSpec(cfg.cache_dtype, cfg.cache_topk, mode)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    if world_size > 1 and mode == "disk":
+        # Rank 0 builds (or validates) the file; the others open what it wrote, read-only.
+        if rank == 0:
+            cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
+                                progress=cfg.progress, log=log)
+        barrier()
+        if rank != 0:
+            cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
+                                log=lambda _m: None)
+    else:
+        # Lazy: no extra pass; the teacher's live outputs of the first epoch fill the table as they come
+        # (a complete matching disk cache, e.g. from `kdkit cache`, is reused instead).
+        cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
+                            log=log if rank == 0 else (lambda _m: None), lazy=True)
+    teacher.use_cache(cache)
+    teacher.cache_hits = teacher.live_calls = teacher.live_rows = 0
+    return cache, f"{mode}, {reason}"
