@@ -43,7 +43,7 @@ def test_distill_end_to_end(tmp_path, teacher_run, capsys):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["models"]["student"]["accuracy"] <= 1 and "teacher" in report["models"]
-    for f in ("best.safetensors", "last.safetensors", "state.safetensors", "state.json"):
+    for f in ("best.safetensors", "last.safetensors", "state.safetensors"):
         assert (out / "checkpoints" / f).is_file()
     html = (out / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html

@@ -89,6 +89,8 @@ class TrainConfig(_Strict):
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor for schedule=step")
     grad_clip: Optional[float] = Field(None, gt=0, description="max global gradient norm")
     eval_every: int = Field(1, gt=0, description="evaluate on the validation split every N epochs")
+    keep: Literal["best", "last"] = Field(
+        "best", description="weights kept in best.safetensors: best validation score (ties: lower NLL, then the later epoch) or the last epoch")
     progress: bool = True
     # speed (see kdkit.training.loop and kdkit.teacher.cache)
     grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimiser step")

@@ -3,10 +3,12 @@
 - ``save_weights`` / ``load_weights``: a model's ``state_dict``, the file users ship.
 - ``save_training_state`` / ``load_training_state``: everything a resumed run needs
   (method weights incl. connectors, optimiser and scheduler state, RNG state, epoch),
-  split into tensors (safetensors) and plain values (JSON).
+  in ONE file, ``state.safetensors``: the tensors as safetensors, the plain values as
+  JSON in the file's metadata. The resume point is therefore one atomic unit: a kill at
+  any moment leaves either the previous complete state or the new complete state.
 
-Every write goes to a temporary file first and is then renamed, so an
-interrupted write never destroys the previous good checkpoint.
+Every write goes to a temporary file first, is flushed to disk, and is then renamed,
+so an interrupted write never destroys the previous good checkpoint.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import KdkitError
+
+
+STATE_FILE = "state.safetensors"
 
 
 def _atomic(path: Path, write) -> None:
@@ -29,7 +35,18 @@ def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb+") as fh:  # the bytes reach the disk before the rename makes them the checkpoint
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def non_finite(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or inf, else None."""
+    names = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not names:
+        return None
+    ok = torch.stack([torch.isfinite(tensors[k]).all().to("cpu") for k in names]).tolist()  # one host sync
+    return next((k for k, good in zip(names, ok) if not good), None)
 
 
 def _contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -76,6 +93,13 @@ def load_weights(model: nn.Module, path: os.PathLike) -> nn.Module:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    # An integer tensor copied into a float parameter is silently converted (2**31-scale garbage weights):
+    # the kinds (floating point / integer / bool) must match; float32 vs float16 is a legitimate cast.
+    kind = [k for k in own if k in state and _kind(own[k]) != _kind(state[k])]
+    if kind:
+        k = kind[0]
+        raise KdkitError(f"checkpoint {path} does not fit the model: {k} is {state[k].dtype} in the file but "
+                         f"{own[k].dtype} in the model (expected a {_kind(own[k])} tensor)")
     if missing or unexpected or shape:
         parts = []
         if shape:
@@ -88,6 +112,10 @@ def load_weights(model: nn.Module, path: os.PathLike) -> nn.Module:
         raise KdkitError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
     model.load_state_dict(state)
     return model
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "floating-point" if t.is_floating_point() else "boolean" if t.dtype == torch.bool else "integer"
 
 
 def _flatten_optimizer(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -111,37 +139,57 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], plain: Dict[str, Any]
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def save_training_state(path_stem: os.PathLike, method: nn.Module, optimizer: torch.optim.Optimizer,
+def save_training_state(path: os.PathLike, method: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler, extra: Dict[str, Any]) -> None:
-    """Write ``<stem>.safetensors`` (tensors) and ``<stem>.json`` (plain values) for resuming."""
-    stem = Path(path_stem)
+    """Write everything a resumed run needs to ONE file, atomically.
+
+    Tensors (method weights incl. connectors, optimiser slots, RNG states) are the safetensors payload; the
+    plain values (optimiser hyper-parameters, scheduler, ``extra`` such as the epoch) are JSON in the file's
+    metadata under ``"kdkit_state"``.
+
+    Raises:
+        KdkitError: a weight or optimiser tensor is NaN/inf (nothing is written, the previous state stays).
+    """
     opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())
     tensors = {f"method.{k}": v for k, v in method.state_dict().items()}
     tensors.update(opt_tensors)
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise KdkitError(f"not saving a training state with a non-finite tensor ({bad}); the previous state is kept")
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     plain = {"optimizer": opt_plain, "scheduler": scheduler.state_dict(), **extra}
-    _atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file(_contiguous(tensors), str(tmp)))
-    # The JSON is written last: its presence marks a complete state.
-    _atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(plain)))
+    meta = {"kdkit_state": json.dumps(plain)}
+    _atomic(Path(path), lambda tmp: save_file(_contiguous(tensors), str(tmp), metadata=meta))
 
 
-def load_training_state(path_stem: os.PathLike, method: nn.Module, optimizer: torch.optim.Optimizer,
+def read_training_state(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """The tensors and plain values of a state file; a damaged file is a one-line KdkitError."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        plain = json.loads(meta["kdkit_state"])
+        if not isinstance(plain, dict) or "epoch" not in plain:
+            raise ValueError("no epoch recorded")
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise KdkitError(f"cannot resume: training state {path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         f"start a new run or delete it to restart this one from epoch 1") from None
+    return tensors, plain
+
+
+def load_training_state(path: os.PathLike, method: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler) -> Dict[str, Any]:
     """Restore what :func:`save_training_state` wrote; returns the extra plain values (epoch, best, ...)."""
-    stem = Path(path_stem)
-    js, st = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-    if not js.is_file() or not st.is_file():
-        raise KdkitError(f"cannot resume: no training state at {st} (the run saved none yet)")
-    plain = json.loads(js.read_text())
-    tensors = read_tensors(st)
+    tensors, plain = read_training_state(path)
     method_state = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
     try:
         method.load_state_dict(method_state)
     except RuntimeError as e:
-        raise KdkitError(f"cannot resume from {st}: it does not fit the model ({str(e).splitlines()[0]})") from None
+        raise KdkitError(f"cannot resume from {path}: it does not fit the model ({str(e).splitlines()[0]})") from None
     optimizer.load_state_dict(_unflatten_optimizer(tensors, plain.pop("optimizer")))
     scheduler.load_state_dict(plain.pop("scheduler"))
     torch.set_rng_state(tensors["rng.torch"])

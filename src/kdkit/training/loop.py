@@ -4,38 +4,33 @@
         out = method(batch)          # {"loss", parts..., "logits"}
         out["loss"].backward(); clip; optimizer.step(); scheduler.step()
 
-It knows nothing about methods. Per epoch it evaluates on the validation
-split, appends a line to ``metrics.jsonl``, and writes checkpoints:
-``checkpoints/last.safetensors`` (student), ``checkpoints/best.safetensors``
-(student with the best validation score) and ``checkpoints/state.{safetensors,json}``
-(everything needed to resume). A run killed between epochs and resumed ends with
-the same weights as one never interrupted (same seed, CPU).
+It knows nothing about methods. :func:`fit` reads top to bottom: ``_setup`` (device, DDP, teacher
+cache, loader, optimiser), ``_resume``, then per epoch ``_train_epoch`` (the steps), ``_validate``,
+``_keep`` (which epoch's weights are kept) and ``_save_epoch`` (metrics.jsonl, TensorBoard,
+checkpoints). Each helper does one thing.
 
-Speed (issue "distillation that costs little more than training the student"):
+Checkpoints (``run_dir/checkpoints``): ``best.safetensors`` holds the kept weights (the rule is
+``train.keep``, see :class:`Keeper`), ``last.safetensors`` the last epoch's, ``state.safetensors``
+everything needed to resume, in one atomically written file. A run killed at any moment and resumed
+ends with the same weights as one never interrupted (same seed, CPU): the sample order of every epoch
+is a pure function of (seed, epoch), the RNG state is saved, and the teacher cache is filled in a fixed
+order before the first step.
 
-- **Teacher-output cache** (:mod:`kdkit.teacher.cache`): ``train.teacher_cache`` ``auto``
-  (default) computes the teacher's outputs on the training set once and the
-  :class:`~kdkit.teacher.Teacher` answers by ``batch["index"]``, when that is
-  correct: not for augmented data (except kdkit's replayable views, one cache row per
-  sample and view, :mod:`kdkit.teacher.augment`), not for methods that read teacher features
-  (a ``uses_teacher_features = True`` attribute, or forward hooks found on the
-  teacher), not for user DataLoaders. The teacher's validation outputs are
-  computed once per run, not once per epoch (it is frozen).
-- **No host sync per step**: losses, parts and accuracy counts accumulate on the
-  device; every ``train.sync_every`` steps (and at the end of each epoch) one sync
-  checks that every step's loss was finite. A non-finite loss stops the run naming
-  the first bad step exactly (the per-step losses of the epoch are kept in a device
-  buffer); checkpoints are written only after an epoch passed this check, so the
-  last good checkpoint is kept. (Unlike a per-step check, the in-memory weights
-  may have taken up to ``sync_every`` bad steps by then.)
-- ``train.precision: bf16`` (autocast), ``train.channels_last``, ``train.compile``
-  (``torch.compile`` of the student and live teacher), ``train.grad_accum_steps``.
-- **Data parallel**: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is
-  initialised (NCCL on GPU, gloo on CPU), the method (student + trainable extras;
-  the teacher is not a module) is wrapped in DDP, each rank takes
-  ``batch_size / world_size`` samples of every global batch, epoch metrics are
-  all-reduced and only rank 0 validates and writes the run directory. The teacher
-  cache goes to disk, built once by rank 0 and memory-mapped read-only by all.
+Speed:
+
+- **Teacher-output cache** (:mod:`kdkit.teacher.plan` decides, once, before training, whether it is
+  correct; :mod:`kdkit.teacher.cache` stores it). The teacher's validation outputs are computed once
+  per run, not once per epoch (it is frozen).
+- **No host sync per step**: losses, parts and accuracy counts accumulate on the device
+  (:class:`~kdkit.training.tracker.Tracker`); every ``train.sync_every`` steps one sync checks that every
+  step's loss was finite. A non-finite loss stops the run naming the first bad step; checkpoints are
+  written only after an epoch passed this check and its weights are finite, so the last good checkpoint
+  is kept.
+- ``train.precision: bf16`` (autocast), ``train.channels_last``, ``train.compile``, ``train.grad_accum_steps``.
+- **Data parallel**: under ``torchrun`` the method (student + trainable extras; the teacher is not a
+  module) is wrapped in DDP (:mod:`kdkit.training.distributed`), each rank takes ``batch_size /
+  world_size`` samples of every global batch, epoch metrics are all-reduced and only rank 0 validates
+  and writes the run directory.
 """
 
 from __future__ import annotations
@@ -43,29 +38,32 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..teacher.plan import prepare_teacher_cache
-from .distributed import all_reduce, init_distributed
-from .progress import epoch_summary, progress_bar
-from .checkpoint import load_training_state, save_training_state, save_weights
 from ..config import TrainConfig
-from ..data.core import make_loader
+from ..data.core import ArrayData, make_loader
 from ..errors import KdkitError
 from ..evaluation.metrics import predict, quality
 from ..teacher import Teacher
+from ..teacher.plan import prepare_teacher_cache
+from .checkpoint import STATE_FILE, load_training_state, non_finite, save_training_state, save_weights
+from .distributed import init_distributed
+from .progress import epoch_summary, progress_bar
+from .tracker import Tracker
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch: call it before building anything random (models, connectors, subsets)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -101,113 +99,235 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+# ----------------------------------------------------------------------------- which weights are kept
+
+class Keeper:
+    """Which epoch's weights a careful practitioner keeps (``train.keep``).
+
+    ``best`` compares validation scores lexicographically: accuracy (classification), else -MSE
+    (regression), else agreement with the teacher (unlabelled validation data); ties are broken by
+    the lower validation NLL, and a tie on both goes to the LATER epoch. With small validation sets
+    (digits: 180 images, one image = 0.56 points) accuracy ties are common, and keeping the earliest
+    tied epoch kept under-trained, under-confident weights. ``last`` keeps the last epoch.
+    """
+
+    def __init__(self, rule: str = "best", best: Optional[List[float]] = None, epoch: Optional[int] = None):
+        self.rule, self.best, self.epoch = rule, best, epoch
+
+    @staticmethod
+    def key(val: Dict[str, float]) -> Optional[List[float]]:
+        """(primary score, -NLL), higher is better; None when validation gave no score."""
+        if "accuracy" in val:
+            primary = val["accuracy"]
+        elif "mse" in val:
+            primary = -val["mse"]
+        elif "agreement" in val:
+            primary = val["agreement"]
+        else:
+            return None
+        return [primary, -val.get("nll", 0.0)]
+
+    def consider(self, epoch: int, val: Optional[Dict[str, float]]) -> bool:
+        """Record epoch ``epoch`` (1-based); True when its weights become the kept ones."""
+        if self.rule == "last" or val is None:
+            self.epoch = epoch
+            return True
+        key = self.key(val)
+        if key is None:
+            self.epoch = epoch
+            return True
+        if self.best is None or key >= self.best:  # list comparison: primary, then -NLL; equal -> later epoch
+            self.best, self.epoch = key, epoch
+            return True
+        return False
 
 
 @dataclass
 class History:
-    """Per-epoch records (as written to metrics.jsonl) and the best validation score."""
+    """Per-epoch records (as written to metrics.jsonl) and the epoch whose weights were kept."""
 
     epochs: List[Dict[str, Any]] = field(default_factory=list)
-    best_score: Optional[float] = None
-    best_epoch: Optional[int] = None
+    best_score: Optional[List[float]] = None
+    best_epoch: Optional[int] = None  # the kept epoch (1-based)
+    keep: str = "best"
     teacher_cache: str = "off"  # what the loop did with the teacher's outputs, in words
+    kept_state: Optional[Dict[str, torch.Tensor]] = None  # the kept weights, when there is no run directory
 
 
-def _score(metrics: Dict[str, float]) -> Optional[float]:
-    """Higher is better: validation accuracy, else negative MSE, else agreement."""
-    if "accuracy" in metrics:
-        return metrics["accuracy"]
-    if "mse" in metrics:
-        return -metrics["mse"]
-    return metrics.get("agreement")
+# ----------------------------------------------------------------------------- set-up
 
+@dataclass
+class _Loop:
+    """Everything one run's loop needs, built once by :func:`_setup`."""
 
-# ----------------------------------------------------------------------------- the loop
-
-class _Tracker:
-    """Epoch statistics kept on the device: no host sync until :meth:`first_bad` / :meth:`result`.
-
-    Each micro-step writes one row ``[loss, parts..., hits, labelled]`` into a (steps, K) device buffer
-    (one ``stack`` and one copy per step, whatever the number of parts), so the first non-finite loss can be
-    named exactly and the epoch means are one weighted sum at the end. The scalar parts are those of the
-    epoch's first step (a part missing later counts as 0).
-    """
-
-    def __init__(self, device: torch.device, steps: int):
-        self.device = device
-        self.steps = steps
-        self.keys: Optional[List[str]] = None
-        self.buf: Optional[torch.Tensor] = None
-        self.labels = False
-        self.sizes: List[int] = []
-        self.checked = 0
-
-    def add(self, step: int, out: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]) -> None:
-        self.sizes.append(batch["x"].shape[0])
-        y = batch.get("y")
-        logits = out.get("logits")
-        if self.keys is None:
-            self.keys = ["loss"] + [k for k, v in out.items()
-                                    if k not in ("loss", "logits") and torch.is_tensor(v) and v.dim() == 0]
-            self.labels = y is not None and not y.is_floating_point() and logits is not None and logits.dim() == 2
-            self.buf = torch.zeros(self.steps, len(self.keys) + 2, device=self.device)
-        zero = None
-        row = []
-        for k in self.keys:
-            v = out.get(k)
-            if v is None:
-                zero = zero if zero is not None else torch.zeros((), device=self.device)
-                v = zero
-            row.append(v.detach())
-        if self.labels:
-            # Unlabelled samples carry y = -1, which argmax never equals: no mask needed for the hits.
-            row.append((logits.detach().argmax(1) == y).sum(dtype=torch.float32))
-            row.append((y >= 0).sum(dtype=torch.float32))
-        self.buf[step, :len(row)] = torch.stack(row)
+    method: nn.Module
+    model: nn.Module  # what the step calls: the method, maybe wrapped in DDP and/or compiled
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: List[nn.Parameter]
+    ddp: Optional[nn.Module]
+    cache: Any
+    autocast: Callable[[], Any]
+    augment: Any
+    name: str
+    ckpt: Optional[Path]
+    metrics_path: Optional[Path]
+    val_teacher_outputs: Optional[torch.Tensor] = None
+    tensorboard: Any = None
 
     @property
-    def losses(self) -> torch.Tensor:
-        return self.buf[:, 0] if self.buf is not None else torch.zeros(0)
+    def main(self) -> bool:
+        return self.rank == 0
 
-    def first_bad(self, upto: int) -> Optional[int]:
-        """Index of the first non-finite loss among steps [checked, upto), or None (one host sync)."""
-        window = self.buf[self.checked:upto, 0]
-        bad = ~torch.isfinite(window)
-        none = torch.tensor(2**62, device=self.device)
-        flag = torch.where(bad.any(), self.checked + bad.to(torch.uint8).argmax(), none).to(torch.long)
-        # Under DDP every rank must stop together: take the earliest bad step over ranks.
-        flag = int(all_reduce(flag, "min"))
-        self.checked = upto
-        return None if flag == 2**62 else flag
+    @property
+    def teacher(self):
+        return getattr(self.method, "teacher", None)
 
-    def live(self, step: int) -> Dict[str, str]:
-        """Progress-bar figures at a sync point: this step's loss and the epoch's running accuracy."""
-        shown = {"loss": f"{float(self.buf[step, 0]):.4f}"}
-        if self.labels:
-            k = len(self.keys)
-            hits, labelled = self.buf[:step + 1, k:k + 2].sum(0).tolist()
-            if labelled > 0:
-                shown["acc"] = f"{hits / labelled:.3f}"
-        return shown
 
-    def result(self) -> Dict[str, float]:
-        if self.buf is None:
-            return {}
-        n = len(self.sizes)
-        sizes = torch.tensor(self.sizes, dtype=torch.float32, device=self.device)
-        k = len(self.keys)
-        sums = (self.buf[:n, :k] * sizes[:, None]).sum(0)
-        vec = torch.cat([sums, self.buf[:n, k:].sum(0), sizes.sum().reshape(1)])
-        vec = all_reduce(vec).tolist()  # the epoch's one sync (sum over ranks under DDP)
-        seen = max(vec[-1], 1.0)
-        record = {f"train_{key}": v / seen for key, v in zip(self.keys, vec)}
-        if self.labels and vec[k + 1] > 0:
-            record["train_accuracy"] = vec[k] / vec[k + 1]
-        return record
+def _check_inputs(train_data) -> None:
+    """NaN/inf in in-memory training inputs is a data error, not a learning-rate problem: say so up front."""
+    if isinstance(train_data, ArrayData) and train_data.x.is_floating_point():
+        bad = ~torch.isfinite(train_data.x.reshape(len(train_data.x), -1)).all(dim=1)
+        if bool(bad.any()):
+            raise KdkitError(f"training inputs contain NaN or inf in {int(bad.sum())} sample(s), the first at "
+                             f"position {int(bad.to(torch.uint8).argmax())}; clean or impute them first")
+
+
+def _setup(method: nn.Module, train_data, cfg: TrainConfig, *, run_dir, seed: int, device: str, batch_size: int,
+           eval_batch_size: int, num_workers: int, name: str, history: History) -> _Loop:
+    dev = resolve_device(device)
+    rank, world, dev = init_distributed(dev)
+    if batch_size % world:
+        raise KdkitError(f"batch size {batch_size} is not divisible by the {world} processes; use a multiple of {world}")
+    _check_inputs(train_data)
+    seed_everything(seed)
+    if cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    method.to(dev)
+    teacher = getattr(method, "teacher", None)
+    if teacher is not None and hasattr(teacher, "to"):
+        teacher.to(dev)
+        if cfg.channels_last and hasattr(teacher, "model"):
+            teacher.model.to(memory_format=torch.channels_last)
+    cache, history.teacher_cache = prepare_teacher_cache(method, train_data, cfg, batch_size=eval_batch_size,
+                                                         rank=rank, world_size=world)
+    loader = make_loader(train_data, batch_size // world, shuffle=True, seed=seed, num_workers=num_workers,
+                         rank=rank, world_size=world)
+    steps_per_epoch = -(-len(loader) // cfg.grad_accum_steps)  # optimiser steps
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
+    model, ddp = _wrap(method, cfg, dev, world, params, cache)
+    autocast = ((lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)) if cfg.precision == "bf16"
+                else contextlib.nullcontext)
+    augment = getattr(train_data, "augment", None)  # kdkit.teacher.augment: replayable views (FKD)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    return _Loop(method=method, model=model, cfg=cfg, device=dev, rank=rank, world=world, loader=loader,
+                 optimizer=optimizer, scheduler=scheduler, params=params, ddp=ddp, cache=cache, autocast=autocast,
+                 augment=augment if hasattr(augment, "batch") else None, name=name,
+                 ckpt=run_dir / "checkpoints" if run_dir else None,
+                 metrics_path=run_dir / "metrics.jsonl" if run_dir else None)
+
+
+def _wrap(method: nn.Module, cfg: TrainConfig, dev: torch.device, world: int, params, cache) -> Tuple[nn.Module, Any]:
+    """The module the step calls: DDP around the method under torchrun, torch.compile on request."""
+    model: nn.Module = method
+    ddp = None
+    if world > 1 and params:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Only the method is wrapped: student + trainable extras. The teacher is no submodule of it.
+        model = ddp = DistributedDataParallel(method, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        # Compile the method's forward as called by the loop; `method` itself stays unwrapped, so parameters,
+        # state_dict keys and checkpoints are unchanged. The live teacher's network is compiled on its own.
+        model = torch.compile(model)
+        teacher = getattr(method, "teacher", None)
+        if teacher is not None and cache is None and hasattr(teacher, "model"):
+            teacher.model.compile()
+    return model, ddp
+
+
+def _resume(loop: _Loop, history: History) -> int:
+    """Restore the saved state (if the run saved one) and the metrics of the epochs it covers; the start epoch."""
+    if loop.ckpt is None:
+        raise KdkitError("resume needs a run directory")
+    state = loop.ckpt / STATE_FILE
+    if not state.is_file():
+        # Killed before its first epoch ended: nothing to restore, so the run starts again from epoch 1.
+        records: List[Dict[str, Any]] = []
+        start = 0
+    else:
+        extra = load_training_state(state, loop.method, loop.optimizer, loop.scheduler)
+        start = extra["epoch"] + 1
+        history.best_score, history.best_epoch = extra.get("best_score"), extra.get("best_epoch")
+        lines = loop.metrics_path.read_text().splitlines() if loop.metrics_path.is_file() else []
+        # Lines past the saved epoch (and a half-written last line) belong to work that is redone.
+        try:
+            records = [json.loads(line) for line in lines[:start]]
+        except json.JSONDecodeError:
+            raise KdkitError(f"cannot resume: {loop.metrics_path} is damaged before epoch {start}") from None
+    if loop.main:
+        loop.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    history.epochs = records
+    return start
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+def _train_epoch(loop: _Loop, epoch: int, bar) -> Dict[str, Any]:
+    """One pass over the training data; returns the epoch's record (train statistics, lr, seconds)."""
+    loop.method.train()
+    if hasattr(loop.loader, "set_epoch"):
+        loop.loader.set_epoch(epoch)
+    t0, c0 = time.perf_counter(), time.process_time()
+    micro_steps = len(loop.loader)
+    stats = Tracker(loop.device, micro_steps)
+    it = bar(loop.loader, total=micro_steps, desc=f"{loop.name} {epoch + 1}/{loop.cfg.epochs}")
+    loop.optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(it):
+        if loop.augment is not None:
+            batch = loop.augment.batch(batch, epoch)  # the epoch's view of each sample, for student and teacher
+        batch = _prepare(batch, loop.device, loop.cfg.channels_last)
+        out = _step(loop, batch, step, micro_steps)
+        stats.add(step, out, batch)
+        if (step + 1) % loop.cfg.sync_every == 0 or step + 1 == micro_steps:
+            _check_finite(stats, step + 1, epoch, micro_steps, loop.ckpt)
+            if hasattr(it, "set_postfix"):
+                it.set_postfix(stats.live(step))
+    record: Dict[str, Any] = {"epoch": epoch + 1, "lr": loop.optimizer.param_groups[0]["lr"]}
+    record.update(stats.result())
+    record["epoch_seconds"] = time.perf_counter() - t0
+    # CPU time of this process (all its threads): on a shared machine, the work done, not the wait.
+    record["epoch_cpu_seconds"] = time.process_time() - c0
+    return record
+
+
+def _step(loop: _Loop, batch: Dict[str, torch.Tensor], step: int, micro_steps: int) -> Dict[str, torch.Tensor]:
+    """Forward and backward of one micro-batch; an optimiser step at the end of each accumulation group."""
+    accum = loop.cfg.grad_accum_steps
+    group_start = step - step % accum
+    group = min(accum, micro_steps - group_start)  # micro-batches in this optimiser step
+    last = step + 1 == group_start + group
+    sync = loop.ddp.no_sync() if (loop.ddp is not None and not last) else contextlib.nullcontext()
+    with sync:
+        with loop.autocast():
+            out = loop.model(batch)
+        loss = out["loss"]
+        (loss / group if group > 1 else loss).backward()
+    if last:
+        if loop.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(loop.params, loop.cfg.grad_clip)
+        loop.optimizer.step()
+        loop.scheduler.step()
+        loop.method.on_optimizer_step()
+        loop.optimizer.zero_grad(set_to_none=True)
+    return out
 
 
 def _prepare(batch: Dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> Dict[str, torch.Tensor]:
@@ -217,6 +337,80 @@ def _prepare(batch: Dict[str, torch.Tensor], device: torch.device, channels_last
         batch = dict(batch, x=batch["x"].contiguous(memory_format=torch.channels_last))
     return batch
 
+
+def _check_finite(stats: Tracker, upto: int, epoch: int, steps_per_epoch: int, ckpt: Optional[Path]) -> None:
+    bad = stats.first_bad(upto)
+    if bad is None:
+        return
+    value = float(stats.losses[bad]) if bad < len(stats.losses) else float("nan")
+    where = f"epoch {epoch + 1}, step {bad + 1} (global step {epoch * steps_per_epoch + bad + 1})"
+    raise KdkitError(f"loss became {value} at {where}; lower the learning rate or set train.grad_clip{_kept(ckpt)}")
+
+
+def _kept(ckpt: Optional[Path]) -> str:
+    if ckpt is not None and (ckpt / "last.safetensors").exists():
+        return f"; last good checkpoint kept in {ckpt}"
+    return ""
+
+
+def _validate(loop: _Loop, val_data, batch_size: int) -> Dict[str, float]:
+    pred = predict(loop.method.student, val_data, batch_size)
+    teacher = loop.teacher
+    if teacher is not None and hasattr(teacher, "model") and loop.val_teacher_outputs is None:
+        # The teacher is frozen: its validation outputs are the same every epoch, computed once per run.
+        loop.val_teacher_outputs = predict(teacher.model, val_data, batch_size)["outputs"]
+    return quality(pred["outputs"], pred.get("y"), loop.val_teacher_outputs)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _save_epoch(loop: _Loop, record: Dict[str, Any], history: History, keeper: Keeper, improved: bool,
+                epoch: int) -> None:
+    """After a good epoch: the kept weights, the metrics line, TensorBoard, last weights, resume state."""
+    student = loop.method.student
+    bad = non_finite(student.state_dict())
+    if bad is not None:
+        # A finite loss can still come with a NaN gradient on the epoch's last step: never save such weights.
+        raise KdkitError(f"weights became non-finite in epoch {epoch + 1} ({bad}); lower the learning rate or "
+                         f"set train.grad_clip{_kept(loop.ckpt)}")
+    if loop.ckpt is None:
+        if improved:
+            history.kept_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        return
+    if not loop.main:
+        return
+    if improved:
+        save_weights(student, loop.ckpt / "best.safetensors")
+    with open(loop.metrics_path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    _log_tensorboard(loop, record, epoch)
+    save_weights(student, loop.ckpt / "last.safetensors")
+    save_training_state(loop.ckpt / STATE_FILE, loop.method, loop.optimizer, loop.scheduler,
+                        {"epoch": epoch, "best_score": keeper.best, "best_epoch": keeper.epoch})
+
+
+def _log_tensorboard(loop: _Loop, record: Dict[str, Any], epoch: int) -> None:
+    if loop.tensorboard is None:
+        loop.tensorboard = _tensorboard(loop.ckpt.parent) or False
+    if loop.tensorboard:
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                loop.tensorboard.add_scalar(key, value, epoch + 1)
+        loop.tensorboard.flush()
+
+
+def _tensorboard(run_dir: Path):
+    """A SummaryWriter on ``run_dir/tensorboard`` when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+# ----------------------------------------------------------------------------- the loop
 
 def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig] = None, *,
         run_dir: Optional[Path] = None, seed: int = 0, device: str = "auto", batch_size: int = 128,
@@ -230,190 +424,40 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
         run_dir: where metrics.jsonl and checkpoints/ go; None keeps everything in memory. Under DDP only
             rank 0 writes it (every rank reads it to resume).
         batch_size: the global batch size (each of ``world_size`` processes takes ``batch_size / world_size``).
-        resume: continue from ``run_dir/checkpoints/state.*``.
+        resume: continue from ``run_dir/checkpoints/state.safetensors`` (from epoch 1 if none was saved).
         name: label of this model in progress bars and logs.
 
     Returns:
-        The :class:`History`; the best weights are on disk, the last ones stay in ``method.student``.
+        The :class:`History`. ``method.student`` holds the last epoch's weights; the kept ones are in
+        ``run_dir/checkpoints/best.safetensors`` (or ``history.kept_state`` without a run directory).
     """
     cfg = cfg or TrainConfig()
-    dev = resolve_device(device)
-    rank, world, dev = init_distributed(dev)
-    if batch_size % world:
-        raise KdkitError(f"batch size {batch_size} is not divisible by the {world} processes; use a multiple of {world}")
-    main = rank == 0
-    seed_everything(seed)
-    if cfg.channels_last:
-        method.to(memory_format=torch.channels_last)
-    method.to(dev)
-    teacher = getattr(method, "teacher", None)
-    if teacher is not None and hasattr(teacher, "to"):
-        teacher.to(dev)
-        if cfg.channels_last and hasattr(teacher, "model"):
-            teacher.model.to(memory_format=torch.channels_last)
-    history = History()
-    cache, history.teacher_cache = prepare_teacher_cache(method, train_data, cfg, batch_size=eval_batch_size,
-                                                         rank=rank, world_size=world)
-    loader = make_loader(train_data, batch_size // world, shuffle=True, seed=seed, num_workers=num_workers,
-                         rank=rank, world_size=world)
-    micro_steps = len(loader)
-    accum = cfg.grad_accum_steps
-    steps_per_epoch = -(-micro_steps // accum)  # optimiser steps
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
-    start_epoch = 0
-    ckpt = Path(run_dir) / "checkpoints" if run_dir is not None else None
-    metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
-    if resume:
-        if ckpt is None:
-            raise KdkitError("resume needs a run directory")
-        extra = load_training_state(ckpt / "state", method, optimizer, scheduler)
-        start_epoch = extra["epoch"] + 1
-        history.best_score, history.best_epoch = extra.get("best_score"), extra.get("best_epoch")
-        if metrics_path.exists():
-            lines = metrics_path.read_text().splitlines()
-            history.epochs = [json.loads(line) for line in lines if line.strip()][:start_epoch]
-            if main:
-                metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history.epochs))
-    model: nn.Module = method
-    ddp = None
-    if world > 1 and params:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Only the method is wrapped: student + trainable extras. The teacher is no submodule of it.
-        model = ddp = DistributedDataParallel(method, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if cfg.compile:
-        # Compile the method's forward as called by the loop (student, connectors and loss; a graph break
-        # where it asks the teacher, whose network is compiled on its own when it runs live). `method`
-        # itself stays unwrapped, so parameters, state_dict keys and checkpoints are unchanged.
-        model = torch.compile(model)
-        if teacher is not None and cache is None and hasattr(teacher, "model"):
-            teacher.model.compile()
-    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-                else contextlib.nullcontext())
-    val_teacher_outputs: List[Optional[torch.Tensor]] = [None]  # the frozen teacher's, computed once
-    augment = getattr(train_data, "augment", None)  # kdkit.teacher.augment: replayable views (FKD)
-    augment = augment if hasattr(augment, "batch") else None
-
-    if main and cfg.progress and isinstance(teacher, Teacher):
+    history = History(keep=cfg.keep)
+    loop = _setup(method, train_data, cfg, run_dir=run_dir, seed=seed, device=device, batch_size=batch_size,
+                  eval_batch_size=eval_batch_size, num_workers=num_workers, name=name, history=history)
+    start = _resume(loop, history) if resume else 0
+    keeper = Keeper(cfg.keep, history.best_score, history.best_epoch)
+    if loop.main and cfg.progress and isinstance(loop.teacher, Teacher):
         print(f"teacher cache: {history.teacher_cache}", file=sys.stderr)
-    bar = progress_bar(cfg.progress and main)
-    tensorboard = None
+    bar = progress_bar(cfg.progress and loop.main)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
-                loader.sampler.set_epoch(epoch)
-            method.train()
-            t0, c0 = time.perf_counter(), time.process_time()
-            stats = _Tracker(dev, micro_steps)
-            it = bar(loader, total=micro_steps, desc=f"{name} {epoch + 1}/{cfg.epochs}")
-            optimizer.zero_grad(set_to_none=True)
-            for step, batch in enumerate(it):
-                if augment is not None:
-                    batch = augment.batch(batch, epoch)  # the epoch's view of each sample, for student and teacher
-                batch = _prepare(batch, dev, cfg.channels_last)
-                group_start = step - step % accum
-                group = min(accum, micro_steps - group_start)  # micro-batches in this optimiser step
-                last = step + 1 == group_start + group
-                sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        out = model(batch)
-                    loss = out["loss"]
-                    (loss / group if group > 1 else loss).backward()
-                if last:
-                    if cfg.grad_clip is not None:
-                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    method.on_optimizer_step()
-                    optimizer.zero_grad(set_to_none=True)
-                stats.add(step, out, batch)
-                if (step + 1) % cfg.sync_every == 0 or step + 1 == micro_steps:
-                    _check_finite(stats, step + 1, epoch, micro_steps, ckpt)
-                    if hasattr(it, "set_postfix"):
-                        it.set_postfix(stats.live(step))
-            if cache is not None:
-                if teacher.cache_hits == 0 and teacher.live_calls == 0:
-                    # The method runs the teacher network itself (feature methods): nothing to cache.
-                    teacher.use_cache(None)
-                    cache, history.teacher_cache = None, "off (the method never asked the Teacher for outputs)"
-                elif cache.path is not None and cache.filled < len(cache):
-                    cache.flush()
-            record: Dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-            record.update(stats.result())
-            record["epoch_seconds"] = time.perf_counter() - t0
-            # CPU time of this process (all its threads): on a shared machine, the work done, not the wait.
-            record["epoch_cpu_seconds"] = time.process_time() - c0
-            if main and val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                val = _validate(method, val_data, eval_batch_size, val_teacher_outputs)
+        for epoch in range(start, cfg.epochs):
+            record = _train_epoch(loop, epoch, bar)
+            val = None
+            if loop.main and val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                val = _validate(loop, val_data, eval_batch_size)
                 record.update({f"val_{k}": v for k, v in val.items()})
-                score = _score(val)
-                if score is not None and (history.best_score is None or score > history.best_score):
-                    history.best_score, history.best_epoch = score, epoch + 1
-                    if ckpt is not None:
-                        save_weights(method.student, ckpt / "best.safetensors")
+            # Without validation data the latest epoch is kept; epochs skipped by eval_every are never kept.
+            improved = loop.main and (keeper.consider(epoch + 1, val) if val is not None or val_data is None else False)
             history.epochs.append(record)
+            _save_epoch(loop, record, history, keeper, improved, epoch)
             if hasattr(bar, "write"):
                 bar.write(epoch_summary(name, record))
-            if run_dir is not None and main:
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                tensorboard = tensorboard or _tensorboard(Path(run_dir))
-                if tensorboard is not None:
-                    for key, value in record.items():
-                        if key != "epoch" and isinstance(value, (int, float)):
-                            tensorboard.add_scalar(key, value, epoch + 1)
-                    tensorboard.flush()
-                save_weights(method.student, ckpt / "last.safetensors")
-                if val_data is None:
-                    save_weights(method.student, ckpt / "best.safetensors")
-                save_training_state(ckpt / "state", method, optimizer, scheduler,
-                                    {"epoch": epoch, "best_score": history.best_score, "best_epoch": history.best_epoch})
+        history.best_score, history.best_epoch = keeper.best, keeper.epoch
     finally:
-        if tensorboard is not None:
-            tensorboard.close()
-        if cache is not None:
-            teacher.use_cache(None)
-            history.teacher_cache = f"{cache.describe()}; {history.teacher_cache}"
+        if loop.tensorboard:
+            loop.tensorboard.close()
+        if loop.cache is not None:
+            loop.teacher.use_cache(None)
+            history.teacher_cache = f"{loop.cache.describe()}; {history.teacher_cache}"
     return history
-
-
-def _tensorboard(run_dir: Path):
-    """A SummaryWriter on ``run_dir/tensorboard`` when the tensorboard package is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _check_finite(stats: _Tracker, upto: int, epoch: int, steps_per_epoch: int, ckpt: Optional[Path]) -> None:
-    bad = stats.first_bad(upto)
-    if bad is None:
-        return
-    value = float(stats.losses[bad]) if bad < len(stats.losses) else float("nan")
-    where = f"epoch {epoch + 1}, step {bad + 1} (global step {epoch * steps_per_epoch + bad + 1})"
-    kept = ""
-    if ckpt is not None and (ckpt / "last.safetensors").exists():
-        kept = f"; last good checkpoint kept in {ckpt}"
-    raise KdkitError(f"loss became {value} at {where}; lower the learning rate or set train.grad_clip{kept}")
-
-
-def _validate(method: nn.Module, val_data, batch_size: int, teacher_memo: Optional[list] = None) -> Dict[str, float]:
-    student = method.student
-    pred = predict(student, val_data, batch_size)
-    teacher = getattr(method, "teacher", None)
-    t_out = None
-    if teacher is not None and hasattr(teacher, "model"):
-        # The teacher is frozen: its validation outputs are the same every epoch, computed once per run.
-        if teacher_memo is None or teacher_memo[0] is None:
-            t_out = predict(teacher.model, val_data, batch_size)["outputs"]
-            if teacher_memo is not None:
-                teacher_memo[0] = t_out
-        else:
-            t_out = teacher_memo[0]
-    return quality(pred["outputs"], pred.get("y"), t_out)
