@@ -58,9 +58,13 @@ def test_resume_through_cli(tmp_path, capsys):
     out = tmp_path / "r"
     cfg = tiny_config(out, model={"name": "mlp", "hidden": [8]}, train={"epochs": 1, "progress": False})
     assert _run(["train", _write(tmp_path / "c.yaml", cfg)], capsys)[0] == 0
-    code, _, _ = _run(["train", "--resume", str(out), "train.epochs=2"], capsys)
-    assert code == 0
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    stored = (out / "config.yaml").read_text()
+    # A resumed run keeps its settings: asking for others is refused, and config.yaml still tells the truth.
+    code, _, err = _run(["train", "--resume", str(out), "train.epochs=2"], capsys)
+    assert code == 2 and "train.epochs=1" in err and "keeps its settings" in err
+    assert (out / "config.yaml").read_text() == stored
+    code, _, _ = _run(["train", "--resume", str(out)], capsys)  # finished: nothing left to do, still exit 0
+    assert code == 0 and len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_ls_lists_registries(capsys):

@@ -13,21 +13,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
-import yaml
 from torch import nn
 
 from .training.checkpoint import load_weights, weights_path
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config, load_config
 from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
+from .data.core import make_loader
 from .training.distributed import dist_env
-from .training.loop import History, fit, resolve_device
+from .training.loop import History, fit, resolve_device, seed_everything
+from .training.rundir import write_text_atomic
 from .errors import KdkitError
 from .evaluation.metrics import evaluate
 from .methods import METHODS, Method
-from .methods.build import INJECTED_METHOD_ARGS, build_method, method_temperature
+from .methods.build import INJECTED_METHOD_ARGS, build_method, example_batch_of, method_temperature
 from .models import create_model, resolve_factory
 from .registry import call_checked, check_kwargs
 from .evaluation.report import format_table, write_report
@@ -40,26 +41,20 @@ class Run:
     """What ``train``/``distill`` hand back.
 
     Attributes:
-        student: the trained model, with the best validation weights loaded when a run directory was written.
-        metrics: ``{"student": {...}, "teacher": {...}}`` numbers on the test split (validation when no test split).
+        student: the trained model, with the kept weights loaded (``train.keep``: best validation score by
+            default, see :class:`kdkit.training.loop.Keeper`), with or without a run directory.
+        metrics: ``{"student": {...}, "teacher": {...}}`` numbers on the test split (validation when no test
+            split); ``metrics["student"]["kept_epoch"]`` says whose weights they are.
         history: one record per epoch, as in ``metrics.jsonl``.
         dir: the run directory, if any.
+        config: the resolved run description (what ``config.yaml`` holds).
     """
 
     student: nn.Module
     metrics: Dict[str, Dict[str, Any]]
     history: List[Dict[str, Any]] = field(default_factory=list)
     dir: Optional[Path] = None
-
-
-def _split_options(options: Dict[str, Any]) -> Tuple[TrainConfig, Dict[str, Any]]:
-    train_keys = set(TrainConfig.model_fields)
-    train = {k: v for k, v in options.items() if k in train_keys}
-    rest = {k: v for k, v in options.items() if k not in train_keys}
-    try:
-        return TrainConfig(**train), rest
-    except Exception as e:  # pydantic ValidationError -> one line
-        raise KdkitError(f"invalid training option: {str(e).splitlines()[1:3]}") from None
+    config: Optional[RunConfig] = None
 
 
 def check_outputs_match(teacher: nn.Module, student: nn.Module, sample: torch.Tensor) -> None:
@@ -77,24 +72,59 @@ def check_outputs_match(teacher: nn.Module, student: nn.Module, sample: torch.Te
                          f"{tuple(s.shape[1:])}; the student's head must match the teacher's (e.g. num_classes)")
 
 
-def _finish(method: Method, history: History, run_dir: Optional[Path], test_data, val_data,
-            teacher: Optional[Teacher], title: str, extra: Dict[str, Any] = None) -> Run:
-    student = method.student
-    if run_dir is not None and (run_dir / "checkpoints" / "best.safetensors").exists():
-        load_weights(student, run_dir / "checkpoints" / "best.safetensors")
-    data = test_data if test_data is not None else val_data
-    metrics: Dict[str, Dict[str, Any]] = {}
-    if data is not None:
-        student_cpu = student.to("cpu")
-        if teacher is not None:
-            teacher.to("cpu")
-            metrics["teacher"] = evaluate(teacher.model, data)
-        metrics["student"] = evaluate(student_cpu, data, teacher=teacher)
-        metrics["student"]["best_epoch"] = history.best_epoch
-    if run_dir is not None:
-        write_report(run_dir, metrics, {"student": history.epochs}, title=title,
-                     extra={"split": "test" if test_data is not None else "val", **(extra or {})})
-    return Run(student=student, metrics=metrics, history=history.epochs, dir=run_dir)
+def first_input(data) -> torch.Tensor:
+    """One input of ``data`` with a batch dimension of 1 (any Dataset, DataLoader or ArrayData)."""
+    try:
+        batch = next(iter(make_loader(data, batch_size=1)))
+    except StopIteration:
+        raise KdkitError("the training data is empty") from None
+    return torch.as_tensor(batch["x"])[:1]
+
+
+# ----------------------------------------------------------------------------- one way to assemble a run
+
+@dataclass
+class Parts:
+    """The objects a run trains on, built from a config (:func:`build_parts`) or given to the Python API."""
+
+    splits: DataSplits
+    model: nn.Module  # the model of `kdkit train`, or the student
+    teacher: Optional[Teacher] = None
+
+
+PYTHON = "python"  # data/model names that stand for objects handed to the Python API (not rebuildable)
+
+
+def _python_name(obj: Any) -> str:
+    return f"{PYTHON}:{type(obj).__name__}"
+
+
+def _api_config(command: str, model: nn.Module, teacher: Any, method: str, options: Dict[str, Any], *,
+                seed: int, device: str, batch_size: int, out_dir) -> RunConfig:
+    """The Python API's keyword arguments as the same resolved run description a YAML config gives."""
+    train_keys = set(TrainConfig.model_fields)
+    train = {k: v for k, v in options.items() if k in train_keys}
+    method_options = {k: v for k, v in options.items() if k not in train_keys}
+    if command == "train" and method_options:
+        raise KdkitError(f"train(): unknown option {next(iter(method_options))!r}; allowed: {', '.join(TrainConfig.model_fields)}")
+    raw: Dict[str, Any] = {"seed": seed, "device": device, "out_dir": None if out_dir is None else str(out_dir),
+                           "data": {"name": PYTHON, "batch_size": batch_size}, "train": train}
+    if command == "train":
+        raw["model"] = {"name": _python_name(model)}
+    else:
+        raw["student"] = {"name": _python_name(model)}
+        raw["method"] = {"name": method, **method_options}
+        if isinstance(teacher, (list, tuple)):
+            raw["teachers"] = [{"name": _python_name(t)} for t in teacher]
+        elif teacher is not None:
+            raw["teacher"] = {"name": _python_name(teacher)}
+    return load_config(raw)
+
+
+def _api_splits(train_data, val_data, test_data) -> DataSplits:
+    train = as_dataset(train_data)
+    return DataSplits(train=train, val=as_dataset(val_data), test=as_dataset(test_data), num_classes=None,
+                      input_shape=tuple(first_input(train).shape[1:]))
 
 
 def train(model: nn.Module, train_data, val_data=None, *, test_data=None, out_dir=None, seed: int = 0,
@@ -102,42 +132,124 @@ def train(model: nn.Module, train_data, val_data=None, *, test_data=None, out_di
     """Plain supervised training (cross-entropy, or MSE for float targets): teachers and baselines.
 
     ``train_options`` are :class:`kdkit.config.TrainConfig` fields (epochs, optimizer, lr, schedule, ...).
+    The run is described, validated, seeded and saved exactly as ``kdkit train CONFIG`` does; with
+    ``out_dir`` it writes ``config.yaml`` and ``resume=True`` continues it.
     """
-    cfg, rest = _split_options(train_options)
-    if rest:
-        raise KdkitError(f"train(): unknown option {next(iter(rest))!r}; allowed: {', '.join(TrainConfig.model_fields)}")
-    run_dir = create_run_dir(out_dir, resume) if out_dir is not None else None
-    method = METHODS.get("supervised")(model)
-    history = fit(method, as_dataset(train_data), as_dataset(val_data), cfg, run_dir=run_dir, seed=seed,
-                  device=device, batch_size=batch_size, resume=resume, name="model")
-    return _finish(method, history, run_dir, as_dataset(test_data), as_dataset(val_data), None, "kdkit train")
+    cfg = _api_config("train", model, None, "supervised", train_options, seed=seed, device=device,
+                      batch_size=batch_size, out_dir=out_dir)
+    return execute(cfg, "train", resume, Parts(_api_splits(train_data, val_data, test_data), model))
 
 
 def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *, method: str = "kd",
             test_data=None, out_dir=None, seed: int = 0, device: str = "auto", batch_size: int = 128,
             resume: bool = False, **options: Any) -> Run:
-    """Distil ``teacher`` into ``student``.
+    """Distil ``teacher`` (a module, a :class:`Teacher`, or a list of them: an ensemble) into ``student``.
 
     ``options`` mix training settings (:class:`kdkit.config.TrainConfig` fields such as ``epochs``, ``lr``)
     and the method's own (for ``kd``: ``temperature``, ``alpha``); unknown keys are an error.
     """
-    cfg, method_options = _split_options(options)
+    cfg = _api_config("distill", student, teacher, method, options, seed=seed, device=device,
+                      batch_size=batch_size, out_dir=out_dir)
     if isinstance(teacher, (list, tuple)):  # several teachers: average their soft targets at the method's T
         from .teacher import TeacherEnsemble
 
-        t = TeacherEnsemble(teacher, temperature=method_temperature(method, method_options))
+        t = TeacherEnsemble(teacher, temperature=method_temperature(method, cfg.method.options()))
     else:
         t = as_teacher(teacher)
-    train_ds = as_dataset(train_data)
-    first = train_ds[0]
-    sample = (first["x"] if isinstance(first, dict) else first[0] if isinstance(first, (tuple, list)) else first)
-    if t is not None:  # teacher-free methods (e.g. dml) take teacher=None
-        check_outputs_match(t.model, student, torch.as_tensor(sample).unsqueeze(0))
-    m = build_method(method, student, t, method_options, train_data=train_ds)
-    run_dir = create_run_dir(out_dir, resume) if out_dir is not None else None
-    history = fit(m, train_ds, as_dataset(val_data), cfg, run_dir=run_dir, seed=seed, device=device,
-                  batch_size=batch_size, resume=resume, name="student")
-    return _finish(m, history, run_dir, as_dataset(test_data), as_dataset(val_data), t, f"kdkit distill ({method})")
+    return execute(cfg, "distill", resume, Parts(_api_splits(train_data, val_data, test_data), student, t))
+
+
+def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[Parts] = None) -> Run:
+    """Run ``kdkit train``/``kdkit distill``: the one path for configs and the Python API alike.
+
+    validate -> (resume: the stored config must match) -> threads, seed -> build data, models, teacher,
+    method (every value checked) -> create the run directory, write config.yaml -> fit -> evaluate, report.
+    Nothing is written before everything that can be checked without training has been.
+    """
+    cfg = validate(cfg, command, from_python=given is not None)
+    if resume:
+        _check_resume(cfg)
+    seed_everything(cfg.seed)  # before any model, connector, head or subset is built
+    parts = given if given is not None else build_parts(cfg, command)
+    method = _build_run_method(cfg, command, parts)
+    rank = dist_env()[0]  # under torchrun only rank 0 writes the run directory
+    run_dir = None
+    if cfg.out_dir is not None:
+        run_dir = create_run_dir(cfg.out_dir, resume) if rank == 0 else Path(cfg.out_dir)
+        if not resume and rank == 0:
+            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    splits = parts.splits
+    history = fit(method, splits.train, splits.val, cfg.train, run_dir=run_dir, seed=cfg.seed, device=cfg.device,
+                  batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                  num_workers=cfg.data.num_workers, resume=resume, name="model" if command == "train" else "student")
+    if rank != 0:
+        return Run(student=method.student, metrics={}, history=history.epochs, dir=None, config=cfg)
+    title = f"kdkit {command}: {cfg.data.name}" + (f", {cfg.method.name}" if command == "distill" else "")
+    return _finish(cfg, method, history, run_dir, splits, parts.teacher, title)
+
+
+def _check_resume(cfg: RunConfig) -> None:
+    """A resumed run continues with the settings it started with: refuse a config that differs from config.yaml."""
+    stored_path = Path(cfg.out_dir) / "config.yaml"
+    if not stored_path.is_file():
+        raise KdkitError(f"cannot resume: {cfg.out_dir} is not a kdkit run directory (no config.yaml)")
+    stored = _flat(load_config(stored_path).model_dump(mode="json"))
+    given = _flat(cfg.model_dump(mode="json"))
+    ignored = {"train.progress", "train.threads"}  # how the run is watched or scheduled, not what it computes
+    for key in sorted(set(stored) | set(given)):
+        if key not in ignored and stored.get(key) != given.get(key):
+            raise KdkitError(f"cannot resume {cfg.out_dir}: its config.yaml has {key}={stored.get(key)!r} but this "
+                             f"run asks for {given.get(key)!r}; a resumed run keeps its settings (start a new run "
+                             f"to change them)")
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _build_run_method(cfg: RunConfig, command: str, parts: Parts) -> Method:
+    """The method of the run (``supervised`` for ``kdkit train``), its options checked."""
+    splits = parts.splits
+    if command == "train":
+        batch = example_batch_of(splits.train)
+        if batch is None or "y" not in batch:
+            raise KdkitError("kdkit train needs labelled training data (targets y); for an unlabelled transfer set "
+                             "use kdkit distill with a teacher")
+        return METHODS.get("supervised")(parts.model)
+    if parts.teacher is not None:
+        check_outputs_match(parts.teacher.model, parts.model, first_input(splits.train))
+    return build_method(cfg.method.name, parts.model, parts.teacher, cfg.method.options(), train_data=splits.train,
+                        num_classes=splits.num_classes)
+
+
+def _finish(cfg: RunConfig, method: Method, history: History, run_dir: Optional[Path], splits: DataSplits,
+            teacher: Optional[Teacher], title: str) -> Run:
+    """Load the kept weights, evaluate on the test split (else validation), write the report."""
+    student = method.student
+    if run_dir is not None and (run_dir / "checkpoints" / "best.safetensors").exists():
+        load_weights(student, run_dir / "checkpoints" / "best.safetensors")
+    elif history.kept_state is not None:
+        student.load_state_dict(history.kept_state)
+    data = splits.test if splits.test is not None else splits.val
+    metrics: Dict[str, Dict[str, Any]] = {}
+    if data is not None:
+        student_cpu = student.to("cpu")
+        if teacher is not None:
+            teacher.to("cpu")
+            metrics["teacher"] = evaluate(teacher.model, data)
+        metrics["student"] = evaluate(student_cpu, data, teacher=teacher)
+        metrics["student"]["kept_epoch"] = history.best_epoch
+    if run_dir is not None:
+        extra = {"split": "test" if splits.test is not None else "val", "dataset": cfg.data.name,
+                 "data_info": splits.info, "teacher_cache": history.teacher_cache,
+                 "kept_epoch": history.best_epoch, "epochs": cfg.train.epochs, "keep": cfg.train.keep}
+        write_report(run_dir, metrics, {"student": history.epochs}, title=title, extra=extra)
+    return Run(student=student, metrics=metrics, history=history.epochs, dir=run_dir, config=cfg)
 
 
 # ----------------------------------------------------------------------------- config-driven runs
@@ -146,13 +258,14 @@ def _model_spec_from_run(run_dir: Path) -> ModelConfig:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise KdkitError(f"{run_dir} has no config.yaml, so the architecture is unknown; give the model's name too")
-    raw = yaml.safe_load(cfg_path.read_text()) or {}
-    spec = raw.get("model") or raw.get("student")
-    if not spec or not spec.get("name"):
+    stored = load_config(cfg_path)  # the same checks as any config: data only, never code
+    spec = stored.model or stored.student
+    if spec is None or not spec.name:
         raise KdkitError(f"{cfg_path} names no model")
-    spec = dict(spec)
-    spec["checkpoint"] = str(run_dir)
-    return ModelConfig(**spec)
+    if spec.name.startswith(PYTHON + ":"):
+        raise KdkitError(f"{run_dir} was trained from Python objects ({spec.name}); its architecture cannot be rebuilt "
+                         f"from config.yaml: name the model too (e.g. teacher.name) or load it in Python")
+    return spec.model_copy(update={"checkpoint": str(run_dir)})
 
 
 def resolve_model_spec(spec: ModelConfig, where: str) -> ModelConfig:
@@ -160,6 +273,9 @@ def resolve_model_spec(spec: ModelConfig, where: str) -> ModelConfig:
     if spec.name is None:
         if spec.checkpoint and Path(spec.checkpoint).is_dir():
             spec = _model_spec_from_run(Path(spec.checkpoint)).model_copy(update={**spec.options(), "checkpoint": spec.checkpoint})
+        elif spec.checkpoint:
+            raise KdkitError(f"{where}.checkpoint {spec.checkpoint} not found (expected a run directory or a "
+                             f".safetensors file)")
         else:
             raise KdkitError(f"{where}.name is required (a model name, or a run directory as {where}.checkpoint)")
     check_kwargs(resolve_factory(spec.name), spec.options(), f"{where} {spec.name!r}", reserved=["num_classes", "input_shape"])
@@ -169,7 +285,9 @@ def resolve_model_spec(spec: ModelConfig, where: str) -> ModelConfig:
 
 
 def build_model(spec: ModelConfig, splits: DataSplits) -> nn.Module:
-    num_classes = splits.num_classes if splits.num_classes is not None else int(splits.train[0]["y"].numel())
+    num_classes = splits.num_classes
+    if num_classes is None:  # regression: one output per target column
+        num_classes = getattr(splits, "output_dim", None) or int(splits.train[0]["y"].numel())
     model = create_model(spec.name, num_classes=num_classes, input_shape=splits.input_shape, **spec.options())
     if spec.checkpoint is not None:
         load_weights(model, spec.checkpoint)
@@ -194,7 +312,7 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataSplits:
     return splits
 
 
-def _validate_teachers(cfg: RunConfig) -> Optional[List[ModelConfig]]:
+def _validate_teachers(cfg: RunConfig, resolve=None, from_python: bool = False) -> Optional[List[ModelConfig]]:
     """Resolve a ``teachers:`` list (several teachers), or None when the config has none."""
     if not cfg.teachers:
         return None
@@ -205,8 +323,8 @@ def _validate_teachers(cfg: RunConfig) -> Optional[List[ModelConfig]]:
         raise KdkitError(f"config: ensemble.weights has {len(weights)} entries for {len(cfg.teachers)} teachers")
     resolved = []
     for i, spec in enumerate(cfg.teachers):
-        spec = resolve_model_spec(spec, f"teachers.{i}")
-        if spec.checkpoint is None:
+        spec = (resolve or resolve_model_spec)(spec, f"teachers.{i}")
+        if spec.checkpoint is None and not from_python:
             raise KdkitError(f"config: teachers.{i}.checkpoint is required: a trained teacher's run directory or .safetensors file")
         resolved.append(spec)
     return resolved
@@ -220,7 +338,7 @@ def build_teacher(cfg: RunConfig, splits: DataSplits) -> Teacher:
 
     e = cfg.ensemble
     members = [build_model(spec, splits) for spec in cfg.teachers]
-    sample = splits.train[0]["x"].unsqueeze(0)
+    sample = first_input(splits.train)
     for i, m in enumerate(members[1:], start=1):
         try:
             check_outputs_match(members[0], m, sample)
@@ -233,62 +351,54 @@ def build_teacher(cfg: RunConfig, splits: DataSplits) -> Teacher:
         raise KdkitError(f"config: ensemble: {err}") from None
 
 
-def validate(cfg: RunConfig, command: str) -> RunConfig:
-    """Every check that needs no data or training, so a bad config fails before any work starts."""
-    check_kwargs(DATASETS.get(cfg.data.name), cfg.data.options(), f"dataset {cfg.data.name!r}", reserved=["seed"])
+def validate(cfg: RunConfig, command: str, from_python: bool = False) -> RunConfig:
+    """Every check that needs no data or training, so a bad config fails before any work starts.
+
+    ``from_python``: data and models are objects handed to the Python API (named ``python:...`` in the
+    resolved config), so there is no dataset or model factory to check.
+    """
+    if not from_python:
+        check_kwargs(DATASETS.get(cfg.data.name), cfg.data.options(), f"dataset {cfg.data.name!r}", reserved=["seed"])
+    resolve = (lambda spec, where: spec) if from_python else resolve_model_spec
     if command == "train":
         if cfg.model is None:
             raise KdkitError("config: `kdkit train` needs a model section (model: {name: ...})")
-        cfg = cfg.model_copy(update={"model": resolve_model_spec(cfg.model, "model")})
+        cfg = cfg.model_copy(update={"model": resolve(cfg.model, "model")})
     else:
         if cfg.student is None:
             raise KdkitError("config: `kdkit distill` needs a student section (student: {name: ...})")
         cls = METHODS.get(cfg.method.name)
         check_kwargs(cls, cfg.method.options(), f"method {cfg.method.name!r}", reserved=list(INJECTED_METHOD_ARGS))
         teacher = None
-        teachers = _validate_teachers(cfg) if getattr(cls, "needs_teacher", True) else None
-        if getattr(cls, "needs_teacher", True) and teachers is None:
+        needs_teacher = getattr(cls, "needs_teacher", True)
+        teachers = _validate_teachers(cfg, resolve, from_python) if needs_teacher else None
+        if needs_teacher and teachers is None:
             if cfg.teacher is None:
                 raise KdkitError(f"config: method {cfg.method.name!r} needs a teacher section (teacher: {{checkpoint: RUN_DIR}})")
-            teacher = resolve_model_spec(cfg.teacher, "teacher")
-            if teacher.checkpoint is None:
+            teacher = resolve(cfg.teacher, "teacher")
+            if teacher.checkpoint is None and not from_python:
                 raise KdkitError("config: teacher.checkpoint is required: a trained teacher's run directory or .safetensors file")
-        cfg = cfg.model_copy(update={"student": resolve_model_spec(cfg.student, "student"), "teacher": teacher,
+        cfg = cfg.model_copy(update={"student": resolve(cfg.student, "student"), "teacher": teacher,
                                      "teachers": teachers})
-    if cfg.out_dir is None:
+    if cfg.out_dir is None and not from_python:
         raise KdkitError("config: out_dir is required (where the run directory goes)")
     resolve_device(cfg.device)
     return cfg
 
 
-def run_config(cfg: RunConfig, command: str, resume: bool = False) -> Run:
-    """``kdkit train`` / ``kdkit distill``: validate, build, train, evaluate, report."""
-    cfg = validate(cfg, command)
-    rank = dist_env()[0]  # under torchrun only rank 0 writes the run directory
-    run_dir = create_run_dir(cfg.out_dir, resume) if rank == 0 else Path(cfg.out_dir)
-    if not resume and rank == 0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+def build_parts(cfg: RunConfig, command: str) -> Parts:
+    """Data, model (or student) and teacher of a validated config; call after seeding."""
     splits = build_data(cfg.data, cfg.seed)
-    teacher = None
     if command == "train":
-        method = METHODS.get("supervised")(build_model(cfg.model, splits))
-        name = "model"
-    else:
-        student = build_model(cfg.student, splits)
-        if cfg.teacher is not None or cfg.teachers:
-            teacher = build_teacher(cfg, splits)
-            check_outputs_match(teacher.model, student, splits.train[0]["x"].unsqueeze(0))
-        method = build_method(cfg.method.name, student, teacher, cfg.method.options(), train_data=splits.train,
-                              num_classes=splits.num_classes)
-        name = "student"
-    history = fit(method, splits.train, splits.val, cfg.train, run_dir=run_dir, seed=cfg.seed, device=cfg.device,
-                  batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-                  num_workers=cfg.data.num_workers, resume=resume, name=name)
-    if rank != 0:
-        return Run(student=method.student, metrics={}, history=history.epochs, dir=None)
-    title = f"kdkit {command}: {cfg.data.name}" + (f", {cfg.method.name}" if command == "distill" else "")
-    return _finish(method, history, run_dir, splits.test, splits.val, teacher, title,
-                   extra={"dataset": cfg.data.name, "data_info": splits.info, "teacher_cache": history.teacher_cache})
+        return Parts(splits, build_model(cfg.model, splits))
+    student = build_model(cfg.student, splits)
+    teacher = build_teacher(cfg, splits) if (cfg.teacher is not None or cfg.teachers) else None
+    return Parts(splits, student, teacher)
+
+
+def run_config(cfg: RunConfig, command: str, resume: bool = False) -> Run:
+    """``kdkit train`` / ``kdkit distill``: the same :func:`execute` the Python API uses."""
+    return execute(cfg, command, resume)
 
 
 def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
@@ -322,8 +432,6 @@ def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
 
 def evaluate_run(run_dir, split: str = "test") -> Dict[str, Dict[str, Any]]:
     """Re-evaluate a finished run's best checkpoint (and its teacher, if any) on a split."""
-    from .config import load_config
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise KdkitError(f"{run_dir} is not a kdkit run directory (no config.yaml)")

@@ -454,6 +454,9 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
             if hasattr(bar, "write"):
                 bar.write(epoch_summary(name, record))
         history.best_score, history.best_epoch = keeper.best, keeper.epoch
+        if loop.main and cfg.progress and keeper.epoch is not None:
+            rule = "best validation score" if cfg.keep == "best" and val_data is not None else "last epoch"
+            print(f"{name}: keeping the weights of epoch {keeper.epoch} of {cfg.epochs} ({rule})", file=sys.stderr)
     finally:
         if loop.tensorboard:
             loop.tensorboard.close()

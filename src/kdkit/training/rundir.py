@@ -3,7 +3,7 @@
     <out_dir>/
       config.yaml        the resolved config
       metrics.jsonl      one JSON line per epoch
-      checkpoints/       best.safetensors, last.safetensors, state.safetensors + state.json
+      checkpoints/       best.safetensors (kept weights), last.safetensors, state.safetensors (resume point)
       report.json        final numbers
       report.html        comparison table and training curves
 """
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -21,7 +22,8 @@ def create_run_dir(path, resume: bool = False) -> Path:
     """Make ``path`` for a new run, or check it for a resumed one.
 
     Raises:
-        KdkitError: a new run whose directory exists and is not empty, or a resume whose directory does not exist.
+        KdkitError: a new run whose directory exists and is not empty, a resume whose directory is not a run
+            directory, or a path that cannot be created (under a regular file, no permission).
     """
     p = Path(path)
     if resume:
@@ -30,9 +32,26 @@ def create_run_dir(path, resume: bool = False) -> Path:
         return p
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise KdkitError(f"run directory {p} already exists and is not empty; choose another out_dir "
-                         f"(e.g. out_dir={p}-2) or continue it with --resume {p}")
-    p.mkdir(parents=True, exist_ok=True)
+                         f"(e.g. out_dir={p}-2) or continue it with --resume {p} (Python: resume=True)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".kdkit-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise KdkitError(f"cannot create run directory {p}: {e.strerror or e} (expected a writable folder path)") from None
     return p
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir) -> List[Dict[str, Any]]:
