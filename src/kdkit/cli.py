@@ -11,6 +11,7 @@
     kdkit export RUN_DIR --format onnx|torchscript [--int8]   # export with a parity check on real inputs
     kdkit inspect MODEL [--input-shape 1,28,28 | --dataset digits]   # module names + output shapes
     kdkit born-again CONFIG --generations N     # born-again networks, one run directory per generation
+    kdkit --plugin my_models train CONFIG       # your own models: import a plugin first (or KDKIT_PLUGINS)
 
 Expected failures print ``error: <one line>`` and exit with status 2.
 """
@@ -28,6 +29,9 @@ from .errors import KdkitError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation: teacher -> small student, measured.")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import your own code first (a module name or ./file.py; repeatable; before the command): "
+                        "its registered models and its module:factory names become usable; nothing else is imported")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="teacher, scratch student and distilled student on embedded digits")
@@ -119,6 +123,11 @@ def _inspect(args: argparse.Namespace) -> str:
 
 def run(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    from .models import load_env_plugins, load_plugin
+
+    for plugin in args.plugin:  # the user's explicit choice; configs alone never import code
+        load_plugin(plugin)
+    load_env_plugins()
     from . import api
     from .config import load_config
     from .evaluation.report import format_table

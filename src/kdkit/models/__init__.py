@@ -1,32 +1,42 @@
-"""Model zoo and ``create_model``: registered names or ``package.module:factory`` strings."""
+"""Model zoo and ``create_model``: registered names, or ``module:factory`` from a plugin the user loaded.
+
+:func:`resolve_factory` is the one place a model name becomes code; names that point outside kdkit's
+zoo resolve only through plugins (see :mod:`kdkit.models.plugins`), so configs and run directories
+never run code the user did not choose.
+"""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
 from ..errors import KdkitError
 from ..registry import call_checked
+from .plugins import load_env_plugins, load_plugin, loaded_plugins, trusted_factory
 from .zoo import MODELS
 
 register_model = MODELS.register
 
 
 def list_models():
-    """Names of the registered models."""
+    """Names of the registered models (with those of plugins in ``KDKIT_PLUGINS``)."""
+    load_env_plugins()
     return MODELS.names()
 
 
 def resolve_factory(name: str) -> Callable[..., nn.Module]:
-    """A registered factory by name, or ``pkg.mod:attr`` imported from the user's code."""
+    """The factory a model name stands for: a registered name, or ``module:factory`` of a loaded plugin.
+
+    Raises:
+        KdkitError: an unknown name (listing the known ones), or an import string whose module the
+            user has not loaded as a plugin (nothing is imported then).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise KdkitError(f"model name must be a non-empty string; got {name!r}")
+    load_env_plugins()
     if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise KdkitError(f"cannot import model factory {name!r}: {e}") from None
+        return trusted_factory(name)
     return MODELS.get(name)
 
 
@@ -48,4 +58,5 @@ def create_model(name: str, num_classes: Optional[int] = None, input_shape: Opti
     return model
 
 
-__all__ = ["MODELS", "create_model", "list_models", "register_model", "resolve_factory"]
+__all__ = ["MODELS", "create_model", "list_models", "load_env_plugins", "load_plugin", "loaded_plugins", "register_model",
+           "resolve_factory"]
