@@ -35,6 +35,42 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
+def kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """:func:`kd_loss` before the batch average: ``T² · KL(softmax(t_i/T) ‖ softmax(s_i/T))`` for each sample.
+
+    Args:
+        student_logits, teacher_logits: (B, C).
+
+    Returns:
+        (B,).
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / t, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1) * (t * t)
+
+
+def mix_soft_and_hard(soft: torch.Tensor, hard: torch.Tensor, labelled: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-sample convex mix of a distillation term and a supervised term, averaged over the batch.
+
+    ``mean_i w_i`` with ``w_i = alpha · soft_i + (1 - alpha) · hard_i`` for a labelled sample and ``w_i = soft_i``
+    for an unlabelled one: a sample without a label has nothing to split its weight with, so it keeps the
+    whole of it on the soft target. A batch with no label at all thus gives the same value as a batch without
+    a ``y`` key (``mean_i soft_i``), and a fully labelled one the classical ``alpha · soft + (1 - alpha) · hard``.
+
+    Args:
+        soft: (B, ...) per-sample (or per-element) distillation losses.
+        hard: same shape; supervised losses, any finite value where unlabelled (it is not used there).
+        labelled: same shape, bool.
+        alpha: weight of the soft term for labelled samples, in [0, 1].
+
+    Returns:
+        A scalar.
+    """
+    # where() rather than a product with the mask, so that a NaN/inf placeholder in `hard` cannot leak in.
+    return torch.where(labelled, alpha * soft + (1.0 - alpha) * hard, soft).mean()
+
+
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
     """Cross-entropy over the labelled samples of a batch (``labels == ignore_index`` are skipped).
 
@@ -53,6 +89,24 @@ def output_mse(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Te
     """Mean squared error between outputs: distillation target for regression teachers (or raw logit matching,
     Ba & Caruana 2014)."""
     return F.mse_loss(student_out, teacher_out)
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the finite entries of ``target``: a NaN target means "unlabelled" (kdkit's
+    convention for regression) and is skipped.
+
+    Returns zero (with a gradient path) when no target is finite, so an unlabelled batch adds nothing.
+
+    Args:
+        prediction: (B, ...) model outputs.
+        target: same number of elements as ``prediction`` (reshaped to it), NaN where unknown.
+    """
+    target = target.reshape(prediction.shape)
+    known = torch.isfinite(target)
+    # Fill the unknown targets before subtracting: (p - NaN) would put NaN into the backward pass of where().
+    diff = torch.where(known, prediction - torch.where(known, target, torch.zeros_like(target)),
+                       torch.zeros_like(prediction))
+    return diff.pow(2).sum() / known.sum().clamp_min(1)
 
 
 # ============================================================================= beyond logits (issue 3)
@@ -134,11 +188,16 @@ def dist_intra_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """DIST intra-class relation (Huang et al., NeurIPS 2022): ``T² · mean_c (1 - ρ(p_s[:, c], p_t[:, c]))``,
     the Pearson correlation taken down the batch for each class.
 
+    A correlation down a batch of one sample is undefined: the term is then 0 (nothing to match), like the
+    other relation losses on a batch of one.
+
     Args:
-        student_logits, teacher_logits: (B, C), B >= 2.
+        student_logits, teacher_logits: (B, C).
     """
     ps = F.softmax(student_logits / temperature, dim=-1)
     pt = F.softmax(teacher_logits / temperature, dim=-1)
+    if ps.shape[0] < 2:  # a shape, not a value: no host sync
+        return (ps * 0.0).sum()
     return temperature ** 2 * (1.0 - _pearson(ps, pt, dim=0)).mean()
 
 
@@ -333,17 +392,18 @@ def rkd_distance_loss(student_features: torch.Tensor, teacher_features: torch.Te
 
     Pairwise Euclidean distances of each model's embeddings, each divided by its mean over the pairs
     ``i ≠ j``, compared with the Huber loss (δ = 1), averaged over all B² entries (the diagonal is 0 on both
-    sides). Scale-free and independent of the batch order.
+    sides). Scale-free and independent of the batch order. A batch of one sample has no pair: the term is 0.
 
     Args:
-        student_features, teacher_features: (B, ...) flattened to (B, D_s), (B, D_t); B >= 2.
+        student_features, teacher_features: (B, ...) flattened to (B, D_s), (B, D_t).
     """
     b = student_features.shape[0]
     off = 1.0 - torch.eye(b, dtype=student_features.dtype, device=student_features.device)
+    pairs = max(b * (b - 1), 1)  # B = 1 has no pair; dividing by 0 pairs made the mean distance (and loss) NaN
 
     def normalised(f: torch.Tensor) -> torch.Tensor:
         d = _pairwise_distances(f.flatten(1))
-        return d / ((d * off).sum() / off.sum()).clamp_min(1e-12)
+        return d / ((d * off).sum() / pairs).clamp_min(1e-12)
 
     return F.smooth_l1_loss(normalised(student_features), normalised(teacher_features))
 
@@ -420,14 +480,37 @@ def crd_scores(anchor: torch.Tensor, candidates: torch.Tensor, temperature: floa
     return torch.einsum("bd,bkd->bk", anchor, candidates) / temperature
 
 
+def crd_negatives_excluding(draws: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Negative indices that never hit the anchor's own sample, from draws shared by the batch.
+
+    ``draws`` are uniform over ``{0, ..., N - 2}``; for anchor b, ``draws + (draws >= own[b])`` maps them one to
+    one onto ``{0, ..., N - 1}`` minus ``own[b]``, so each anchor's negatives are uniform over the *other* samples.
+    Only two shared candidates exist per draw (``r`` and ``r + 1``), so scores need no per-anchor gather.
+
+    Args:
+        draws: (K,) integers in [0, N - 2].
+        own: (B,) the anchors' sample indices in [0, N - 1].
+
+    Returns:
+        (B, K) indices.
+    """
+    return draws[None, :] + (draws[None, :] >= own[:, None]).to(draws.dtype)
+
+
+def crd_log_z_from_scores(pos_scores: torch.Tensor, neg_scores: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Monte-Carlo estimate of CRD's ``log Z``: ``log(N · mean(exp(score)))`` over the positive (B,) and negative
+    (B, K) scores ``aᵀv / τ`` (Tian et al. fix Z from the first batch; detached)."""
+    with torch.no_grad():
+        scores = torch.cat([pos_scores.reshape(-1, 1), neg_scores.reshape(len(pos_scores), -1)], dim=1)
+        return torch.logsumexp(scores.flatten(), 0) - math.log(scores.numel()) + math.log(num_samples)
+
+
 def crd_log_normaliser(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, num_samples: int,
                        temperature: float = 0.07) -> torch.Tensor:
     """Monte-Carlo estimate of CRD's ``log Z`` from one batch: ``log(N · mean(exp(score)))`` over the positive
     and negative scores (Tian et al. fix Z from the first batch; detached)."""
-    with torch.no_grad():
-        pos = (anchor * positive).sum(1, keepdim=True) / temperature
-        scores = torch.cat([pos, crd_scores(anchor, negatives, temperature).reshape(len(anchor), -1)], dim=1)
-        return torch.logsumexp(scores.flatten(), 0) - math.log(scores.numel()) + math.log(num_samples)
+    pos = (anchor * positive).sum(1) / temperature
+    return crd_log_z_from_scores(pos, crd_scores(anchor, negatives, temperature), num_samples)
 
 
 def crd_nce_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, num_samples: int,
@@ -450,12 +533,19 @@ def crd_nce_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.
         temperature: τ.
         log_z: ``log Z``; estimated from this batch (:func:`crd_log_normaliser`) when None.
     """
+    pos = (anchor * positive).sum(1) / temperature  # (B,)
+    neg = crd_scores(anchor, negatives, temperature)  # (B, K)
+    return crd_nce_loss_from_scores(pos, neg, num_samples, log_z)
+
+
+def crd_nce_loss_from_scores(pos_scores: torch.Tensor, neg_scores: torch.Tensor, num_samples: int,
+                             log_z: torch.Tensor = None) -> torch.Tensor:
+    """:func:`crd_nce_loss` from the scores ``aᵀv / τ``: positive (B,), negative (B, K)."""
     if log_z is None:
-        log_z = crd_log_normaliser(anchor, positive, negatives, num_samples, temperature)
-    k = negatives.shape[-2]
-    log_noise = math.log(k / num_samples)
-    pos = (anchor * positive).sum(1) / temperature - log_z  # (B,)
-    neg = crd_scores(anchor, negatives, temperature) - log_z  # (B, K)
+        log_z = crd_log_z_from_scores(pos_scores, neg_scores, num_samples)
+    log_noise = math.log(neg_scores.shape[-1] / num_samples)
+    pos = pos_scores - log_z  # (B,)
+    neg = neg_scores - log_z  # (B, K)
     log_h_pos = pos - torch.logaddexp(pos, torch.full_like(pos, log_noise))
     log_not_h_neg = log_noise - torch.logaddexp(neg, torch.full_like(neg, log_noise))
     return -(log_h_pos + log_not_h_neg.sum(1)).mean()

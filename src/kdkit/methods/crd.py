@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KdkitError
-from ..losses import crd_log_normaliser, crd_nce_loss
+from ..losses import crd_log_z_from_scores, crd_negatives_excluding, crd_nce_loss_from_scores, crd_scores
 from .base import METHODS, Batch
 from .feature_base import FeatureMethod, LayerSpec
 
@@ -30,8 +30,10 @@ class CRD(FeatureMethod):
         loss = ce_weight · CE + kd_weight · KD + beta · (crd_s + crd_t)
 
     One deviation for memory: the ``nce_k`` negatives are drawn once per batch and shared by its samples
-    (the paper draws them per sample), which keeps the cost at B x K dot products instead of a (B, K, D)
-    gather.
+    (the paper draws them per sample), which keeps the cost at 2 x B x K dot products instead of a (B, K, D)
+    gather. They are drawn with replacement, uniformly among the ``num_samples - 1`` samples other than each
+    anchor's own (:func:`kdkit.losses.crd_negatives_excluding`): an anchor is never contrasted with its own
+    memory row. Other samples of the batch can be negatives, as in the paper.
 
     Under DDP (``torchrun``) the memory banks are module buffers, which DDP re-broadcasts from rank 0 at
     every forward: rows written by other ranks are overwritten, so their samples' memory lags. Train CRD
@@ -85,14 +87,25 @@ class CRD(FeatureMethod):
                              f"samples; num_samples must be the training-set size")
         v_s = F.normalize(self.embed_s(feats[0].flatten(1)), dim=1)  # (B, feat_dim)
         v_t = F.normalize(self.embed_t(t_feats[0].flatten(1)), dim=1)
-        neg = torch.randint(0, self.num_samples, (self.nce_k,), device=idx.device)  # shared by the batch
-        pos_t, neg_t = self.memory_t[idx], self.memory_t[neg]  # contrast for the student anchor
-        pos_s, neg_s = self.memory_s[idx], self.memory_s[neg]  # contrast for the teacher anchor
+        # Negatives shared by the batch, uniform over the samples other than each anchor's own: draws r in
+        # [0, N - 2], and anchor b reads row r + (r >= idx[b]) (crd_negatives_excluding). Only rows r and r + 1
+        # can be read, so two shared (K, D) gathers replace a (B, K, D) one.
+        draws = torch.randint(0, self.num_samples - 1, (self.nce_k,), device=idx.device)
+        skip_own = crd_negatives_excluding(draws, idx) != draws  # (B, K): where anchor b reads row r + 1
+        pos_t, pos_s = self.memory_t[idx], self.memory_s[idx]
+
+        def scores(anchor: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:  # (B,), (B, K)
+            pos = (anchor * memory[idx]).sum(1) / self.nce_t
+            below, above = (crd_scores(anchor, memory[r], self.nce_t) for r in (draws, draws + 1))
+            return pos, torch.where(skip_own, above, below)
+
+        pos_st, neg_st = scores(v_s, self.memory_t)  # the student anchor against the teacher memory
+        pos_ts, neg_ts = scores(v_t, self.memory_s)  # and the other way round
         if bool(torch.isnan(self.log_z).any()):
-            self.log_z[0] = crd_log_normaliser(v_s, pos_t, neg_t, self.num_samples, self.nce_t)
-            self.log_z[1] = crd_log_normaliser(v_t, pos_s, neg_s, self.num_samples, self.nce_t)
-        crd_s = crd_nce_loss(v_s, pos_t, neg_t, self.num_samples, self.nce_t, self.log_z[0])
-        crd_t = crd_nce_loss(v_t, pos_s, neg_s, self.num_samples, self.nce_t, self.log_z[1])
+            self.log_z[0] = crd_log_z_from_scores(pos_st, neg_st, self.num_samples)
+            self.log_z[1] = crd_log_z_from_scores(pos_ts, neg_ts, self.num_samples)
+        crd_s = crd_nce_loss_from_scores(pos_st, neg_st, self.num_samples, self.log_z[0])
+        crd_t = crd_nce_loss_from_scores(pos_ts, neg_ts, self.num_samples, self.log_z[1])
         if self.training:
             with torch.no_grad():
                 m = self.momentum

@@ -16,8 +16,9 @@ class DKD(Method):
     """Decoupled KD (Zhao, Cui, Song, Qiu & Liang, CVPR 2022, "Decoupled Knowledge Distillation").
 
     ``loss = ce_weight · CE(s, y) + w(step) · T² · (alpha · TCKD + beta · NCKD)`` (see :func:`kdkit.losses.dkd_loss`),
-    where ``w`` ramps linearly from 0 to 1 over the first ``warmup_steps`` optimiser steps (the paper warms
-    the DKD term up over 20 epochs; 0 = no warm-up).
+    where ``w = min(1, (k + 1) / warmup_steps)`` during optimiser step ``k`` (counted from 0, in
+    :meth:`on_optimizer_step`): a linear ramp over the first ``warmup_steps`` optimiser steps, whatever the
+    gradient accumulation (the paper warms the DKD term up over 20 epochs; 0 = no warm-up).
 
     DKD needs each sample's target class: unlabelled samples (``y = -1``, or no ``y``) use the teacher's
     predicted class instead and get no cross-entropy.
@@ -52,9 +53,12 @@ class DKD(Method):
         if self.warmup_steps:
             # Ramp computed on the device from the step buffer: no host sync in the training step.
             loss = dkd * ((self.steps + 1).to(dkd.dtype) / self.warmup_steps).clamp(max=1.0)
-        if self.training:
-            self.steps += 1
         out = {"dkd": dkd.detach()}
         loss = self.add_ce(loss, out, logits, batch, self.ce_weight)
         out.update(loss=loss, logits=logits)
         return out
+
+    def on_optimizer_step(self) -> None:
+        # Counted per optimiser step, not per forward: under gradient accumulation the micro-batches of one
+        # step share one ramp value. A buffer, so a resumed run continues the ramp where it stopped.
+        self.steps += 1

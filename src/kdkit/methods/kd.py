@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import kd_loss, masked_cross_entropy, output_mse
+from ..losses import kd_per_sample, masked_mse, mix_soft_and_hard, output_mse
 from .base import METHODS, Batch, Method
 
 
@@ -16,10 +16,17 @@ from .base import METHODS, Batch, Method
 class KD(Method):
     """Knowledge distillation (Hinton, Vinyals & Dean, 2015).
 
-    ``loss = alpha · T²·KL(p_t^T ‖ p_s^T) + (1 - alpha) · CE(s, y)``
+    Per sample i, with ``KD_i = T²·KL(p_t^T ‖ p_s^T)`` (:func:`kdkit.losses.kd_per_sample`)::
 
-    The cross-entropy covers the labelled samples of the batch only; a batch
-    with no ``y`` (an unlabelled transfer set) trains on the soft targets alone.
+        ℓ_i = alpha · KD_i + (1 - alpha) · CE(s_i, y_i)   if y_i is a class
+        ℓ_i = KD_i                                        if unlabelled (y_i = -1, or no ``y``)
+        loss = mean_i ℓ_i
+
+    A fully labelled batch gives the classical ``alpha · KD + (1 - alpha) · CE``; an unlabelled sample has
+    no hard target to share its weight with, so it keeps all of it on the soft target. A batch whose every
+    ``y`` is -1 therefore gives the same loss as a batch with no ``y`` (an unlabelled transfer set), and in a
+    mixed batch every sample counts once (:func:`kdkit.losses.mix_soft_and_hard`). Logged: ``kd`` (mean
+    ``KD_i``) and ``ce`` (mean cross-entropy over the labelled samples).
 
     Args:
         student: the model being trained.
@@ -40,19 +47,25 @@ class KD(Method):
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         logits = self.student(batch["x"])  # (B, C)
         teacher_logits = self.teacher(batch)  # (B, C)
-        kd = kd_loss(logits, teacher_logits, self.temperature)
-        if "y" not in batch:
-            return {"loss": kd, "kd": kd.detach(), "logits": logits}
-        ce = masked_cross_entropy(logits, batch["y"])
-        loss = self.alpha * kd + (1.0 - self.alpha) * ce
-        return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "logits": logits}
+        kd = kd_per_sample(logits, teacher_logits, self.temperature)  # (B,)
+        y = batch.get("y")
+        if y is None or y.is_floating_point():  # no class labels: soft targets only
+            return {"loss": kd.mean(), "kd": kd.mean().detach(), "logits": logits}
+        labelled = y != -1
+        ce = F.cross_entropy(logits, y, ignore_index=-1, reduction="none")  # (B,), 0 where unlabelled
+        loss = mix_soft_and_hard(kd, ce, labelled, self.alpha)
+        ce_logged = ce.sum() / labelled.sum().clamp_min(1)
+        return {"loss": loss, "kd": kd.mean().detach(), "ce": ce_logged.detach(), "logits": logits}
 
 
 @METHODS.register("mse")
 class OutputMSE(Method):
     """Output matching with MSE, for regression teachers (or logit regression, Ba & Caruana 2014).
 
-    ``loss = alpha · MSE(s, t) + (1 - alpha) · MSE(s, y)`` when targets exist, else ``MSE(s, t)``.
+    Per output element, ``alpha · (s - t)² + (1 - alpha) · (s - y)²`` where the target ``y`` is known and
+    ``(s - t)²`` where it is NaN (kdkit's "unlabelled" for regression) or absent, averaged over all elements:
+    the same rule as :class:`KD`, so fully labelled batches give ``alpha · MSE(s, t) + (1 - alpha) · MSE(s, y)``
+    and unlabelled ones ``MSE(s, t)``. Logged: ``match`` = MSE(s, t), ``mse`` = MSE over the known targets.
 
     Args:
         alpha: weight of the teacher-matching term, in [0, 1].
@@ -66,10 +79,14 @@ class OutputMSE(Method):
 
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         out = self.student(batch["x"])
-        match = output_mse(out, self.teacher(batch))
+        teacher_out = self.teacher(batch)
+        match = output_mse(out, teacher_out)
         y = batch.get("y")
         if y is None or not y.is_floating_point():
             return {"loss": match, "match": match.detach(), "logits": out}
-        sup = F.mse_loss(out, y.view_as(out))
-        loss = self.alpha * match + (1.0 - self.alpha) * sup
-        return {"loss": loss, "match": match.detach(), "mse": sup.detach(), "logits": out}
+        y = y.reshape(out.shape)
+        known = torch.isfinite(y)
+        per_match = (out - teacher_out.reshape(out.shape)).pow(2)
+        per_sup = (out - torch.where(known, y, torch.zeros_like(y))).pow(2)  # NaN targets filled, then unused
+        loss = mix_soft_and_hard(per_match, per_sup, known, self.alpha)
+        return {"loss": loss, "match": match.detach(), "mse": masked_mse(out, y).detach(), "logits": out}

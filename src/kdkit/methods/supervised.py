@@ -5,15 +5,19 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
-from ..losses import masked_cross_entropy
+from ..losses import masked_cross_entropy, masked_mse
 from .base import METHODS, Batch, Method
 
 
 @METHODS.register("supervised")
 class Supervised(Method):
-    """Train on hard labels only: the baseline and the way teachers are trained."""
+    """Train on hard labels only: the baseline and the way teachers are trained.
+
+    Cross-entropy over the labelled samples for class labels (``-1`` = unlabelled, skipped); MSE over the
+    known targets for float (regression) targets (``NaN`` = unlabelled, skipped,
+    :func:`kdkit.losses.masked_mse`). A batch with no label at all gives a loss of 0.
+    """
 
     needs_teacher = False
 
@@ -21,7 +25,7 @@ class Supervised(Method):
         logits = self.student(batch["x"])
         y = batch["y"]
         if y.is_floating_point():
-            loss = F.mse_loss(logits, y.view_as(logits))
+            loss = masked_mse(logits, y)
             return {"loss": loss, "mse": loss.detach(), "logits": logits}
         loss = masked_cross_entropy(logits, y)
         return {"loss": loss, "ce": loss.detach(), "logits": logits}
