@@ -93,10 +93,13 @@ def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, ba
             cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
                                 log=lambda _m: None)
     else:
-        # Lazy: no extra pass; the teacher's live outputs of the first epoch fill the table as they come
-        # (a complete matching disk cache, e.g. from `kdkit cache`, is reused instead).
+        # Filled before the first step, in dataset order and fixed batches: the stored outputs do not depend
+        # on which epoch's shuffled batches met a sample first, so a resumed run reads exactly the values an
+        # uninterrupted one does (lazy filling from the first epoch's batches gave float differences under
+        # several threads). The teacher does the same work as a first live epoch would, only earlier.
+        # A complete matching disk cache (e.g. from `kdkit cache`) is reused instead.
         cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
-                            log=log if rank == 0 else (lambda _m: None), lazy=True)
+                            progress=cfg.progress and rank == 0, log=log if rank == 0 else (lambda _m: None))
     teacher.use_cache(cache)
     teacher.cache_hits = teacher.live_calls = teacher.live_rows = 0
     return cache, f"{mode}, {reason}"

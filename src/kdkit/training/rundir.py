@@ -18,6 +18,9 @@ from typing import Any, Dict, List, Optional
 from ..errors import KdkitError
 
 
+PROBE = ".kdkit-write-test"
+
+
 def create_run_dir(path, resume: bool = False) -> Path:
     """Make ``path`` for a new run, or check it for a resumed one.
 
@@ -30,12 +33,14 @@ def create_run_dir(path, resume: bool = False) -> Path:
         if not (p / "config.yaml").is_file():
             raise KdkitError(f"cannot resume: {p} is not a kdkit run directory (no config.yaml)")
         return p
-    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+    # What a kill during creation can leave (the probe, a config.yaml not yet renamed) does not make a run.
+    leftovers = {PROBE, "config.yaml.tmp"}
+    if p.exists() and (not p.is_dir() or any(f.name not in leftovers for f in p.iterdir())):
         raise KdkitError(f"run directory {p} already exists and is not empty; choose another out_dir "
                          f"(e.g. out_dir={p}-2) or continue it with --resume {p} (Python: resume=True)")
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".kdkit-write-test"
+        probe = p / PROBE
         probe.write_text("")
         probe.unlink()
     except OSError as e:
