@@ -3,16 +3,23 @@
 Every batch in kdkit is a dict: ``{"x": inputs, "y": labels (optional),
 "index": positions in the dataset}``. ``index`` lets a method or a teacher
 cache look things up per sample (CRD's memory bank, cached teacher outputs).
-Labels equal to ``-1`` mark unlabelled samples (a label-scarce transfer set).
+A user's DataLoader gives batches without ``index`` (kdkit cannot see which
+samples it drew), so its teacher runs live.
+
+Unlabelled samples: a classification label of ``-1`` (:data:`UNLABELLED`), a
+regression target of NaN (every column), as in a label-scarce transfer set.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ..errors import KdkitError
 
 UNLABELLED = -1
 
@@ -22,13 +29,20 @@ class ArrayData(Dataset):
 
     Batches of an ArrayData are cut from the tensors directly (no per-sample
     Python work); see :class:`TensorLoader`.
+
+    ``target_scale`` (regression only): ``(mean, std)`` of shape (D,) when ``y`` holds standardised
+    targets; a target in the data's own units is ``y * std + mean``. :func:`kdkit.evaluation.metrics.predict`
+    uses it to report outputs and targets in those units.
     """
 
-    def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
+    def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                 target_scale: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         if y is not None and len(x) != len(y):
-            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+            raise KdkitError(f"inputs and targets differ in length: x has {len(x)} samples but y has {len(y)}; "
+                             "expected one target per input")
         self.x = x
         self.y = y
+        self.target_scale = target_scale
 
     def __len__(self) -> int:
         return len(self.x)
@@ -40,10 +54,10 @@ class ArrayData(Dataset):
         return item
 
     def subset(self, idx: torch.Tensor) -> "ArrayData":
-        return ArrayData(self.x[idx], None if self.y is None else self.y[idx])
+        return ArrayData(self.x[idx], None if self.y is None else self.y[idx], self.target_scale)
 
     def without_labels(self) -> "ArrayData":
-        return ArrayData(self.x, None)
+        return ArrayData(self.x, None, self.target_scale)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -121,6 +135,41 @@ class _EpochSampler(torch.utils.data.Sampler):
         return self.n
 
 
+def to_batch(item: Any, where: str = "a data item") -> Dict[str, Any]:
+    """One item of a user Dataset, or one batch of a user DataLoader, as a kdkit batch dict.
+
+    Accepted: a dict with an ``"x"`` key, an ``(x,)`` or ``(x, y)`` tuple/list (``y`` None: unlabelled),
+    or bare inputs. numpy arrays become tensors and float64 becomes float32, as :func:`as_dataset` does,
+    so a model's float32 weights meet float32 inputs.
+    """
+    if isinstance(item, dict):
+        if "x" not in item:
+            raise KdkitError(f"{where} is a dict without an 'x' key (keys: {', '.join(map(str, item))}); "
+                             "expected {'x': inputs, 'y': targets (optional)}")
+        out = dict(item)
+    elif isinstance(item, (tuple, list)):
+        if len(item) not in (1, 2):
+            raise KdkitError(f"{where} is a {type(item).__name__} of {len(item)} elements; expected x, (x,) "
+                             "or (x, y), or a dict {'x': ..., 'y': ...}")
+        out = {"x": item[0]}
+        if len(item) == 2 and item[1] is not None:
+            out["y"] = item[1]
+    else:
+        out = {"x": item}
+    for key in ("x", "y"):
+        if key in out:
+            out[key] = _tensor(out[key])
+    return out
+
+
+def _tensor(v: Any) -> Any:
+    if isinstance(v, np.ndarray) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        v = torch.as_tensor(v)
+    if isinstance(v, torch.Tensor) and v.dtype == torch.float64:
+        v = v.float()
+    return v
+
+
 class _Indexed(Dataset):
     """Wraps a user dataset returning ``(x, y)``, ``x`` or a dict so that items become batch dicts with an index."""
 
@@ -131,30 +180,49 @@ class _Indexed(Dataset):
         return len(self.data)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        item = self.data[i]
-        if isinstance(item, dict):
-            out = dict(item)
-        elif isinstance(item, (tuple, list)):
-            out = {"x": item[0]}
-            if len(item) > 1:
-                out["y"] = torch.as_tensor(item[1])
-        else:
-            out = {"x": item}
+        out = to_batch(self.data[i], f"item {i} of the dataset")
         out["index"] = torch.tensor(i)
         return out
+
+
+class LoaderBatches:
+    """A user's DataLoader seen as kdkit batch dicts (see :func:`to_batch`); its own sampler decides the order.
+
+    Batches carry no ``index``: kdkit cannot tell which samples a user's loader drew, so a teacher cache
+    (which looks outputs up by index) is refused for it and the teacher runs live.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        # DistributedSampler and kdkit's own samplers reshuffle per epoch through set_epoch.
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for i, batch in enumerate(self.loader):
+            yield to_batch(batch, f"batch {i} of the DataLoader")
 
 
 def make_loader(data, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                 num_workers: int = 0, rank: int = 0, world_size: int = 1):
     """The batch iterator for ``data``: :class:`TensorLoader` for :class:`ArrayData`, a DataLoader otherwise.
 
-    A DataLoader or any other iterable of batch dicts passes through unchanged.
+    A user's DataLoader keeps its own batch size, order and workers (``batch_size``, ``shuffle`` and the rest
+    are ignored for it); its batches are converted to batch dicts by :class:`LoaderBatches`.
     """
     if isinstance(data, ArrayData):
         return TensorLoader(data, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                             rank=rank, world_size=world_size)
-    if isinstance(data, DataLoader):
+    if isinstance(data, LoaderBatches):
         return data
+    if isinstance(data, DataLoader):
+        return LoaderBatches(data)
     if world_size > 1:
         sampler = torch.utils.data.DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                                       seed=seed, drop_last=drop_last)
@@ -164,22 +232,108 @@ def make_loader(data, batch_size: int, shuffle: bool = False, seed: int = 0, dro
                       num_workers=num_workers)
 
 
-def as_dataset(data) -> Dataset:
-    """Accept a Dataset, an ``(x, y)`` tuple of tensors/arrays, or a single tensor of inputs."""
+def as_dataset(data, split: str = "data") -> Dataset:
+    """Accept a Dataset, a DataLoader, an ``(x, y)`` tuple of tensors/arrays, or a single tensor of inputs.
+
+    ``split`` names the data in error messages (``"train"``, ``"val"``, ``"test"``). Tuples are checked here:
+    x and y of equal length, integer labels >= -1, no infinite targets (:func:`check_targets`).
+    """
     if data is None or isinstance(data, (Dataset, DataLoader)):
         return data
     if isinstance(data, (tuple, list)) and len(data) in (1, 2):
-        x = torch.as_tensor(data[0])
-        y = torch.as_tensor(data[1]) if len(data) == 2 and data[1] is not None else None
+        try:
+            x = torch.as_tensor(data[0])
+            y = torch.as_tensor(data[1]) if len(data) == 2 and data[1] is not None else None
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise KdkitError(f"{split} data: cannot make tensors of the (x, y) tuple: {e}; expected numeric "
+                             "arrays or tensors") from None
+        if x.dim() == 0:
+            raise KdkitError(f"{split} data: x is a single number; expected an array of samples (N, ...)")
+        if y is not None and y.dim() == 0:
+            raise KdkitError(f"{split} data: y is a single number; expected one target per sample (N,) or (N, D)")
+        if y is not None and len(x) != len(y):
+            raise KdkitError(f"{split} data: x has {len(x)} samples but y has {len(y)}; expected one target per "
+                             "input")
         if x.dtype == torch.float64:
             x = x.float()
         if y is not None and y.dtype == torch.float64:
             y = y.float()
-        return ArrayData(x, y)
+        out = ArrayData(x, y)
+        check_targets(out, split)
+        return out
     if isinstance(data, torch.Tensor):
         return ArrayData(data)
-    raise TypeError("data must be a torch Dataset, a DataLoader, a tensor of inputs or an (x, y) tuple; "
-                    f"got {type(data).__name__}")
+    raise KdkitError(f"{split} data must be a torch Dataset, a DataLoader, a tensor of inputs or an (x, y) tuple; "
+                     f"got {type(data).__name__}")
+
+
+def check_targets(data, split: str, num_classes: Optional[int] = None) -> None:
+    """Refuse targets a run would crash on later: integer labels outside ``-1..num_classes-1``, infinite targets.
+
+    Checked for in-memory data (:class:`ArrayData`); a generic Dataset is not read here. ``-1`` (classification)
+    and NaN (regression) mark unlabelled samples and pass.
+
+    Raises:
+        KdkitError: naming the split, the first bad value and its position.
+    """
+    y = getattr(data, "y", None) if isinstance(data, ArrayData) else None
+    if y is None or y.numel() == 0:
+        return
+    if y.is_floating_point():
+        bad = torch.isinf(y).reshape(len(y), -1).any(dim=1)
+        if bool(bad.any()):
+            i = int(bad.to(torch.uint8).argmax())
+            raise KdkitError(f"{split} split: target {y[i].tolist()} at position {i} is infinite; expected finite "
+                             "numbers (NaN marks an unlabelled sample)")
+        return
+    if y.dtype == torch.bool or y.is_complex():
+        raise KdkitError(f"{split} split: targets have dtype {y.dtype}; expected integer class labels or float "
+                         "regression targets")
+    bad = y < UNLABELLED
+    if num_classes is not None:
+        bad |= y >= num_classes
+    bad = bad.reshape(len(y), -1).any(dim=1)
+    if bool(bad.any()):
+        i = int(bad.to(torch.uint8).argmax())
+        expected = f"0..{num_classes - 1}" if num_classes is not None else "labels >= 0"
+        raise KdkitError(f"{split} split: label {y[i].tolist()} at position {i} is out of range; expected "
+                         f"{expected} (or -1 for an unlabelled sample)")
+
+
+def first_sample(data) -> torch.Tensor:
+    """One input of ``data`` without a batch dimension: works for ArrayData, any Dataset, a DataLoader, a tuple.
+
+    Raises:
+        KdkitError: when the data is empty.
+    """
+    data = as_dataset(data)
+    if isinstance(data, ArrayData):
+        if len(data) == 0:
+            raise KdkitError("the data is empty; expected at least one sample")
+        return data.x[0]
+    if isinstance(data, DataLoader):
+        batch = next(iter(LoaderBatches(data)), None)
+        if batch is None:
+            raise KdkitError("the DataLoader gave no batches; expected at least one sample")
+        return torch.as_tensor(batch["x"])[0]
+    try:
+        n = len(data)
+    except TypeError:
+        n = None
+    if n == 0:
+        raise KdkitError("the dataset is empty; expected at least one sample")
+    return torch.as_tensor(to_batch(data[0], "item 0 of the dataset")["x"])
+
+
+def num_samples(data) -> Optional[int]:
+    """The number of samples in ``data`` (ArrayData, Dataset, DataLoader over a sized dataset), else None."""
+    data = as_dataset(data)
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    try:
+        return len(data)
+    except TypeError:  # an IterableDataset without __len__
+        return None
 
 
 @dataclass
@@ -191,7 +345,14 @@ class DataSplits:
         num_classes: number of classes, or None for regression.
         input_shape: shape of one input, without the batch dimension.
         task: "classification" or "regression".
-        info: free-form facts for the report (source path, sizes, normalisation).
+        info: JSON-serialisable facts for the report (source path, sizes, normalisation). ``info["preprocess"]``,
+            when present, is the preprocessing a deployed model must apply: ``input_mean``/``input_std`` (per
+            feature: model input = (raw - mean) / std) and, for regression, ``target_mean``/``target_std`` (per
+            output: prediction in the data's units = output * std + mean). Export folds it into the file.
+        output_dim: number of regression outputs (target columns); None for classification. Filled from the
+            training targets when a builder leaves it out, so a model can be sized without reading samples.
+
+    Building a DataSplits checks in-memory targets (:func:`check_targets`): labels out of range name the split.
     """
 
     train: Dataset
@@ -201,6 +362,20 @@ class DataSplits:
     input_shape: Tuple[int, ...]
     task: str = "classification"
     info: Dict[str, object] = field(default_factory=dict)
+    output_dim: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val", "test"):
+            check_targets(getattr(self, name), name, self.num_classes)
+        y = getattr(self.train, "y", None) if isinstance(self.train, ArrayData) else None
+        if self.output_dim is None and self.task == "regression" and y is not None:
+            self.output_dim = int(y[0].numel()) if len(y) else None
+
+    @property
+    def preprocess(self) -> Optional[Dict[str, Any]]:
+        """``info["preprocess"]`` (see above), or None when inputs need no preprocessing the model lacks."""
+        p = self.info.get("preprocess")
+        return p if isinstance(p, dict) else None
 
 
 def fixed_split(n: int, n_val: int, n_test: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,12 +385,16 @@ def fixed_split(n: int, n_val: int, n_test: int, seed: int = 0) -> Tuple[torch.T
 
 
 def hide_labels(data: ArrayData, labelled_fraction: float, seed: int = 0) -> ArrayData:
-    """Keep labels for a stratified-at-random ``labelled_fraction`` of ``data``; the rest become UNLABELLED (-1)."""
+    """Keep the targets of a random ``labelled_fraction`` of ``data``; hide the rest.
+
+    Hidden classification labels become UNLABELLED (-1); hidden regression (float) targets become NaN,
+    which the regression losses and metrics skip (a -1.0 would be a real target value).
+    """
     if labelled_fraction >= 1.0 or data.y is None:
         return data
     n = len(data)
     keep = int(round(labelled_fraction * n))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 17))
     y = data.y.clone()
-    y[perm[keep:]] = UNLABELLED
-    return ArrayData(data.x, y)
+    y[perm[keep:]] = float("nan") if y.is_floating_point() else UNLABELLED
+    return ArrayData(data.x, y, data.target_scale)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save
 from torch import nn
 
-from ..data.core import as_dataset, make_loader
+from ..data.core import as_dataset, first_sample, make_loader
+from ..errors import KdkitError
 from ..teacher import Teacher
 
 
@@ -44,37 +45,85 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def predict(model: nn.Module, data, batch_size: int = 512, device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
-    """Run ``model`` over ``data`` in eval mode; returns ``{"outputs": (N, C), "y": (N, ...) or absent}`` on CPU."""
-    device = device or model_device(model)
-    was_training = model.training
-    model.eval()
-    outs, ys = [], []
-    for batch in make_loader(as_dataset(data), batch_size):
-        outs.append(model(batch["x"].to(device)).float().cpu())
-        if "y" in batch:
-            ys.append(batch["y"])
-    model.train(was_training)
-    result = {"outputs": torch.cat(outs)}
-    if ys:
-        result["y"] = torch.cat(ys)
-    return result
+    """Run ``model`` over ``data`` in eval mode; returns ``{"outputs": (N, C), "y": (N, ...) or absent}`` on CPU.
+
+    ``data``: a Dataset, a DataLoader (its own batches and order), an ``(x, y)`` tuple or a tensor of inputs.
+    When ``data`` carries a target scaling (``data.target_scale``, set by the ``csv`` builder for regression),
+    outputs and targets are returned in the data's own units (``value * std + mean``).
+    """
+    return predict_many([model], data, batch_size, device)[0]
+
+
+@torch.inference_mode()
+def predict_many(models: Sequence[nn.Module], data, batch_size: int = 512,
+                 device: Optional[torch.device] = None) -> List[Dict[str, torch.Tensor]]:
+    """:func:`predict` for several models in one pass over ``data``.
+
+    One pass keeps the models' outputs row-aligned even when ``data`` is a DataLoader that reshuffles on every
+    iteration (two separate passes would pair one model's sample i with another's sample j).
+    """
+    data = as_dataset(data)
+    devices = [device or model_device(m) for m in models]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    outs: List[List[torch.Tensor]] = [[] for _ in models]
+    ys = []
+    try:
+        for batch in make_loader(data, batch_size):
+            x = torch.as_tensor(batch["x"])
+            for m, dev, o in zip(models, devices, outs):
+                o.append(m(x.to(dev)).float().cpu())
+            if "y" in batch:
+                ys.append(torch.as_tensor(batch["y"]))
+    finally:
+        for m, was in zip(models, was_training):
+            m.train(was)
+    scale = getattr(data, "target_scale", None)
+    results = []
+    for o in outs:
+        out = torch.cat(o) if o else torch.empty(0)
+        result = {"outputs": _unscale(out, scale)}
+        if ys:
+            result["y"] = _unscale(torch.cat(ys), scale)
+        results.append(result)
+    return results
+
+
+def _unscale(t: torch.Tensor, scale) -> torch.Tensor:
+    """Standardised regression values back in the data's units: ``t * std + mean`` (shape (N, D) or (N,))."""
+    if scale is None or not t.is_floating_point() or t.numel() == 0:
+        return t
+    mean, std = (torch.as_tensor(v, dtype=t.dtype) for v in scale)
+    return (t.reshape(len(t), -1) * std + mean).reshape(t.shape)
 
 
 def quality(outputs: torch.Tensor, y: Optional[torch.Tensor] = None,
             teacher_outputs: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Accuracy, NLL, ECE (given labels) and agreement with the teacher (given its outputs) from raw outputs.
 
-    Regression targets (float ``y``) give MSE instead; unlabelled (-1) samples are skipped.
+    Regression targets (float ``y``) give MSE and MAE instead (in the units ``outputs`` and ``y`` are in);
+    unlabelled samples (label -1, or a NaN regression target) are skipped.
+
+    Raises:
+        KdkitError: a class label beyond the model's outputs (``C`` columns).
     """
     m: Dict[str, float] = {}
     if y is not None and y.is_floating_point():
-        m["mse"] = float(F.mse_loss(outputs, y.view_as(outputs)))
+        y = y.reshape(outputs.shape)
+        keep = ~torch.isnan(y).reshape(len(y), -1).any(dim=1)
+        if bool(keep.any()):
+            m["mse"] = float(F.mse_loss(outputs[keep], y[keep]))
+            m["mae"] = float(F.l1_loss(outputs[keep], y[keep]))
         if teacher_outputs is not None:
             m["mse_to_teacher"] = float(F.mse_loss(outputs, teacher_outputs))
         return m
     if y is not None:
         keep = y >= 0
         out, lab = outputs[keep], y[keep]
+        if len(lab) and int(lab.max()) >= out.shape[1]:
+            raise KdkitError(f"label {int(lab.max())} is out of range for a model with {out.shape[1]} outputs; "
+                             f"expected labels 0..{out.shape[1] - 1} (or -1 for unlabelled)")
         probs = out.softmax(dim=1)
         m["accuracy"] = float((out.argmax(1) == lab).float().mean())
         m["nll"] = float(F.cross_entropy(out, lab))
@@ -118,23 +167,29 @@ def evaluate(model: nn.Module, data, teacher: Optional[nn.Module] = None, batch_
 
     Args:
         model: the model to measure.
-        data: a Dataset, an ``(x, y)`` tuple or a tensor of inputs.
+        data: a Dataset, a DataLoader, an ``(x, y)`` tuple or a tensor of inputs.
         teacher: when given, agreement with it (same arg-max) is reported.
         measure_latency: time batch 1 and batch 256 on the CPU.
 
+    Regression: ``mse`` and ``mae`` are in the data's own units. Splits built by the ``csv`` dataset hold
+    standardised targets and carry their scaling (``data.target_scale``, also in the report's
+    ``data_info.preprocess``); outputs and targets are mapped back (``value * std + mean``) before measuring.
+
     Returns:
-        ``accuracy, nll, ece, agreement`` (as applicable), ``parameters, bytes``, ``latency_ms_b1``, ``latency_ms_b256``.
+        ``accuracy, nll, ece, agreement`` or ``mse, mae, mse_to_teacher`` (as applicable), ``parameters, bytes``,
+        ``latency_ms_b1``, ``latency_ms_b256``.
     """
     data = as_dataset(data)
-    pred = predict(model, data, batch_size)
-    t_out = None
+    models = [model]
     if teacher is not None:
-        t_model = teacher.model if isinstance(teacher, Teacher) else teacher
-        t_out = predict(t_model, data, batch_size)["outputs"]
+        models.append(teacher.model if isinstance(teacher, Teacher) else teacher)
+    preds = predict_many(models, data, batch_size)
+    pred = preds[0]
+    t_out = preds[1]["outputs"] if teacher is not None else None
     metrics = quality(pred["outputs"], pred.get("y"), t_out)
     metrics.update(size(model))
     if measure_latency:
-        shape = input_shape or tuple(data[0]["x"].shape if isinstance(data[0], dict) else data[0][0].shape)
+        shape = input_shape or tuple(first_sample(data).shape)
         device = model_device(model)
         cpu_model = model if device.type == "cpu" else _cpu_copy(model)
         metrics.update(latency(cpu_model, shape))
