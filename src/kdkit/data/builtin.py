@@ -8,9 +8,11 @@ them take the fast batching path.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +33,11 @@ def _standardise(train_x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Te
     return tuple((t - mean) / std for t in (train_x, *others))
 
 
+def _normalisation(train_x: torch.Tensor) -> Dict[str, float]:
+    """The scalars :func:`_standardise` used, for the report (images: model input = (pixel/255 - mean) / std)."""
+    return {"mean": float(train_x.mean()), "std": float(train_x.std().clamp_min(1e-8))}
+
+
 @DATASETS.register("digits")
 def digits(seed: int = 0, train_subset: Optional[int] = None) -> DataSplits:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), embedded in the package.
@@ -48,7 +55,8 @@ def digits(seed: int = 0, train_subset: Optional[int] = None) -> DataSplits:
         tr = tr[:train_subset]
     xtr, xva, xte = _standardise(x[tr], x[va], x[te])
     return DataSplits(ArrayData(xtr, y[tr]), ArrayData(xva, y[va]), ArrayData(xte, y[te]),
-                      num_classes=10, input_shape=(1, 8, 8), info={"source": "sklearn.datasets.load_digits"})
+                      num_classes=10, input_shape=(1, 8, 8),
+                      info={"source": "sklearn.datasets.load_digits", "normalisation": _normalisation(x[tr])})
 
 
 # ----------------------------------------------------------------------------- IDX (MNIST-style) files
@@ -63,14 +71,14 @@ def read_idx(path: os.PathLike) -> np.ndarray:
     dimensions, one big-endian uint32 per dimension, then the data.
 
     Raises:
-        KdkitError: when the file cannot be read, is not IDX, or is truncated.
+        KdkitError: when the file cannot be read or decompressed, is not IDX, or its header disagrees with its size.
     """
     path = Path(path)
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt deflate stream inside the gzip
         raise KdkitError(f"cannot read IDX file {path}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise KdkitError(f"{path} is not an IDX file (expected magic bytes 00 00 <dtype> <ndim>)")
@@ -80,7 +88,8 @@ def read_idx(path: os.PathLike) -> np.ndarray:
         raise KdkitError(f"IDX file {path} is truncated: header needs {header} bytes, file has {len(raw)}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    need = header + int(np.prod(shape)) * dtype.itemsize
+    # Python integers: np.prod of uint32 dimensions can overflow int64 and match a small file by accident.
+    need = header + math.prod(shape) * dtype.itemsize
     if len(raw) != need:
         raise KdkitError(f"IDX file {path} is truncated or corrupt: shape {shape} needs {need} bytes, "
                          f"file has {len(raw)}")
@@ -104,6 +113,13 @@ def _idx_dataset(name: str, root: Optional[str], default_root: str, install_hint
         raise KdkitError(f"{name} not found: looked for {e.args[0]}[.gz] in {base}; {install_hint}, "
                          "or set data.root to the folder holding the four IDX files") from None
     xtr, ytr, xte, yte = (read_idx(f) for f in files)
+    for f, arr, ndim in zip(files, (xtr, ytr, xte, yte), (3, 1, 3, 1)):
+        if arr.ndim != ndim:
+            raise KdkitError(f"{name}: {f} has {arr.ndim} dimensions {arr.shape}; expected "
+                             f"{'(N, height, width) images' if ndim == 3 else '(N,) labels'}")
+    for f, arr in ((files[1], ytr), (files[3], yte)):
+        if arr.dtype.kind == "f":
+            raise KdkitError(f"{name}: {f} holds floating-point labels; expected integer class labels")
     if len(xtr) != len(ytr) or len(xte) != len(yte):
         raise KdkitError(f"{name} in {base}: images and labels disagree in count "
                          f"({len(xtr)} vs {len(ytr)}, {len(xte)} vs {len(yte)})")
@@ -115,9 +131,11 @@ def _idx_dataset(name: str, root: Optional[str], default_root: str, install_hint
     if train_subset is not None:
         tr = tr[:train_subset]
     xtr_, xva_, xte_ = _standardise(x[tr], x[va], x_test)
+    # Classes come from the training labels; a test label beyond them fails here (check_targets), not after training.
     return DataSplits(ArrayData(xtr_, y[tr]), ArrayData(xva_, y[va]), ArrayData(xte_, y_test),
-                      num_classes=int(y.max()) + 1, input_shape=tuple(x.shape[1:]),
-                      info={"source": str(base), "train": len(tr), "val": len(va), "test": len(y_test)})
+                      num_classes=int(y.max()) + 1 if len(y) else 0, input_shape=tuple(x.shape[1:]),
+                      info={"source": str(base), "train": len(tr), "val": len(va), "test": len(y_test),
+                            "normalisation": _normalisation(x[tr])})
 
 
 @DATASETS.register("fashion_mnist")
@@ -139,6 +157,9 @@ def mnist(root: Optional[str] = None, seed: int = 0, train_subset: Optional[int]
 # ----------------------------------------------------------------------------- image folders
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+# Refuse images declaring more pixels than this before decoding them: a few-byte file can declare
+# 30000x30000 pixels (a decompression bomb) and ask for gigabytes. 40 megapixels covers real photos.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 @DATASETS.register("image_folder")
@@ -162,9 +183,16 @@ def image_folder(root: Optional[str] = None, image_size: int = 32, grayscale: bo
             if f.suffix.lower() not in _IMAGE_SUFFIXES:
                 continue
             try:
-                img = Image.open(f).convert("L" if grayscale else "RGB").resize((image_size, image_size))
-            except OSError as e:
-                raise KdkitError(f"image_folder: cannot read image {f}: {e}") from None
+                with Image.open(f) as raw:  # reads the header only; pixels are decoded by convert()
+                    w, h = raw.size
+                    if w * h > MAX_IMAGE_PIXELS:
+                        raise KdkitError(f"image_folder: image {f} declares {w}x{h} pixels, more than the "
+                                         f"{MAX_IMAGE_PIXELS:,} kdkit decodes; shrink it or remove it")
+                    img = raw.convert("L" if grayscale else "RGB").resize((image_size, image_size))
+            except KdkitError:
+                raise
+            except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+                raise KdkitError(f"image_folder: cannot read image {f}: {type(e).__name__}: {e}") from None
             arr = np.asarray(img, dtype=np.float32) / 255.0
             xs.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
             ys.append(label)
@@ -177,51 +205,145 @@ def image_folder(root: Optional[str] = None, image_size: int = 32, grayscale: bo
     xtr, xva, xte = _standardise(x[tr], x[va], x[te])
     return DataSplits(ArrayData(xtr, y[tr]), ArrayData(xva, y[va]), ArrayData(xte, y[te]),
                       num_classes=len(classes), input_shape=tuple(x.shape[1:]),
-                      info={"source": str(root), "classes": classes})
+                      info={"source": str(root), "classes": classes, "normalisation": _normalisation(x[tr])})
 
 
 # ----------------------------------------------------------------------------- CSV tables
+
+def _read_csv(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
+    """Header and ``(line number, fields)`` of every non-blank row; any unreadable file is a KdkitError."""
+    import csv as _csv
+
+    rows: List[Tuple[int, List[str]]] = []
+    try:
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name.
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = _csv.reader(fh)
+            for fields in reader:
+                if fields and any(f.strip() for f in fields):
+                    rows.append((reader.line_num, fields))
+    except UnicodeDecodeError as e:
+        raise KdkitError(f"csv: {path} is not UTF-8 text (byte {e.start}: {e.reason}); expected a UTF-8 CSV "
+                         "file with a header row") from None
+    except (_csv.Error, OSError) as e:  # _csv.Error: NUL bytes, unterminated quotes, oversized fields
+        raise KdkitError(f"csv: cannot parse {path}: {e}; expected a UTF-8 CSV file with a header row") from None
+    if len(rows) < 2:
+        raise KdkitError(f"csv: {path} has no data rows (a header row, then one row per sample)")
+    header = [h.strip() for h in rows[0][1]]
+    for line, fields in rows[1:]:
+        if len(fields) != len(header):
+            raise KdkitError(f"csv: {path} line {line} has {len(fields)} fields; the header has {len(header)}")
+    return header, rows[1:]
+
+
+def _number(v: str) -> Optional[float]:
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def _class_values(values: List[str]) -> Tuple[List[int], list]:
+    """Class index per row and the class list, in order.
+
+    Numeric labels are compared as numbers ("1" and "1.0" are one class) and sorted numerically (with
+    11 classes, class 2 is label 2, not "10"); other labels are sorted as strings.
+    """
+    numbers = [_number(v) for v in values]
+    if all(n is not None and math.isfinite(n) for n in numbers):
+        distinct = sorted(set(numbers))  # type: ignore[arg-type]
+        pos = {n: i for i, n in enumerate(distinct)}
+        return [pos[n] for n in numbers], [int(n) if n.is_integer() else n for n in distinct]
+    distinct_s = sorted(set(values))
+    pos_s = {v: i for i, v in enumerate(distinct_s)}
+    return [pos_s[v] for v in values], distinct_s
+
+
+def _scale(train: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and std of the training rows, ignoring NaN (unlabelled targets).
+
+    A column with no spread (or fewer than two values) gets std 1, so it is shifted but never blown up.
+    """
+    mean = torch.nanmean(train, dim=0)
+    mean = torch.where(torch.isnan(mean), torch.zeros_like(mean), mean)
+    count = (~torch.isnan(train)).sum(0)
+    var = torch.nansum((train - mean) ** 2, dim=0) / (count - 1).clamp_min(1)
+    std = var.sqrt()
+    std = torch.where((count > 1) & (std > 1e-8), std, torch.ones_like(std))
+    return mean, std
+
 
 @DATASETS.register("csv")
 def csv(path: Optional[str] = None, target: str = "target", task: str = "classification",
         val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> DataSplits:
     """A numeric CSV table with a header row: every column but ``target`` is a feature.
 
-    For classification, the target's distinct values (sorted) become classes
-    0..C-1; for regression it is a float. Features are standardised per column
-    with the training split's statistics.
-    """
-    import csv as _csv
+    Classification: the target's distinct values become classes 0..C-1, in numeric order when every value
+    is a number (``"1"`` and ``"1.0"`` are one class), else in string order (``info["classes"]``).
+    Regression: the target is a number; an empty or ``nan`` target marks an unlabelled row (NaN).
 
+    Features are standardised per column with the training split's mean and std; regression targets too,
+    so default learning rates fit targets of any scale. Both are recorded in ``info["preprocess"]``
+    (``input_mean``, ``input_std``, ``target_mean``, ``target_std``: model input = (raw - mean) / std,
+    prediction = output * std + mean), which lands in report.json and which ``kdkit export`` folds into the
+    exported file; evaluation reports regression errors in the CSV's units (``ArrayData.target_scale``).
+
+    Raises:
+        KdkitError: a file that is not UTF-8 CSV, rows of the wrong length, non-numeric, NaN or infinite
+            features, or a non-numeric regression target, each naming the line and column.
+    """
     if path is None or not Path(path).is_file():
         raise KdkitError(f"csv: data.path must be an existing CSV file; got {path!r}")
     if task not in ("classification", "regression"):
         raise KdkitError(f"csv: data.task must be 'classification' or 'regression'; got {task!r}")
-    with open(path, newline="") as fh:
-        rows = list(_csv.reader(fh))
-    if len(rows) < 2:
-        raise KdkitError(f"csv: {path} has no data rows")
-    header, body = rows[0], rows[1:]
+    header, body = _read_csv(path)
     if target not in header:
         raise KdkitError(f"csv: target column {target!r} not in {path}; columns: {', '.join(header)}")
     t = header.index(target)
     features = [h for i, h in enumerate(header) if i != t]
-    try:
-        feats = np.array([[float(v) for i, v in enumerate(r) if i != t] for r in body], dtype=np.float32)
-    except ValueError as e:
-        raise KdkitError(f"csv: non-numeric feature value in {path}: {e}") from None
+    if not features:
+        raise KdkitError(f"csv: {path} has only the target column {target!r}; expected feature columns too")
+    feats = np.empty((len(body), len(features)), dtype=np.float32)
+    for r, (line, fields) in enumerate(body):
+        for c, v in enumerate(f for i, f in enumerate(fields) if i != t):
+            n = _number(v)
+            if n is None or not math.isfinite(n):
+                what = "is not a number" if n is None else "is not finite"
+                raise KdkitError(f"csv: {path} line {line}, column {features[c]!r}: value {v!r} {what}; expected "
+                                 "numeric features (clean or impute missing values first)")
+            feats[r, c] = n
+    raw_targets = [fields[t].strip() for _, fields in body]
+    values: list = []
     if task == "classification":
-        values = sorted({r[t] for r in body})
-        y = torch.tensor([values.index(r[t]) for r in body])
+        index, values = _class_values(raw_targets)
+        y = torch.tensor(index, dtype=torch.long)
         num_classes: Optional[int] = len(values)
     else:
-        y = torch.tensor([float(r[t]) for r in body]).unsqueeze(1)
-        num_classes, values = None, []
+        numbers = []
+        for (line, _), v in zip(body, raw_targets):
+            n = float("nan") if v == "" else _number(v)
+            if n is None or math.isinf(n):
+                raise KdkitError(f"csv: {path} line {line}: target {v!r} in column {target!r} is not a finite number; "
+                                 "task: regression needs numeric targets (use task: classification for labels)")
+            numbers.append(n)
+        y = torch.tensor(numbers, dtype=torch.float32).unsqueeze(1)  # (N, 1); NaN = unlabelled
+        num_classes = None
     x = torch.from_numpy(feats)
     n_val, n_test = int(len(x) * val_fraction), int(len(x) * test_fraction)
     tr, va, te = fixed_split(len(x), n_val, n_test, seed=seed)
-    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-8)
-    norm = lambda a: (a - mean) / std  # noqa: E731
-    return DataSplits(ArrayData(norm(x[tr]), y[tr]), ArrayData(norm(x[va]), y[va]), ArrayData(norm(x[te]), y[te]),
-                      num_classes=num_classes, input_shape=(x.shape[1],), task=task,
-                      info={"source": str(path), "features": features, "classes": values})
+    mean, std = _scale(x[tr])
+    preprocess: Dict[str, object] = {"input_mean": mean.tolist(), "input_std": std.tolist()}
+    target_scale = None
+    if task == "regression":
+        t_mean, t_std = _scale(y[tr])
+        y = (y - t_mean) / t_std
+        target_scale = (t_mean, t_std)
+        preprocess.update(target_mean=t_mean.tolist(), target_std=t_std.tolist())
+
+    def split(idx: torch.Tensor) -> ArrayData:
+        return ArrayData((x[idx] - mean) / std, y[idx], target_scale)
+
+    return DataSplits(split(tr), split(va), split(te), num_classes=num_classes, input_shape=(x.shape[1],), task=task,
+                      output_dim=1 if task == "regression" else None,
+                      info={"source": str(path), "features": features, "target": target, "classes": values,
+                            "preprocess": preprocess})
