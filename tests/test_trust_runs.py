@@ -229,10 +229,13 @@ def test_kill_9_at_random_moments_resumes_bit_identical(tmp_path, teacher_run):
 
 
 def test_resumed_distillation_is_bit_identical_with_a_cached_teacher(tmp_path, teacher_run, monkeypatch):
-    cfg = lambda out: tiny_config(out, student={"name": "mlp", "hidden": [16]},  # noqa: E731
-                                  teacher={"checkpoint": str(teacher_run)}, method={"name": "kd"},
-                                  train={"epochs": 3, "lr": 0.01, "progress": False, "teacher_cache": "memory"})
-    torch.set_num_threads(2)  # the default thread count, where batch composition changes float results
+    def cfg(out):
+        c = tiny_config(out, student={"name": "mlp", "hidden": [16]}, teacher={"checkpoint": str(teacher_run)},
+                        method={"name": "kd"}, train={"epochs": 3, "lr": 0.01, "progress": False,
+                                                      "teacher_cache": "memory", "threads": 2})
+        c["data"]["train_subset"] = 250  # a last batch of 58: which samples share it changes every epoch
+        return c
+
     try:
         full = kdkit.run_config(kdkit.load_config(cfg(tmp_path / "full")), "distill")
         real = ckpt_mod.save_training_state
@@ -393,3 +396,16 @@ def test_fit_without_run_dir_keeps_best_in_memory():
     method = METHODS.get("supervised")(nn.Linear(4, 2))
     hist = fit(method, data, data, TrainConfig(epochs=3, progress=False, lr=0.05, optimizer="sgd"), batch_size=32)
     assert hist.best_epoch is not None and hist.kept_state is not None
+
+
+def test_teacher_cache_is_complete_before_the_first_step():
+    """What makes a resumed distillation read the same teacher values: the cache is filled in dataset order
+    before training, not from whichever epoch's shuffled batches first met each sample."""
+    from kdkit.methods.build import build_method
+    from kdkit.teacher import Teacher
+    from kdkit.teacher.plan import prepare_teacher_cache
+
+    data = _tie_data()
+    method = build_method("kd", nn.Linear(4, 2), Teacher(nn.Linear(4, 2)), {}, train_data=data)
+    cache, _ = prepare_teacher_cache(method, data, TrainConfig(teacher_cache="memory", progress=False))
+    assert cache.has(torch.arange(len(data)))

@@ -25,6 +25,7 @@ from .data.core import make_loader
 from .training.distributed import dist_env
 from .training.loop import History, fit, resolve_device, seed_everything
 from .training.rundir import write_text_atomic
+from .training.threads import apply_threads
 from .errors import KdkitError
 from .evaluation.metrics import evaluate
 from .methods import METHODS, Method
@@ -169,6 +170,7 @@ def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[
     cfg = validate(cfg, command, from_python=given is not None)
     if resume:
         _check_resume(cfg)
+    apply_threads(cfg.train.threads)
     seed_everything(cfg.seed)  # before any model, connector, head or subset is built
     parts = given if given is not None else build_parts(cfg, command)
     method = _build_run_method(cfg, command, parts)

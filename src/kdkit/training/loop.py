@@ -40,7 +40,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +57,7 @@ from ..teacher import Teacher
 from ..teacher.plan import prepare_teacher_cache
 from .checkpoint import STATE_FILE, load_training_state, non_finite, save_training_state, save_weights
 from .distributed import init_distributed
-from .progress import epoch_summary, progress_bar
+from .progress import progress_for
 from .tracker import Tracker
 
 
@@ -437,12 +436,12 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
                   eval_batch_size=eval_batch_size, num_workers=num_workers, name=name, history=history)
     start = _resume(loop, history) if resume else 0
     keeper = Keeper(cfg.keep, history.best_score, history.best_epoch)
-    if loop.main and cfg.progress and isinstance(loop.teacher, Teacher):
-        print(f"teacher cache: {history.teacher_cache}", file=sys.stderr)
-    bar = progress_bar(cfg.progress and loop.main)
+    out = progress_for(cfg, loop.main)
+    if isinstance(loop.teacher, Teacher):
+        out.line(f"teacher cache: {history.teacher_cache}")
     try:
         for epoch in range(start, cfg.epochs):
-            record = _train_epoch(loop, epoch, bar)
+            record = _train_epoch(loop, epoch, out)
             val = None
             if loop.main and val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 val = _validate(loop, val_data, eval_batch_size)
@@ -451,12 +450,11 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
             improved = loop.main and (keeper.consider(epoch + 1, val) if val is not None or val_data is None else False)
             history.epochs.append(record)
             _save_epoch(loop, record, history, keeper, improved, epoch)
-            if hasattr(bar, "write"):
-                bar.write(epoch_summary(name, record))
+            out.epoch(name, record)
         history.best_score, history.best_epoch = keeper.best, keeper.epoch
-        if loop.main and cfg.progress and keeper.epoch is not None:
+        if keeper.epoch is not None:
             rule = "best validation score" if cfg.keep == "best" and val_data is not None else "last epoch"
-            print(f"{name}: keeping the weights of epoch {keeper.epoch} of {cfg.epochs} ({rule})", file=sys.stderr)
+            out.line(f"{name}: keeping the weights of epoch {keeper.epoch} of {cfg.epochs} ({rule})")
     finally:
         if loop.tensorboard:
             loop.tensorboard.close()
