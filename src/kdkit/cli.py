@@ -13,6 +13,10 @@
     kdkit born-again CONFIG --generations N     # born-again networks, one run directory per generation
     kdkit --plugin my_models train CONFIG       # your own models: import a plugin first (or KDKIT_PLUGINS)
 
+Global options (before or after the command): ``--quiet`` (no per-epoch lines: results and errors only),
+``--no-progress`` (epoch lines, no progress bar), ``--threads N`` (torch's CPU threads, ``train.threads``),
+``--version``. Plain ``kdkit`` prints this help and exits with status 0.
+
 Expected failures print ``error: <one line>`` and exit with status 2.
 """
 
@@ -20,11 +24,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
+from . import __version__
 from .errors import KdkitError
+
+#: Commands that read a config and take ``key.path=value`` overrides (the global options become overrides).
+CONFIG_COMMANDS = ("train", "distill", "cache", "compress", "born-again")
+#: What the running command is working on, for the message after Ctrl-C (set by :func:`run`).
+_RUNNING: Dict[str, Optional[str]] = {}
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r:.80}")
+    return n
+
+
+def _global_options(parser: argparse.ArgumentParser, in_command: bool) -> None:
+    """``--quiet``, ``--no-progress``, ``--threads``: accepted before the command and after it.
+
+    In a command's own parser the defaults are suppressed, so that an option given before the command is not
+    reset by the command's parser (argparse's sub-parsers otherwise write their defaults over it).
+    """
+    g = parser.add_argument_group("output and threads")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if in_command else False,
+                   help="no per-epoch lines or bars: only results, warnings and errors")
+    g.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS if in_command else False,
+                   help="one line per epoch, no progress bar (there is never a bar when stderr is not a terminal)")
+    g.add_argument("--threads", type=_threads, metavar="N", default=argparse.SUPPRESS if in_command else None,
+                   help="torch CPU threads (overrides train.threads; default auto, see the README)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,13 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import your own code first (a module name or ./file.py; repeatable; before the command): "
                         "its registered models and its module:factory names become usable; nothing else is imported")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    _global_options(p, in_command=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="teacher, scratch student and distilled student on embedded digits")
     d.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-N if taken)")
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-progress", action="store_true")
 
     for name, text in (("train", "train a model on labels (teachers, baselines)"), ("distill", "distil a teacher into a student")):
         c = sub.add_parser(name, help=text)
@@ -78,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("config", help="YAML config (teacher.checkpoint = generation 0, or a student section to train it)")
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     b.add_argument("--generations", type=int, default=2)
+    for command_parser in sub.choices.values():
+        _global_options(command_parser, in_command=True)
     return p
 
 
@@ -121,8 +160,49 @@ def _inspect(args: argparse.Namespace) -> str:
             f"teacher_layer (append :input for a module's input)\n" + format_trace(records))
 
 
+def _apply_global_options(args: argparse.Namespace) -> None:
+    """Map ``--quiet``/``--no-progress``/``--threads`` onto the run: overrides of config commands, and the
+    process-wide defaults of :mod:`kdkit.training.progress` and ``OMP_NUM_THREADS`` for every command."""
+    from .training.progress import configure
+    from .training.threads import apply_threads
+
+    configure(quiet=args.quiet, bar=not (args.quiet or args.no_progress))
+    extra = []
+    if args.quiet or args.no_progress:
+        extra.append("train.progress=false")  # also silences the bar of the teacher cache's first pass
+    if args.threads is not None:
+        # An explicit count wins over a config's train.threads; the environment carries it to "auto" in runs
+        # assembled without overrides (kdkit demo) and to data-loading worker processes.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        apply_threads(args.threads)
+        extra.append(f"train.threads={args.threads}")
+    if args.command in CONFIG_COMMANDS:
+        args.overrides = list(args.overrides) + extra
+
+
+def _interrupted_message() -> str:
+    """After Ctrl-C: how to continue, with the real run directory."""
+    command, out_dir = _RUNNING.get("command"), _RUNNING.get("out_dir")
+    if not out_dir:
+        return "interrupted" + (" (no out_dir: nothing was saved)" if command in ("train", "distill") else "")
+    if command in ("train", "distill"):
+        if Path(out_dir, "config.yaml").is_file():
+            return f"interrupted; continue with: kdkit {command} --resume {out_dir}"
+        return f"interrupted before {out_dir} was set up; start the run again"
+    if command == "cache":
+        return "interrupted; run the same command again to continue filling the cache"
+    return f"interrupted ({command}: {out_dir})"
+
+
 def run(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # plain `kdkit`: say what it can do
+        parser.print_help()
+        return 0
+    _apply_global_options(args)
+    _RUNNING.clear()
+    _RUNNING["command"] = args.command
     from .models import load_env_plugins, load_plugin
 
     for plugin in args.plugin:  # the user's explicit choice; configs alone never import code
@@ -146,7 +226,9 @@ def run(argv: Optional[List[str]] = None) -> int:
     if args.command == "compress":
         from .compress import run_compress
 
-        ladder = run_compress(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        _RUNNING["out_dir"] = cfg.out_dir
+        ladder = run_compress(cfg)
         print(f"run directory: {ladder.dir}")
         return 0
     if args.command == "export":
@@ -158,7 +240,9 @@ def run(argv: Optional[List[str]] = None) -> int:
     if args.command == "demo":
         from .recipes.demo import run_demo
 
-        run_demo(_demo_dir(args.out), epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+        out = _demo_dir(args.out)
+        _RUNNING["out_dir"] = str(out)
+        run_demo(out, epochs=args.epochs, seed=args.seed, progress=not (args.quiet or args.no_progress))
         return 0
     if args.command in ("train", "distill"):
         if args.resume:
@@ -173,6 +257,7 @@ def run(argv: Optional[List[str]] = None) -> int:
             if not args.config:
                 raise KdkitError(f"kdkit {args.command}: a CONFIG file is required (or --resume RUN_DIR)")
             cfg = load_config(args.config, args.overrides)
+        _RUNNING["out_dir"] = cfg.out_dir
         result = api.run_config(cfg, args.command, resume=bool(args.resume))
         if result.dir is None:  # a torchrun worker other than rank 0: rank 0 reports
             return 0
@@ -203,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        print(_interrupted_message(), file=sys.stderr)
         code = 130
     if "torch.distributed" in sys.modules:  # under torchrun: leave the process group cleanly
         import torch.distributed as dist

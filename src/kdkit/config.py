@@ -20,6 +20,8 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
@@ -91,7 +93,10 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, gt=0, description="evaluate on the validation split every N epochs")
     keep: Literal["best", "last"] = Field(
         "best", description="weights kept in best.safetensors: best validation score (ties: lower NLL, then the later epoch) or the last epoch")
-    progress: bool = True
+    progress: bool = Field(True, description="a progress bar during each epoch, shown only when stderr is a terminal")
+    quiet: bool = Field(False, description="no per-epoch lines: only results, warnings and errors")
+    threads: Union[int, Literal["auto"]] = Field(
+        "auto", description="torch's CPU threads: an integer >= 1, or auto (see kdkit.training.threads)")
     # speed (see kdkit.training.loop and kdkit.teacher.cache)
     grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimiser step")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward passes (CPU and CUDA)")
@@ -104,6 +109,13 @@ class TrainConfig(_Strict):
     cache_topk: Optional[int] = Field(None, gt=0, description="store only the k largest teacher logits per sample")
     cache_dir: Optional[str] = Field(None, description="folder of disk caches (default $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher)")
     cache_memory_mb: int = Field(2048, ge=0, description="auto: largest cache kept in memory; bigger ones go to disk")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _check_threads(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("expected an integer >= 1 or 'auto'")
 
 
 class EnsembleConfig(_Strict):
@@ -227,42 +239,190 @@ class RunConfig(_Strict):
         return [s.model_dump() for s in parse_compress_steps(value)]
 
 
+# --- reading YAML: data only, read as written -------------------------------------------------------------
+
+#: Longest piece of a user's input quoted in an error message: errors stay one short line.
+QUOTE_CHARS = 80
+#: Values that YAML aliases may add beyond what is written out: enough for any real config, far below a
+#: "billion laughs" document (400 bytes of nested aliases expand to millions of values).
+ALIAS_BUDGET = 10_000
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, on one line (for quoting user input in errors)."""
+    text = repr(value).replace("\\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the surprises of YAML 1.1 removed.
+
+    - Booleans are only ``true``/``false`` (any case, as in YAML 1.2): ``off``, ``on``, ``yes``, ``no``
+      stay strings, so ``teacher_cache: off`` means the string the README lists (YAML 1.1 reads it as false).
+    - A key given twice in one mapping is an error naming the key and both lines (silently keeping the
+      last one hides typos).
+    - Aliases may expand to at most :data:`ALIAS_BUDGET` values beyond the written ones.
+    - Tags that build Python objects (``!!python/object``) are refused, as by every safe loader.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            # Keys brought in by a merge (<<: *base) may be overridden; only a key written twice is an error.
+            own = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
+            self.flatten_mapping(node)
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if id(key_node) in own and isinstance(key_node, yaml.ScalarNode):
+                    key, line = key_node.value, key_node.start_mark.line + 1
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {quote(key)} (lines {seen[key]} and {line}); give each key once")
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def get_single_node(self) -> Optional[yaml.Node]:
+        node = super().get_single_node()
+        if node is not None:
+            _check_alias_budget(node)
+        return node
+
+
+    def refuse_tag(self, node: yaml.Node) -> None:
+        raise yaml.constructor.ConstructorError(None, None, f"the tag {quote(node.tag)} is not allowed (a config is "
+                                                f"data, never code)", node.start_mark)
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+# YAML 1.2 floats without a dot (1e-3, 5E4): YAML 1.1 reads them as strings. Added after the int resolver, so
+# plain integers stay integers.
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
+ConfigLoader.add_constructor(None, ConfigLoader.refuse_tag)
+
+
+def _check_alias_budget(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand to far more values than it writes out (an alias bomb)."""
+    sizes: Dict[int, Optional[int]] = {}
+    stack = [(root, False)]
+    while stack:  # iterative post-order walk: deep documents must not overflow Python's stack
+        node, children_done = stack.pop()
+        if children_done:
+            kids = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+            sizes[id(node)] = 1 + sum(sizes[id(k)] or 0 for k in kids)
+            continue
+        if id(node) in sizes:
+            if sizes[id(node)] is None:
+                raise yaml.constructor.ConstructorError(None, None, "an alias refers to a node that contains it "
+                                                        "(a recursive structure); write the values out",
+                                                        node.start_mark)
+            continue
+        if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+            sizes[id(node)] = None  # in progress
+            stack.append((node, True))
+            kids = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+            stack.extend((k, False) for k in kids)
+        else:
+            sizes[id(node)] = 1
+    if sizes[id(root)] > len(sizes) + ALIAS_BUDGET:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"aliases expand to {sizes[id(root)]} values from {len(sizes)} written ones (over the "
+            f"budget of {ALIAS_BUDGET}); write the values out", root.start_mark)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One short line from a PyYAML error: what is wrong and where."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        problem = e.problem or e.context or "not valid YAML"
+        problem = re.sub(r"\s+", " ", str(problem)).strip()
+        if len(problem) > 160:
+            problem = problem[:157] + "..."
+        return f"line {mark.line + 1}: {problem}" if mark is not None else problem
+    return quote(str(e), 160).strip("'\"")
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document with :class:`ConfigLoader`; any failure is a one-line :class:`KdkitError`."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
+    except yaml.YAMLError as e:
+        raise KdkitError(f"{source}: not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise KdkitError(f"{source}: not valid YAML: nested too deeply") from None
+
+
+def _section_model(model: Any, key: str) -> Any:
+    """The pydantic section class behind ``model.key``; None when ``key`` holds a plain value (or a list)."""
+    field = model.model_fields.get(key)
+    if field is None:
+        return None
+    ann = field.annotation
+    return next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
 def _format_error(err: ValidationError, source: str) -> str:
+    """One line from pydantic's first error: the key path, what is expected, what was given (cut short)."""
     e = err.errors()[0]
     path = ".".join(str(p) for p in e["loc"]) or "(top level)"
     if e["type"] == "extra_forbidden":
         section: Any = RunConfig
         for part in e["loc"][:-1]:
-            ann = section.model_fields[part].annotation
-            section = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+            if isinstance(part, str) and isinstance(section, type) and issubclass(section, BaseModel):
+                section = _section_model(section, part) or section
         allowed = ", ".join(section.model_fields)
         return f"{source}: unknown key {path!r}; allowed here: {allowed}"
-    given = e.get("input")
-    return f"{source}: {path}: {e['msg']} (given {given!r})"
+    msg = re.sub(r"\s+", " ", e["msg"]).replace("Value error, ", "").replace("Input should be", "expected")
+    if e["type"] == "missing":
+        return f"{source}: {path}: a value is required"
+    return f"{source}: {path}: {msg}; given {quote(e.get('input'))}"
 
 
 def parse_override(text: str) -> tuple:
-    """``"method.temperature=2"`` -> ``(["method", "temperature"], 2)``; the value is parsed as YAML."""
+    """``"method.temperature=2"`` -> ``(["method", "temperature"], 2)``; the value is parsed as YAML.
+
+    The value is read by the same :class:`ConfigLoader` as files (``off`` stays a string); a value that is
+    not valid YAML on its own (``a: b: c``) is taken as the literal string.
+    """
     key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise KdkitError(f"override {text!r} must look like key.path=value")
+    keys = key.split(".")
+    if not sep or not key or not all(keys):
+        raise KdkitError(f"override {quote(text)} must look like key.path=value (e.g. train.epochs=3)")
+    if value == "":
+        return keys, None
     try:
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = yaml.load(value, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
     except yaml.YAMLError:
         parsed = value
-    return key.split("."), parsed
+    except RecursionError:
+        raise KdkitError(f"override {quote(text)}: value nested too deeply") from None
+    return keys, parsed
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Set each ``key.path=value`` in ``raw`` (in place; sections are created as needed).
+
+    A path through a setting that is not a section (``train.epochs.x=1``) is an error naming it.
+    """
     for text in overrides:
         keys, value = parse_override(text)
-        node = raw
-        for k in keys[:-1]:
+        node, model = raw, RunConfig
+        for depth, k in enumerate(keys[:-1]):
+            where = ".".join(keys[: depth + 1])
+            if model is not None and k in model.model_fields and _section_model(model, k) is None:
+                kind = "a list" if "List[" in str(model.model_fields[k].annotation) else "a setting, not a section"
+                raise KdkitError(f"override {quote(text)}: {where} is {kind}; set it whole with {where}=VALUE")
             if node.get(k) is None:
                 node[k] = {}
             if not isinstance(node[k], dict):
-                raise KdkitError(f"override {text!r}: {k!r} is not a section")
+                raise KdkitError(f"override {quote(text)}: {where} is {quote(node[k])}, not a section")
             node = node[k]
+            model = _section_model(model, k) if model is not None else None
         node[keys[-1]] = value
     return raw
 
@@ -270,25 +430,34 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
 def load_config(source: Union[str, Path, Dict[str, Any], None] = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML file (or a dict), apply ``key.path=value`` overrides, validate.
 
+    Files are read with :class:`ConfigLoader` (booleans only true/false, no duplicate keys, no alias bombs,
+    no Python tags); this is also how run directories' ``config.yaml`` files are read.
+
     Raises:
-        KdkitError: on a missing file, bad YAML, or an invalid key or value.
+        KdkitError: on a missing or unreadable file, bad YAML, or an invalid key or value (one line).
     """
     name = "config"
     if source is None:
         raw: Dict[str, Any] = {}
     elif isinstance(source, dict):
-        raw = dict(source)
+        raw = copy.deepcopy(source)  # overrides must not change the caller's nested sections
     else:
         name = str(source)
         path = Path(source)
         if not path.is_file():
             raise KdkitError(f"config file {path} not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise KdkitError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise KdkitError(f"{path}: not a YAML config (not UTF-8 text)") from None
+        except OSError as e:
+            raise KdkitError(f"{path}: cannot read the config: {e.strerror or e}") from None
+        raw = parse_yaml(text, str(path))
+        if raw is None:
+            raw = {}
         if not isinstance(raw, dict):
-            raise KdkitError(f"{path}: expected a mapping of sections at the top level")
+            raise KdkitError(f"{path}: expected a mapping of sections at the top level (seed, data, train, ...); "
+                             f"found a {type(raw).__name__}")
     raw = apply_overrides(raw, overrides)
     try:
         return RunConfig.model_validate(raw)

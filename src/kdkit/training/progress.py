@@ -23,6 +23,16 @@ def epoch_summary(name: str, record: Dict[str, Any]) -> str:
     return f"{name} epoch {record['epoch']}: " + " ".join(parts) + f" ({record['epoch_seconds']:.1f}s)"
 
 
+#: Process-wide limits set once by the command line (``--quiet``, ``--no-progress``); a run's own
+#: ``train.quiet`` / ``train.progress`` can only add to them.
+_LIMITS = {"quiet": False, "bar": True}
+
+
+def configure(quiet: bool = False, bar: bool = True) -> None:
+    """Set the process-wide output level (called by the ``kdkit`` command for its global options)."""
+    _LIMITS["quiet"], _LIMITS["bar"] = bool(quiet), bool(bar)
+
+
 def _is_terminal(stream: TextIO) -> bool:
     try:
         return bool(stream.isatty())
@@ -41,8 +51,9 @@ class Progress:
 
     def __init__(self, bar: bool = True, quiet: bool = False, stream: Optional[TextIO] = None) -> None:
         self.stream = sys.stderr if stream is None else stream
-        self.quiet = quiet
-        self.bar = bar and not quiet and _is_terminal(self.stream)
+        self.quiet = quiet or _LIMITS["quiet"]
+        bar = bar and _LIMITS["bar"]
+        self.bar = bar and not self.quiet and _is_terminal(self.stream)
         self._tqdm = None
 
     def __call__(self, it: Iterable, total: Optional[int] = None, desc: str = "") -> Iterable:
