@@ -135,6 +135,14 @@ class _Step(_Strict):
     lr: Optional[float] = Field(None, gt=0, description="learning rate of the recovery epochs (default: train.lr)")
 
 
+    def describe(self) -> str:
+        """The step as the ladder table names it, e.g. ``prune structured 50%``."""
+        return str(getattr(self, "step"))
+
+    def problem(self, last: bool) -> Optional[str]:
+        """What is wrong with this combination of settings (None: nothing); ``last``: it ends the ladder."""
+        return None
+
 class DistillStep(_Step):
     """Distil the teacher into the current model (``epochs`` > 0 required)."""
 
@@ -142,12 +150,18 @@ class DistillStep(_Step):
     epochs: int = Field(..., gt=0)
 
 
+    def describe(self) -> str:
+        return f"distill {self.epochs} ep"
+
 class TransferStep(_Step):
     """Initialise the current model from the teacher's weights where shapes allow (:mod:`kdkit.compress.transfer`)."""
 
     step: Literal["transfer"]
     layers: Literal["every_other", "first", "last"] = "every_other"
 
+
+    def describe(self) -> str:
+        return f"transfer {self.layers}"
 
 class PruneStep(_Step):
     """Magnitude pruning: ``structured`` removes whole channels/neurons, otherwise single weights are zeroed."""
@@ -159,6 +173,16 @@ class PruneStep(_Step):
     iterations: int = Field(1, ge=1, description="reach the target in this many rounds, each followed by `epochs`")
 
 
+    def describe(self) -> str:
+        kind = "structured" if self.structured else "unstructured"
+        amount = f"{self.sparsity:.0%}" if self.sparsity is not None else f"to {self.target_parameters:,}"
+        return f"prune {kind} {amount}"
+
+    def problem(self, last: bool) -> Optional[str]:
+        if (self.sparsity is None) == (self.target_parameters is None):
+            return "give exactly one of sparsity (0..1) or target_parameters"
+        return None
+
 class LowRankStep(_Step):
     """Truncated-SVD factorisation of Linear/Conv2d layers into two thinner ones (:mod:`kdkit.compress.lowrank`)."""
 
@@ -168,6 +192,14 @@ class LowRankStep(_Step):
     layers: Optional[List[str]] = Field(None, description="module names to factorise (default: every Linear/Conv2d where it saves parameters)")
 
 
+    def describe(self) -> str:
+        return f"lowrank rank {self.rank}" if self.rank is not None else f"lowrank energy {self.energy:g}"
+
+    def problem(self, last: bool) -> Optional[str]:
+        if (self.rank is None) == (self.energy is None):
+            return "give exactly one of rank (an integer >= 1) or energy (0..1]"
+        return None
+
 class QuantizeStep(_Step):
     """int8 quantisation on the CPU: ``dynamic``, ``static`` (calibrated) or ``qat`` (``epochs`` of KD with fake quantisation)."""
 
@@ -176,6 +208,16 @@ class QuantizeStep(_Step):
     calibration_samples: int = Field(1024, gt=0, description="training samples run through the model to calibrate (static)")
     backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
 
+
+    def describe(self) -> str:
+        return f"quantize int8 {self.mode}"
+
+    def problem(self, last: bool) -> Optional[str]:
+        if self.mode == "qat" and self.epochs == 0:
+            return "mode qat trains with fake quantisation; set epochs >= 1"
+        if not last:
+            return "quantisation must be the last step (an int8 model is not trained further)"
+        return None
 
 COMPRESS_STEPS = {"distill": DistillStep, "transfer": TransferStep, "prune": PruneStep, "lowrank": LowRankStep,
                   "quantize": QuantizeStep}
@@ -204,14 +246,9 @@ def parse_compress_steps(raw: Sequence[Any]) -> List[_Step]:
                 raise KdkitError(f"{where} ({entry['step']}): unknown key {key!r}; allowed here: "
                                  f"{', '.join(cls.model_fields)}") from None
             raise KdkitError(f"{where} ({entry['step']}): {key}: {err['msg']} (given {err.get('input')!r})") from None
-        if isinstance(step, PruneStep) and (step.sparsity is None) == (step.target_parameters is None):
-            raise KdkitError(f"{where} (prune): give exactly one of sparsity (0..1) or target_parameters")
-        if isinstance(step, LowRankStep) and (step.rank is None) == (step.energy is None):
-            raise KdkitError(f"{where} (lowrank): give exactly one of rank (an integer >= 1) or energy (0..1]")
-        if isinstance(step, QuantizeStep) and step.mode == "qat" and step.epochs == 0:
-            raise KdkitError(f"{where} (quantize): mode qat trains with fake quantisation; set epochs >= 1")
-        if isinstance(step, QuantizeStep) and i != len(raw) - 1:
-            raise KdkitError(f"{where} (quantize): quantisation must be the last step (an int8 model is not trained further)")
+        problem = step.problem(last=i == len(raw) - 1)
+        if problem is not None:
+            raise KdkitError(f"{where} ({entry['step']}): {problem}")
         steps.append(step)
     return steps
 

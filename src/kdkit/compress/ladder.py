@@ -36,22 +36,21 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..training.checkpoint import load_weights, read_tensors, save_weights, weights_path
-from ..config import (DistillStep, LowRankStep, PruneStep, QuantizeStep, RunConfig, TransferStep, dump_config,
-                      parse_compress_steps)
+from ..config import ModelConfig, RunConfig, dump_config, parse_compress_steps
 from ..errors import KdkitError
 from ..evaluation.metrics import latency, predict, quality
-from ..training.rundir import create_run_dir, write_json
+from ..training.rundir import create_run_dir, write_json, write_text_atomic
 from ..teacher import Teacher
-from .lowrank import apply_edits, factorize
-from .prune import count_nonzero, count_parameters, prune_structured, prune_unstructured
-from .quantize import convert_qat, prepare_qat, quantize_dynamic, quantize_static, save_quantized
-from .transfer import transfer_weights
+from .lowrank import apply_edits
+from .prune import count_nonzero, count_parameters
+from .quantize import save_quantized
+from .steps import HANDLERS, Outcome, StepContext, no_recovery
 
 
 @dataclass
@@ -91,7 +90,7 @@ def validate_compress(cfg: RunConfig) -> RunConfig:
     if teacher.checkpoint is None:
         raise KdkitError("config: teacher.checkpoint is required: a trained teacher's run directory or .safetensors file")
     student = resolve_model_spec(cfg.student, "student") if cfg.student is not None else None
-    if any(isinstance(s, TransferStep) for s in steps) and student is None:
+    if any(s.step == "transfer" for s in steps) and student is None:
         raise KdkitError("config: a transfer step needs a student section (the smaller model to initialise)")
     cls = METHODS.get(cfg.method.name)
     from ..methods.build import INJECTED_METHOD_ARGS
@@ -156,162 +155,161 @@ def _plot(rows: Dict[str, Dict[str, Any]]) -> str:
     return f'<h2>Compression ladder</h2><img alt="accuracy against latency and size" src="data:image/png;base64,{img}">'
 
 
-def _step_name(i: int, step) -> str:
-    detail = ""
-    if isinstance(step, PruneStep):
-        kind = "structured" if step.structured else "unstructured"
-        detail = f" {kind} {step.sparsity:.0%}" if step.sparsity is not None else f" {kind} to {step.target_parameters:,}"
-    elif isinstance(step, LowRankStep):
-        detail = f" rank {step.rank}" if step.rank is not None else f" energy {step.energy:g}"
-    elif isinstance(step, QuantizeStep):
-        detail = f" int8 {step.mode}"
-    elif isinstance(step, DistillStep):
-        detail = f" {step.epochs} ep"
-    elif isinstance(step, TransferStep):
-        detail = f" {step.layers}"
-    return f"{i}. {step.step}{detail}"
+@dataclass
+class _Setup:
+    """Everything a ladder is built from, made before the run directory exists."""
+
+    splits: Any
+    test: Any  # the split every step is measured on (test, else validation)
+    input_shape: Tuple[int, ...]
+    teacher: Teacher
+    model: nn.Module  # the model the first step starts from
+    base_spec: ModelConfig  # the architecture compressed.json rebuilds from
+    example: torch.Tensor  # (B <= 4, ...) training inputs that trace layer dependencies
 
 
-def run_compress(cfg: RunConfig) -> Ladder:
-    """Validate, build teacher and starting model, run every step with its recovery phase, measure, report."""
+def _setup(cfg: RunConfig) -> _Setup:
+    """Data, teacher and starting model (the student, or a trainable copy of the teacher); call after seeding."""
     from ..api import build_data, build_model, check_outputs_match
-    from ..methods.build import build_method
-    from ..training.loop import fit
-    from ..evaluation.report import format_table, write_report
 
-    cfg = validate_compress(cfg)
-    steps = parse_compress_steps(cfg.compress)
-    run_dir = create_run_dir(cfg.out_dir)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
     splits = build_data(cfg.data, cfg.seed)
-    test = splits.test if splits.test is not None else splits.val
-    input_shape = tuple(splits.input_shape)
     teacher_model = build_model(cfg.teacher, splits).eval()
-    teacher = Teacher(teacher_model)
-    base_spec = cfg.student if cfg.student is not None else cfg.teacher
     if cfg.student is not None:
         model = build_model(cfg.student, splits)
         check_outputs_match(teacher_model, model, splits.train[0]["x"].unsqueeze(0))
     else:
         model = copy.deepcopy(teacher_model).requires_grad_(True)
     example = torch.stack([splits.train[i]["x"] for i in range(min(4, len(splits.train)))])
+    return _Setup(splits=splits, test=splits.test if splits.test is not None else splits.val,
+                  input_shape=tuple(splits.input_shape), teacher=Teacher(teacher_model), model=model,
+                  base_spec=cfg.student if cfg.student is not None else cfg.teacher, example=example)
 
-    t_out = predict(teacher_model, test, 512)["outputs"]
-    rows: Dict[str, Dict[str, Any]] = {}
-    teacher_file = weights_path(cfg.teacher.checkpoint)
-    rows["teacher"] = measure(teacher_model, test, t_out, teacher_file, input_shape)
-    if cfg.student is not None:
-        save_weights(model, run_dir / "steps" / "00-start" / "model.safetensors")
-        rows["0. student (start)"] = measure(model, test, t_out, run_dir / "steps" / "00-start" / "model.safetensors",
-                                             input_shape)
-    histories: Dict[str, List[Dict[str, Any]]] = {}
-    records: List[Dict[str, Any]] = []
-    edits: List[Dict[str, Any]] = []
 
-    def recover(net: nn.Module, epochs: int, lr: Optional[float], tag: str) -> nn.Module:
-        """``epochs`` of distillation from the teacher with the configured method; keeps the best weights."""
+def _context(setup: _Setup, recover, index: int = 0, step=None) -> StepContext:
+    where = f"compress[{index - 1}] ({step.step})" if step is not None else ""
+    tag = f"{index:02d}-{step.step}" if step is not None else ""
+    return StepContext(teacher=setup.teacher.model, train_data=setup.splits.train, example=setup.example,
+                       recover=recover, where=where, tag=tag)
+
+
+def check_steps(steps: Sequence[Any], setup: _Setup) -> None:
+    """Dry-run every step on a copy of the starting model, without training: a step the model cannot take
+    fails here, before the run directory is created, not after the steps before it have trained."""
+    model = setup.model
+    for i, step in enumerate(steps, start=1):
+        model = HANDLERS[step.step].check(step, model, _context(setup, no_recovery, i, step))
+
+
+class _Recovery:
+    """Recovery distillation from the teacher with the configured method (the one loop, :func:`fit`)."""
+
+    def __init__(self, cfg: RunConfig, setup: _Setup, run_dir: Path) -> None:
+        self.cfg, self.setup, self.run_dir = cfg, setup, run_dir
+        self.histories: Dict[str, List[Dict[str, Any]]] = {}
+
+    def __call__(self, net: nn.Module, epochs: int, lr: Optional[float], tag: str) -> nn.Module:
+        """``epochs`` of distillation into ``net``; returns it (on the CPU) with the kept epoch's weights."""
+        from ..methods.build import build_method
+        from ..training.loop import fit
+
         if epochs <= 0:
             return net
-        update: Dict[str, Any] = {"epochs": epochs}
-        if lr is not None:
-            update["lr"] = lr
-        train_cfg = cfg.train.model_copy(update=update)
-        method = build_method(cfg.method.name, net, teacher, cfg.method.options(), train_data=splits.train,
-                              num_classes=splits.num_classes)
-        step_dir = run_dir / "steps" / tag
+        cfg, splits = self.cfg, self.setup.splits
+        train_cfg = cfg.train.model_copy(update={"epochs": epochs, **({"lr": lr} if lr is not None else {})})
+        method = build_method(cfg.method.name, net, self.setup.teacher, cfg.method.options(),
+                              train_data=splits.train, num_classes=splits.num_classes)
+        step_dir = self.run_dir / "steps" / tag
         step_dir.mkdir(parents=True, exist_ok=True)
         history = fit(method, splits.train, splits.val, train_cfg, run_dir=step_dir, seed=cfg.seed, device=cfg.device,
                       batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                       num_workers=cfg.data.num_workers, name=tag)
-        histories[tag] = history.epochs
+        self.histories[tag] = history.epochs
         best = step_dir / "checkpoints" / "best.safetensors"
         if best.exists():
             load_weights(net, best)
         return net.cpu()
 
-    final = model
-    for i, step in enumerate(steps, start=1):
-        tag = f"{i:02d}-{step.step}"
-        t0 = time.perf_counter()
-        record: Dict[str, Any] = {"step": step.model_dump(), "name": _step_name(i, step)}
-        quantized = None
-        if isinstance(step, DistillStep):
-            model = recover(model, step.epochs, step.lr, tag)
-        elif isinstance(step, TransferStep):
-            record["transfer"] = {k: len(v) for k, v in transfer_weights(model, teacher_model, step.layers).items()}
-            model = recover(model, step.epochs, step.lr, tag)
-        elif isinstance(step, PruneStep):
-            before = count_parameters(model) if step.structured else count_nonzero(model)
-            target = step.target_parameters or int((1 - step.sparsity) * before)
-            for it in range(step.iterations):
-                current = count_parameters(model) if step.structured else count_nonzero(model)
-                goal = int(current * (target / current) ** (1.0 / (step.iterations - it)))
-                if step.structured:
-                    model = prune_structured(model, example, target_parameters=goal)
-                else:
-                    prune_unstructured(model, target_parameters=goal, permanent=False)
-                model = recover(model, step.epochs, step.lr, f"{tag}-{it + 1}" if step.iterations > 1 else tag)
-                if not step.structured:
-                    from .prune import make_permanent
 
-                    make_permanent(model)
-        elif isinstance(step, LowRankStep):
-            layers = factorize(model, rank=step.rank, energy=step.energy, layers=step.layers)
-            if not layers:
-                raise KdkitError(f"compress[{i - 1}] (lowrank): no layer would get smaller at this rank/energy; "
-                                 "lower the rank or energy, or name layers explicitly")
-            edits.append({"op": "lowrank", "layers": layers})
-            record["lowrank"] = layers
-            model = recover(model, step.epochs, step.lr, tag)
-        elif isinstance(step, QuantizeStep):
-            if step.mode == "dynamic":
-                quantized = quantize_dynamic(model, step.backend)
-            elif step.mode == "static":
-                n = min(step.calibration_samples, len(splits.train))
-                calib = torch.stack([splits.train[j]["x"] for j in range(n)]) if not hasattr(splits.train, "x") \
-                    else splits.train.x[:n]
-                quantized = quantize_static(model, calib, step.backend)
-            else:
-                prepared = prepare_qat(model, example, step.backend)
-                prepared = recover(prepared, step.epochs, step.lr, tag)
-                quantized = convert_qat(prepared)
-        record["seconds"] = time.perf_counter() - t0
-        step_dir = run_dir / "steps" / tag
-        step_dir.mkdir(parents=True, exist_ok=True)
-        model = model.cpu().eval()
-        if quantized is not None:
-            file = step_dir / "model-int8.safetensors"
-            save_quantized(quantized, file)
-            float_params = count_parameters(model)  # an int8 model has no nn.Parameters; count the weights it holds
-            rows[record["name"]] = measure(quantized, test, t_out, file, input_shape, parameters=float_params)
-            final = quantized
-        else:
-            file = step_dir / "model.safetensors"
-            save_weights(model, file)
-            rows[record["name"]] = measure(model, test, t_out, file, input_shape)
-            final = model
-        record["metrics"] = rows[record["name"]]
+def _save_and_measure(outcome: Outcome, step_dir: Path, setup: _Setup, t_out: torch.Tensor) -> Dict[str, Any]:
+    """Write the step's model (int8 when it quantised) and measure it from that file."""
+    step_dir.mkdir(parents=True, exist_ok=True)
+    model = outcome.model.cpu().eval()
+    if outcome.quantized is not None:
+        file = step_dir / "model-int8.safetensors"
+        save_quantized(outcome.quantized, file)
+        # an int8 model has no nn.Parameters; count the weights it holds
+        return measure(outcome.quantized, setup.test, t_out, file, setup.input_shape,
+                       parameters=count_parameters(model))
+    file = step_dir / "model.safetensors"
+    save_weights(model, file)
+    return measure(model, setup.test, t_out, file, setup.input_shape)
+
+
+def run_compress(cfg: RunConfig) -> Ladder:
+    """``kdkit compress``: validate and set up, dry-run the steps, then for each step apply it (with its
+    recovery), save and measure it; write compressed.json and the report.
+
+    Everything random comes from ``cfg.seed``: it is set before the starting model is built and again before
+    each step, so two processes with the same config give the same weights (CPU, same thread count).
+    """
+    from ..evaluation.report import format_table, write_report
+    from ..training.loop import seed_everything
+    from ..training.threads import apply_threads
+
+    cfg = validate_compress(cfg)
+    steps = parse_compress_steps(cfg.compress)
+    apply_threads(cfg.train.threads)
+    seed_everything(cfg.seed)  # before the student (or anything random) is built
+    setup = _setup(cfg)
+    check_steps(steps, setup)
+    run_dir = create_run_dir(cfg.out_dir)  # nothing is written before every check above has passed
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+
+    t_out = predict(setup.teacher.model, setup.test, 512)["outputs"]
+    rows: Dict[str, Dict[str, Any]] = {"teacher": measure(setup.teacher.model, setup.test, t_out,
+                                                         weights_path(cfg.teacher.checkpoint), setup.input_shape)}
+    if cfg.student is not None:
+        rows["0. student (start)"] = _save_and_measure(Outcome(setup.model), run_dir / "steps" / "00-start", setup, t_out)
+    recover = _Recovery(cfg, setup, run_dir)
+    model, final, records, edits = setup.model, setup.model, [], []
+    for i, step in enumerate(steps, start=1):
+        seed_everything(cfg.seed)  # a step's randomness does not depend on what the steps before it drew
+        ctx = _context(setup, recover, i, step)
+        t0 = time.perf_counter()
+        outcome = HANDLERS[step.step].apply(step, model, ctx)
+        record: Dict[str, Any] = {"step": step.model_dump(), "name": f"{i}. {step.describe()}", **outcome.details,
+                                  "seconds": time.perf_counter() - t0}
+        rows[record["name"]] = record["metrics"] = _save_and_measure(outcome, run_dir / "steps" / ctx.tag, setup, t_out)
         records.append(record)
-        model.train()
+        edits += [outcome.edit] if outcome.edit is not None else []
+        model = outcome.model.train()
+        final = outcome.quantized if outcome.quantized is not None else outcome.model
 
     model.eval()
+    _save_final(run_dir, setup, model, final, steps, edits)
+    summary = _summary(rows)
+    write_report(run_dir, rows, recover.histories, title=f"kdkit compress: {cfg.data.name}",
+                 extra={"dataset": cfg.data.name, "ladder": records, "summary": summary,
+                        "data_info": setup.splits.info},
+                 extra_html=_plot(rows) + _summary_html(summary))
+    print(format_table(rows))
+    return Ladder(model=final, float_model=model, rows=rows, dir=run_dir, steps=records)
+
+
+def _save_final(run_dir: Path, setup: _Setup, model: nn.Module, final: nn.Module, steps: Sequence[Any],
+                edits: List[Dict[str, Any]]) -> None:
+    """``model.safetensors`` (last float model), ``model-int8.safetensors`` and ``compressed.json``."""
     save_weights(model, run_dir / "model.safetensors")
-    last_q = next((s for s in steps if isinstance(s, QuantizeStep)), None)
+    last_q = next((s for s in steps if s.step == "quantize"), None)
     if last_q is not None:
         save_quantized(final, run_dir / "model-int8.safetensors")
     write_json(run_dir / "compressed.json", {
-        "base": {"name": base_spec.name, **base_spec.options()},
-        "num_classes": splits.num_classes, "input_shape": list(input_shape),
+        "base": {"name": setup.base_spec.name, **setup.base_spec.options()},
+        "num_classes": setup.splits.num_classes, "input_shape": list(setup.input_shape),
         "edits": edits, "float_weights": "model.safetensors",
         "int8_weights": "model-int8.safetensors" if last_q is not None else None,
         "quantize": last_q.model_dump() if last_q is not None else None,
     })
-    summary = _summary(rows)
-    write_report(run_dir, rows, histories, title=f"kdkit compress: {cfg.data.name}",
-                 extra={"dataset": cfg.data.name, "ladder": records, "summary": summary, "data_info": splits.info},
-                 extra_html=_plot(rows) + _summary_html(summary))
-    print(format_table(rows))
-    return Ladder(model=final, float_model=model, rows=rows, dir=run_dir, steps=records)
 
 
 def _summary(rows: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
