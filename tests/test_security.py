@@ -69,7 +69,7 @@ def _cli(args, cwd: Path, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KDKIT_PLUGINS")}
     env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
     return subprocess.run([sys.executable, "-m", "kdkit", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def _one_error_line(stderr: str, *needles: str) -> str:
@@ -224,3 +224,12 @@ def test_cli_plugins_from_environment_and_from_a_path(tmp_path):
     result = _cli(["--plugin", "./file_models.py", "inspect", "./file_models.py:make", "--input-shape", "6"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Linear" in result.stdout or "(B, 8)" in result.stdout
+
+
+def test_cli_plugin_option_also_after_the_command(tmp_path, monkeypatch, capsys):
+    from kdkit.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    _write_plugin(tmp_path, "kdsec_after", "kdsec_after_net")
+    assert run(["inspect", "kdsec_after:make", "--input-shape", "6", "--plugin", "./kdsec_after.py"]) == 0
+    assert "kdsec_after:make on inputs (B, 6)" in capsys.readouterr().out

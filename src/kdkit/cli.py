@@ -66,8 +66,8 @@ def _global_options(parser: argparse.ArgumentParser, in_command: bool) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation: teacher -> small student, measured.")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                   help="import your own code first (a module name or ./file.py; repeatable; before the command): "
-                        "its registered models and its module:factory names become usable; nothing else is imported")
+                   help="import your own code first (a module name or ./file.py; repeatable): the models it "
+                        "registers and its module:factory names become usable in configs (nothing else is imported)")
     p.add_argument("--version", action="version", version=f"kdkit {__version__}")
     _global_options(p, in_command=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--generations", type=int, default=2)
     for command_parser in sub.choices.values():
         _global_options(command_parser, in_command=True)
+        # --plugin after the command too; a separate dest, because a command's parser starts an empty list
+        command_parser.add_argument("--plugin", action="append", dest="plugin_after", default=argparse.SUPPRESS,
+                                    metavar="MODULE", help="import your own code first (see kdkit --help)")
     return p
 
 
@@ -205,7 +208,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     _RUNNING["command"] = args.command
     from .models import load_env_plugins, load_plugin
 
-    for plugin in args.plugin:  # the user's explicit choice; configs alone never import code
+    for plugin in args.plugin + getattr(args, "plugin_after", []):  # the user's explicit choice; configs never import code
         load_plugin(plugin)
     load_env_plugins()
     from . import api
