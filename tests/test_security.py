@@ -154,6 +154,12 @@ def test_cli_evaluate_of_a_run_dir_with_os_system_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_api_object_names_say_what_they_are():
+    # config.yaml of a run trained from Python objects says "python:Net": no plugin could rebuild it.
+    with pytest.raises(kdkit.KdkitError, match="model object given to the Python API"):
+        resolve_factory("python:Sequential")
+
+
 def test_plugin_cannot_lend_out_code_it_did_not_define(tmp_path):
     plugin = _write_plugin(tmp_path, "kdsec_lender", "kdsec_lender_net")
     load_plugin(str(plugin))

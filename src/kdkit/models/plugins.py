@@ -38,6 +38,9 @@ _PLUGINS: Dict[str, ModuleType] = {}  # module name -> module, in load order
 _BY_PATH: Dict[str, str] = {}  # resolved file of a plugin given as a path -> its module name
 _ENV_SEEN: Optional[str] = None  # the KDKIT_PLUGINS value already loaded
 
+# How kdkit.api records an nn.Module handed to kdkit.train/distill in config.yaml ("python:Net"; api.PYTHON).
+_API_OBJECT = "python"
+
 _HOW = "--plugin {0} on the command line, KDKIT_PLUGINS={0} in the environment, or kdkit.models.load_plugin({0!r}) in Python"
 
 
@@ -200,6 +203,9 @@ def trusted_factory(name: str) -> Callable:
     elif not _is_dotted_name(module):
         raise KdkitError(f"model {name!r}: {module!r} is not a module name; expected a registered model or module:factory")
     plugin = _owner(module)
+    if plugin is None and module == _API_OBJECT:
+        raise KdkitError(f"model {name!r} stands for a model object given to the Python API: its architecture cannot "
+                         f"be rebuilt from a config; build it in Python, or name a registered model")
     if plugin is None:
         raise KdkitError(f"model {name!r} is an import string but {module!r} is not a loaded plugin: configs and run "
                          f"directories never run code by themselves; if you trust it, pass " + _HOW.format(module))
