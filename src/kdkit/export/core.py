@@ -14,9 +14,12 @@ and a mismatch beyond tolerance is a :class:`KdkitError`:
   of the logit range; ``int8_rtol``), and the arg-max agreement is reported beside it.
 
 Interface: one input named ``input`` of shape (batch, *input_shape) with a dynamic batch axis, one output named
-``logits`` of shape (batch, classes). Normalisation is *not* baked in: inputs are expected exactly as the
-dataset builder produces them (for the IDX image datasets: pixels / 255, then standardised with the training
-split's mean and std); ``export.json`` says so beside the file.
+``logits`` of shape (batch, classes) (regression: (batch, targets)). Preprocessing that a dataset records in
+``info["preprocess"]`` is folded into the file (:class:`Preprocessed`): a ``csv`` run's export takes the CSV's raw
+feature columns (in the order ``export.json`` lists) and, for regression, returns predictions in the CSV's units.
+Image datasets record no such step: their inputs are expected exactly as the dataset builder produces them
+(pixels / 255, then standardised with the training split's mean and std, given in the report's
+``data_info.normalisation``). ``export.json`` says which applies beside the file.
 
 ONNX export uses the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): in torch 2.13 the
 default dynamo exporter needs the ``onnxscript`` package, while the legacy path works with ``onnx`` alone and
@@ -61,6 +64,40 @@ def _ort():
     except ImportError:  # pragma: no cover - depends on the environment
         raise KdkitError("ONNX export needs onnx and onnxruntime: pip install 'kdkit[export]'") from None
     return onnxruntime
+
+
+class Preprocessed(nn.Module):
+    """``model`` with a dataset's preprocessing folded in, so an exported file takes raw rows.
+
+    ``forward(raw) = model((raw - input_mean) / input_std)``, then, when target scaling is given (regression),
+    ``* target_std + target_mean``: the inverse of the standardisation the ``csv`` builder applied to the
+    targets, so predictions come out in the data's units.
+
+    Args:
+        model: the trained model (it saw standardised inputs).
+        preprocess: ``{"input_mean", "input_std"[, "target_mean", "target_std"]}``, lists of floats
+            (``DataSplits.preprocess``).
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("input_mean", torch.tensor(preprocess["input_mean"], dtype=torch.float32))
+        self.register_buffer("input_std", torch.tensor(preprocess["input_std"], dtype=torch.float32))
+        self.scales_targets = "target_mean" in preprocess
+        if self.scales_targets:
+            self.register_buffer("target_mean", torch.tensor(preprocess["target_mean"], dtype=torch.float32))
+            self.register_buffer("target_std", torch.tensor(preprocess["target_std"], dtype=torch.float32))
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        out = self.model((raw - self.input_mean) / self.input_std)  # (B, F) standardised features
+        if self.scales_targets:
+            out = out * self.target_std + self.target_mean  # (B, D) in the data's units
+        return out
+
+    def raw(self, standardised: torch.Tensor) -> torch.Tensor:
+        """Raw rows back from standardised ones (for parity checks on the dataset's own inputs)."""
+        return standardised * self.input_std + self.input_mean
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path, opset: int = 17) -> Path:
@@ -309,11 +346,28 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
         m = min(calibration_samples, len(splits.train))
         calibration = splits.train.x[:m] if hasattr(splits.train, "x") else \
             torch.stack([splits.train[i]["x"] for i in range(m)])
+    preprocess = splits.preprocess
+    if preprocess is not None:
+        # The file takes raw rows: parity is checked (and int8 calibrated) on the same rows un-standardised.
+        model = Preprocessed(model, preprocess).eval()
+        with torch.no_grad():
+            inputs = model.raw(inputs)
+            calibration = model.raw(calibration) if calibration is not None else None
     suffix = ".onnx" if fmt == "onnx" else ".pt"
     path = Path(out) if out is not None else run_dir / "export" / (("model-int8" if int8 else "model") + suffix)
     result = export_model(model, inputs, path, fmt, int8=int8, calibration=calibration)
-    result["normalisation"] = ("none baked in: feed inputs exactly as kdkit's dataset builder "
-                               f"{cfg.data.name!r} produces them")
+    if preprocess is not None:
+        columns = splits.info.get("features")
+        result["normalisation"] = (
+            "baked in: the file takes raw rows of the dataset's feature columns"
+            + (f" ({', '.join(map(str, columns))})" if columns else "") + " and standardises them itself"
+            + ("; its outputs are predictions in the target's own units" if "target_mean" in preprocess else ""))
+        result["preprocess"] = preprocess
+        if columns:
+            result["input_columns"] = list(columns)
+    else:
+        result["normalisation"] = ("none baked in: feed inputs exactly as kdkit's dataset builder "
+                                   f"{cfg.data.name!r} produces them")
     from ..training.rundir import write_json
 
     write_json(path.with_suffix(".json"), result)
@@ -366,5 +420,5 @@ def export_sklearn(estimator, x: np.ndarray, path, atol: float = 1e-4) -> Dict[s
     return result
 
 
-__all__ = ["FORMATS", "compare", "export_model", "export_onnx", "export_run", "export_sklearn", "export_torchscript",
+__all__ = ["FORMATS", "Preprocessed", "compare", "export_model", "export_onnx", "export_run", "export_sklearn", "export_torchscript",
            "onnx_latency", "quantize_onnx", "run_onnx"]
