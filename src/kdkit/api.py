@@ -433,7 +433,8 @@ def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
 
 
 def evaluate_run(run_dir, split: str = "test") -> Dict[str, Dict[str, Any]]:
-    """Re-evaluate a finished run's best checkpoint (and its teacher, if any) on a split."""
+    """Re-evaluate a finished run's best checkpoint (and its teacher, if any) on a split; a ``kdkit compress``
+    run's compressed models (see :func:`kdkit.compress.evaluate_compressed`)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise KdkitError(f"{run_dir} is not a kdkit run directory (no config.yaml)")
@@ -442,13 +443,17 @@ def evaluate_run(run_dir, split: str = "test") -> Dict[str, Dict[str, Any]]:
     data = getattr(splits, split, None)
     if data is None:
         raise KdkitError(f"dataset {cfg.data.name!r} has no {split!r} split; use test or val")
-    spec = cfg.model or cfg.student
-    model = build_model(spec.model_copy(update={"checkpoint": str(run_dir)}), splits)
+    from .compress.ladder import evaluate_compressed, is_compress_run
+
     metrics: Dict[str, Dict[str, Any]] = {}
     teacher = None
     if cfg.teacher is not None or cfg.teachers:
         teacher = build_teacher(cfg, splits).model
         metrics["teacher"] = evaluate(teacher, data)
+    if is_compress_run(run_dir):  # pruned, factorised or int8: the config's architecture is not the model's
+        return {**metrics, **evaluate_compressed(run_dir, splits, data, teacher)}
+    spec = cfg.model or cfg.student
+    model = build_model(spec.model_copy(update={"checkpoint": str(run_dir)}), splits)
     metrics["model" if cfg.model else "student"] = evaluate(model, data, teacher=teacher)
     return metrics
 

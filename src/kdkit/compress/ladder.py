@@ -42,15 +42,15 @@ import torch
 from torch import nn
 
 from ..training.checkpoint import load_weights, read_tensors, save_weights, weights_path
-from ..config import ModelConfig, RunConfig, dump_config, parse_compress_steps
+from ..config import ModelConfig, QuantizeStep, RunConfig, dump_config, parse_compress_steps
 from ..errors import KdkitError
 from ..evaluation.metrics import latency, predict, quality
-from ..training.rundir import create_run_dir, write_json, write_text_atomic
+from ..training.rundir import create_run_dir, read_json, write_json, write_text_atomic
 from ..teacher import Teacher
 from .lowrank import apply_edits
 from .prune import count_nonzero, count_parameters
-from .quantize import save_quantized
-from .steps import HANDLERS, Outcome, StepContext, no_recovery
+from .quantize import quantized_tensors, save_quantized
+from .steps import HANDLERS, Outcome, StepContext, no_recovery, quantize_like
 
 
 @dataclass
@@ -359,7 +359,6 @@ def _resize_to(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
 def load_compressed(run_dir) -> nn.Module:
     """The last float model of a ``kdkit compress`` run, rebuilt from ``compressed.json`` and ``model.safetensors``."""
     from ..models import create_model
-    from ..training.rundir import read_json
 
     run_dir = Path(run_dir)
     info = read_json(run_dir / "compressed.json")
@@ -382,4 +381,35 @@ def is_compress_run(run_dir) -> bool:
     return (Path(run_dir) / "compressed.json").is_file()
 
 
-__all__ = ["Ladder", "is_compress_run", "load_compressed", "measure", "run_compress", "validate_compress"]
+def evaluate_compressed(run_dir, splits, data, teacher: Optional[nn.Module] = None) -> Dict[str, Dict[str, Any]]:
+    """``kdkit evaluate`` of a compress run: its last float model and, when it ended with a ``dynamic`` or
+    ``static`` quantize step, its int8 model, measured on ``data`` as the ladder measured them.
+
+    The int8 model is rebuilt by quantising the float model again (calibrated on the same first training
+    samples), and checked against ``model-int8.safetensors``: a mismatch is an error, not a silent new model.
+    After ``mode: qat`` only the float model (the one before QAT) can be evaluated.
+
+    Returns:
+        ``{"compressed (float)": metrics, "compressed (int8)": metrics}`` (the second only when rebuildable).
+    """
+    run_dir = Path(run_dir)
+    info = read_json(run_dir / "compressed.json")
+    model = load_compressed(run_dir)
+    t_out = predict(teacher, data, 512)["outputs"] if teacher is not None else None
+    shape = tuple(info["input_shape"])
+    quantized = info.get("quantize")
+    name = "compressed (float, before QAT)" if quantized and quantized["mode"] == "qat" else "compressed (float)"
+    out = {name: measure(model, data, t_out, run_dir / info["float_weights"], shape)}
+    if quantized and quantized["mode"] != "qat":
+        step = QuantizeStep.model_validate(quantized)
+        int8 = quantize_like(step, model, splits.train)
+        file = run_dir / info["int8_weights"]
+        rebuilt, saved = quantized_tensors(int8)[0], read_tensors(file)
+        if rebuilt.keys() != saved.keys() or any(not torch.equal(t, saved[k]) for k, t in rebuilt.items()):
+            raise KdkitError(f"{file}: the int8 model rebuilt from {info['float_weights']} does not match it; "
+                             "was the run directory edited, or the data changed?")
+        out["compressed (int8)"] = measure(int8, data, t_out, file, shape, parameters=count_parameters(model))
+    return out
+
+
+__all__ = ["Ladder", "evaluate_compressed", "is_compress_run", "load_compressed", "measure", "run_compress", "validate_compress"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import warnings
 from typing import Dict, Iterator, Tuple
 
@@ -156,16 +157,36 @@ def quantized_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[s
     return out, meta
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its metadata entries in sorted order, same length.
+
+    safetensors keeps metadata in a hash map whose order changes from process to process, so two runs that
+    hold identical tensors would write different bytes; sorting makes the file a function of its contents.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # never reached for ASCII names; keep the file as written rather than shift the data
+        return data
+    return data[:8] + text.ljust(n, b" ") + data[8 + n:]
+
+
 def save_quantized(model: nn.Module, path) -> int:
-    """Write the int8 model's tensors to a safetensors file; returns its size in bytes."""
+    """Write the int8 model's tensors to a safetensors file; returns its size in bytes.
+
+    The same model gives the same bytes in any process (see :func:`_sorted_metadata`).
+    """
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors, meta = quantized_tensors(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    path.write_bytes(_sorted_metadata(save(tensors, metadata=meta)))
     return path.stat().st_size
 
 
