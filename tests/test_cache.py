@@ -159,8 +159,8 @@ def test_training_with_the_cache_equals_live_training(tmp_path):
     for k, v in results["off"][1].items():
         assert torch.equal(v, results["memory"][1][k]), k
     assert results["memory"][2].startswith("dense float32 in memory")
-    # Lazy filling: the first epoch runs the teacher (6 batches), the next two are answered by the cache.
-    assert results["memory"][3:] == (6, 12)
+    # Filled before the first step (dataset order): every one of the 3 x 6 batches is answered by the cache.
+    assert results["memory"][3:] == (0, 18)
     assert results["off"][2].startswith("off")
 
 
@@ -178,24 +178,52 @@ def test_auto_refuses_augmented_data_and_explicit_modes_fail():
         plan.cache_plan(_kd(net, 2), data, TrainConfig(teacher_cache="memory"))
 
 
-def test_auto_refuses_feature_methods_and_hooked_teachers():
+def _fitnets(net, c=2):
+    from kdkit.methods.build import build_method
+
+    student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, c))
+    return build_method("fitnets", student, Teacher(net), {}, train_data=_data())
+
+
+def test_the_cache_is_decided_from_what_the_method_declares():
     net = _net(c=2)
-    method = _kd(net, 2)
-    method.uses_teacher_features = True
-    mode, reason = plan.cache_plan(method, _data(), TrainConfig())
-    assert mode == "off" and "features" in reason
-    method = _kd(net, 2)
+    fit = _fitnets(net)
+    assert fit.reads_teacher_features and list(fit.teacher_layers) == ["2:input"]
+    # auto: off, saying why (the method and the layers it reads)
+    mode, reason = plan.cache_plan(fit, _data(), TrainConfig(teacher_cache="auto"))
+    assert mode == "off" and "FitNets reads the teacher's intermediate layers (2:input)" in reason
+    # an explicit cache that cannot be correct is an error naming why (it used to end "off" silently after epoch 1)
+    for mode in ("memory", "disk"):
+        with pytest.raises(KdkitError, match=f"teacher_cache={mode} cannot be used: method FitNets reads"):
+            plan.cache_plan(fit, _data(), TrainConfig(teacher_cache=mode))
+    # a logits method: cached in memory
+    kd = _kd(net, 2)
+    assert not kd.reads_teacher_features
+    assert plan.cache_plan(kd, _data(), TrainConfig(teacher_cache="auto"))[0] == "memory"
+    # a combination reads what its parts read
+    from kdkit.methods.build import build_method
+
+    student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    combo = build_method("combo", student, Teacher(net), {"parts": {"kd": {}, "fitnets": {}}}, train_data=_data())
+    assert plan.cache_plan(combo, _data(), TrainConfig(teacher_cache="auto"))[0] == "off"
+    combo = build_method("combo", student, Teacher(net), {"parts": {"kd": {}, "mse": {}}}, train_data=_data())
+    assert plan.cache_plan(combo, _data(), TrainConfig(teacher_cache="auto"))[0] == "memory"
+
+
+def test_the_teacher_reads_no_private_hook_state():
+    # A forward hook on the teacher no longer changes how the teacher answers (that was read from PyTorch's private
+    # _forward_hooks on every call): with a cache attached, a batch with indices is answered from the cache.
+    net = _net(c=2)
+    teacher = Teacher(net)
+    cache = build_cache(net, _data(), CacheSpec(), log=lambda m: None)
+    teacher.use_cache(cache)
     handle = net[1].register_forward_hook(lambda *a: None)
     try:
-        assert plan.cache_plan(method, _data(), TrainConfig())[0] == "off"
-        # Hooks installed later, inside a method's forward, also bypass the cache for that call.
-        cache = build_cache(net, _data(), CacheSpec(), log=lambda m: None, lazy=True)
-        method.teacher.use_cache(cache)
         idx = torch.arange(4)
-        method.teacher({"x": _data().x[idx], "index": idx})
-        assert method.teacher.cache_hits == 0 and cache.filled == 0
+        teacher({"x": _data().x[idx], "index": idx})
     finally:
         handle.remove()
+    assert teacher.cache_hits == 1 and teacher.live_calls == 0
 
 
 def test_auto_chooses_memory_when_it_fits_else_disk():

@@ -1,4 +1,4 @@
-"""combo: methods combined by weights, parts logged separately, one student forward per step."""
+"""combo: methods combined by weights, parts logged separately, one forward per step for the parts that share it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from torch import nn
 import kdkit
 from kdkit.errors import KdkitError
 from kdkit.methods import METHODS
-from kdkit.methods.combo import shared_forward
+from kdkit.methods.base import MethodContext
+from kdkit.methods.build import build_method
 from kdkit.models import create_model
 from kdkit.teacher import Teacher
 
@@ -64,32 +65,55 @@ def test_combo_equals_weighted_sum_of_parts_computed_separately():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_combo, g_sum))
 
 
-def test_student_forward_runs_once_for_all_parts():
-    student, teacher, batch = _mlp_pair()
-    parts = {"kd": {"weight": 1.0}, "mse": {"weight": 1.0}}
-    counter = student[1]
-    METHODS.get("combo")(student, teacher, parts=parts)(batch)
-    assert counter.calls == 1
-    counter.calls = 0
-    METHODS.get("combo")(student, teacher, parts=parts, share_forward=False)(batch)
-    assert counter.calls == 2
-    assert "forward" not in student.__dict__  # the sharing is undone after the step
-
-
-def test_shared_forward_replays_hooks_of_later_callers():
+def _cnn_pair():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
-    x = torch.randn(3, 4)
-    seen = []
-    with shared_forward([net]):
-        first = net(x)
-        handle = net[1].register_forward_hook(lambda m, i, o: seen.append(o))
-        second = net(x)
-        handle.remove()
-        third = net(x + 1)  # another input: a real forward
-    assert second is first and len(seen) == 1
-    assert torch.equal(seen[0], torch.relu(net[0](x)))
-    assert not torch.equal(third, first)
+    student = create_model("cnn_small", num_classes=4, input_shape=(1, 12, 12), width=4)
+    teacher = Teacher(create_model("cnn_small", num_classes=4, input_shape=(1, 12, 12), width=8))
+    batch = {"x": torch.randn(8, 1, 12, 12), "y": torch.randint(0, 4, (8,))}
+    return student, teacher, batch
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_parts_share_one_forward_of_each_network_through_handles_removed_after():
+    student, teacher, batch = _cnn_pair()
+    s_counter, t_counter = Counting(student.features[0]), Counting(teacher.model.features[0])
+    student.features[0], teacher.model.features[0] = s_counter, t_counter
+    parts = {"fit": {"name": "fitnets", "weight": 0.5, "student_layer": "features.1", "teacher_layer": "features.1"},
+             "at": {"weight": 2.0}, "sp": {"weight": 0.1}}
+    combo = build_method("combo", student, teacher, {"parts": parts}, example_batch=batch)
+    # the union of the parts' layers, declared once
+    declared = [n for part in combo.parts.values() for n in part.student_layers]
+    assert combo.student_layers == list(dict.fromkeys(declared)) and "head:input" in combo.student_layers
+    assert combo.reads_teacher_features and combo.shared == ["fit", "at", "sp"]
+    s_counter.calls = t_counter.calls = 0
+    out = combo(batch)
+    assert s_counter.calls == 1 and t_counter.calls == 1  # was one student pass per part before sharing
+    assert _hook_count(student) == 0 and _hook_count(teacher.model) == 0  # nothing left on the networks
+    assert "forward" not in student.__dict__ and "forward" not in teacher.model.__dict__  # no monkeypatching
+    # the same numbers as each part alone (same connectors), each running its own forward
+    alone = {label: part(batch) for label, part in combo.parts.items()}
+    assert s_counter.calls == 4
+    expected = sum(combo.weights[k] * alone[k]["loss"] for k in parts)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    for label in parts:
+        assert out[f"{label}.loss"].item() == pytest.approx(alone[label]["loss"].item(), rel=1e-5)
+    g_combo = torch.autograd.grad(out["loss"], list(student.parameters()))
+    g_sum = torch.autograd.grad(expected, list(student.parameters()))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(g_combo, g_sum))  # gradients ~40
+
+
+def test_share_forward_false_runs_each_part_alone():
+    student, teacher, batch = _cnn_pair()
+    counter = Counting(student.features[0])
+    student.features[0] = counter
+    parts = {"at": {}, "sp": {}}
+    combo = build_method("combo", student, teacher, {"parts": parts, "share_forward": False}, example_batch=batch)
+    counter.calls = 0
+    combo(batch)
+    assert combo.shared == [] and counter.calls == 2
 
 
 def test_combo_with_a_feature_part_matches_the_part_alone():
@@ -101,10 +125,10 @@ def test_combo_with_a_feature_part_matches_the_part_alone():
     student.features[0] = counter
     parts = {"kd": {"weight": 1.0}, "fit": {"name": "fitnets", "weight": 0.5, "student_layer": "features.1",
                                             "teacher_layer": "features.1"}}
-    combo = METHODS.get("combo")(student, teacher, parts=parts, example_batch=batch)
+    combo = METHODS.get("combo")(student, teacher, parts=parts, context=MethodContext(student, teacher, batch))
     counter.calls = 0
     out = combo(batch)
-    assert counter.calls == 1  # kd and fitnets shared one student forward
+    assert counter.calls == 1 + (not combo.parts["kd"].shares_forward)  # kd shares once it computes from Outputs
     alone = combo.parts["fit"](batch)  # the same part (same connector), its own forward
     assert out["fit.loss"].item() == pytest.approx(alone["loss"].item(), rel=1e-5)
     assert any(k.startswith("fit.") and k != "fit.loss" for k in out)
@@ -120,6 +144,10 @@ def test_combo_errors_name_the_part():
         METHODS.get("combo")(student, teacher, parts={"kd": {"temp": 3}})
     with pytest.raises(ValueError, match="parts"):
         METHODS.get("combo")(student, teacher, parts={})
+    with pytest.raises(KdkitError, match="combo part 'kd': weight must be a number >= 0; given 'x'"):
+        METHODS.get("combo")(student, teacher, parts={"kd": {"weight": "x"}})
+    with pytest.raises(KdkitError, match=r"combo part 'kd' \(kd\): option temperature must be a number; given 'hot'"):
+        METHODS.get("combo")(student, teacher, parts={"kd": {"temperature": "hot"}})
 
 
 def test_combo_from_config_logs_every_part(tmp_path, teacher_run):

@@ -350,6 +350,8 @@ def test_dkd_method_uses_teacher_class_for_unlabelled_and_warms_up():
     targets = torch.where(b["y"] >= 0, b["y"], t_logits.argmax(1))
     close(out["dkd"], L.dkd_loss(logits, t_logits, targets, 1.0, 8.0, 4.0), 1e-4)
     close(out["loss"], 0.25 * out["dkd"] + out["ce"], 1e-4)  # step 1 of a 4-step warm-up
+    assert int(m.steps) == 0  # counted per optimiser step, not per forward
+    m.on_optimizer_step()
     assert int(m.steps) == 1
 
 

@@ -7,120 +7,36 @@
         fitnets: {weight: 0.5, student_layer: features.1, teacher_layer: features.3}
         hint2: {name: fitnets, weight: 0.1, ...}   # a label other than a method name needs `name:`
 
-Each part is built as the registered method it names, sharing the one student (and teacher), so
-its connectors/heads become parameters of the combination and the one optimiser trains them.
+Each part is built as the registered method it names, from the same
+:class:`~kdkit.methods.base.MethodContext` (one student, one teacher), so its connectors/heads become
+parameters of the combination and the one optimiser trains them.
 
-**One student forward per step.** Parts call ``student(x)`` (and ``teacher(batch)``) themselves. While
-the combination runs, the forward of the student and of the teacher network is shared: the first
-call on a given input tensor runs the network for real and records every submodule call; a later
-call on the *same* tensor object returns the same output (same autograd graph) and replays the
-recorded calls to the forward hooks (and pre-hooks) that the calling part has installed, so
-feature-capturing parts still see their layers fire. Hooks that *modify* outputs are not replayed
-faithfully (their return value is ignored); set ``share_forward: false`` for such parts, and every
-part then runs its own forward. A part that calls the network on a different tensor (e.g. its own
-augmentation) always runs a real forward.
+**One forward per step.** Every part declares the layers it reads (``student_layers``,
+``teacher_layers``). The combination captures the union of those layers in one student forward and one
+teacher forward, with forward hooks registered once and removed after each pass (the public
+``register_forward_hook`` API; the networks are never edited), and hands the resulting
+:class:`~kdkit.methods.base.Outputs` to each part's ``compute_loss``. A part that overrides ``forward``
+instead (it runs the networks its own way: CRD's memory bank, mutual learning's peers, or a method not yet
+written against :class:`~kdkit.methods.base.Outputs`) runs its own forward, as does every part with
+``share_forward: false``. The result is the same either way; only the work differs.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from ..registry import call_checked
-from .base import METHODS, Batch, Method
-
-_MISSING = object()
-
-
-class _SharedForward:
-    """Memoise ``module.forward`` by input identity and replay submodule hooks on a memo hit."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.entries: List[tuple] = []  # (args, kwargs, events, output)
-        self.events: Optional[list] = None
-        self.original = module.forward
-        self.handles = []
-        self.recorders = set()
-        for sub in module.modules():
-            if sub is module:
-                continue
-            pre = sub.register_forward_pre_hook(self._record_pre, with_kwargs=True)
-            post = sub.register_forward_hook(self._record_post, with_kwargs=True)
-            self.handles += [pre, post]
-            self.recorders.update({pre.id, post.id})
-
-    def _record_pre(self, mod, args, kwargs):
-        if self.events is not None:
-            self.events.append(("pre", mod, args, kwargs, None))
-
-    def _record_post(self, mod, args, kwargs, output):
-        if self.events is not None:
-            self.events.append(("post", mod, args, kwargs, output))
-
-    def _lookup(self, args, kwargs):
-        for e_args, e_kwargs, events, output in self.entries:
-            if (len(e_args) == len(args) and all(a is b for a, b in zip(e_args, args))
-                    and e_kwargs.keys() == kwargs.keys() and all(e_kwargs[k] is kwargs[k] for k in kwargs)):
-                return events, output
-        return None, _MISSING
-
-    def _replay(self, events) -> None:
-        for kind, mod, args, kwargs, output in events:
-            if kind == "pre":
-                for hid, hook in list(mod._forward_pre_hooks.items()):
-                    if hid in self.recorders:
-                        continue
-                    if hid in mod._forward_pre_hooks_with_kwargs:
-                        hook(mod, args, kwargs)
-                    else:
-                        hook(mod, args)
-            else:
-                for hid, hook in list(mod._forward_hooks.items()):
-                    if hid in self.recorders:
-                        continue
-                    if hid in mod._forward_hooks_with_kwargs:
-                        hook(mod, args, kwargs, output)
-                    else:
-                        hook(mod, args, output)
-
-    def __call__(self, *args, **kwargs):
-        events, output = self._lookup(args, kwargs)
-        if output is not _MISSING:
-            self._replay(events)
-            return output
-        self.events = []
-        try:
-            output = self.original(*args, **kwargs)
-            self.entries.append((args, kwargs, self.events, output))
-        finally:
-            self.events = None
-        return output
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        if self.module.__dict__.get("forward") is self:
-            del self.module.forward
-        self.entries.clear()
+from ..errors import KdkitError
+from .base import METHODS, Batch, Method, MethodContext, run_networks
+from .build import instantiate
+from .hooks import FeatureCapture
 
 
-@contextlib.contextmanager
-def shared_forward(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Inside the block, each module runs its forward at most once per input tensor (see module docs)."""
-    shared = []
-    try:
-        for m in dict.fromkeys(modules):  # unique, in order
-            s = _SharedForward(m)
-            m.forward = s  # an instance attribute: nn.Module.__call__ now calls it (top-level hooks still run)
-            shared.append(s)
-        yield
-    finally:
-        for s in shared:
-            s.close()
+def _union(layer_lists) -> List[str]:
+    """The names of several lists, each once, in first-seen order."""
+    return list(dict.fromkeys(name for layers in layer_lists for name in layers))
 
 
 @METHODS.register("combo")
@@ -136,52 +52,60 @@ class Combo(Method):
         student: the model being trained.
         teacher: the frozen teacher shared by all parts.
         parts: ``{label: {weight: float, name: method (default: the label), **method options}}``.
-        share_forward: run the student (and teacher network) forward once per step for all parts.
-        example_batch, num_samples, num_classes: passed to the parts that accept them (injected by
-            the API for methods that size connectors or memory banks).
+        share_forward: run the student (and the teacher network) once per step for every part that computes
+            its loss from :class:`~kdkit.methods.base.Outputs`.
+        context: what kdkit supplies to methods (injected by :func:`~kdkit.methods.build.build_method`); the
+            parts are built from it. Default: the student and teacher alone.
     """
 
     def __init__(self, student: nn.Module, teacher=None, parts: Optional[Dict[str, Dict[str, Any]]] = None,
-                 share_forward: bool = True, example_batch: Optional[Batch] = None,
-                 num_samples: Optional[int] = None, num_classes: Optional[int] = None):
+                 share_forward: bool = True, context: Optional[MethodContext] = None):
         super().__init__(student, teacher)
         if not parts:
             raise ValueError("combo needs parts, e.g. parts: {kd: {weight: 1.0}, fitnets: {weight: 0.5, ...}}")
         if not isinstance(parts, dict):
             raise ValueError(f"combo parts must be a mapping label -> options; got {type(parts).__name__}")
+        context = context if context is not None else MethodContext(student, teacher)
         self.share_forward = share_forward
         self.weights: Dict[str, float] = {}
         built = {}
-        injected = {"student": student, "teacher": teacher, "example_batch": example_batch,
-                    "num_samples": num_samples, "num_classes": num_classes}
         for label, options in parts.items():
-            options = dict(options or {})
-            if "." in label:
-                raise ValueError(f"combo part label {label!r} must not contain '.'")
-            name = options.pop("name", label)
-            weight = float(options.pop("weight", 1.0))
-            if weight < 0:
-                raise ValueError(f"combo part {label!r}: weight must be >= 0; got {weight}")
-            cls = METHODS.get(name)
-            if cls is Combo:
-                raise ValueError("combo parts cannot be combo themselves; list all parts in one combo")
-            if getattr(cls, "needs_teacher", True) and teacher is None:
-                raise ValueError(f"combo part {label!r} ({name}) needs a teacher")
-            built[label] = call_checked(cls, options, f"combo part {label!r} ({name})", injected)
-            self.weights[label] = weight
+            built[label], self.weights[label] = self._build_part(str(label), options, context)
         self.parts = nn.ModuleDict(built)
+        # Declared once: what the combination reads is what its parts read (the teacher cache is decided from it).
+        self.student_layers = _union(p.student_layers for p in self.parts.values())
+        self.teacher_layers = _union(p.teacher_layers for p in self.parts.values())
+        self.shared = [label for label, p in self.parts.items() if share_forward and p.shares_forward]
+        shared = [self.parts[label] for label in self.shared]
+        s_layers = _union(p.student_layers for p in shared)
+        t_layers = _union(p.teacher_layers for p in shared)
+        self._with_teacher = any(p.needs_teacher for p in shared) and teacher is not None
+        self._s_cap = FeatureCapture(student, s_layers, "student") if s_layers else None
+        self._t_cap = (FeatureCapture(teacher.model, t_layers, "teacher", copy_out_of_inference=True)
+                       if t_layers else None)
 
-    def _networks(self) -> List[nn.Module]:
-        nets = [self.student]
-        t_model = getattr(self.teacher, "model", None)
-        if isinstance(t_model, nn.Module):
-            nets.append(t_model)
-        return nets
+    @staticmethod
+    def _build_part(label: str, options: Any, context: MethodContext):
+        if options is not None and not isinstance(options, dict):
+            raise KdkitError(f"combo part {label!r}: options must be a mapping; given {options!r}")
+        options = dict(options or {})
+        if "." in label:
+            raise KdkitError(f"combo part label {label!r} must not contain '.'")
+        name = options.pop("name", label)
+        weight = options.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise KdkitError(f"combo part {label!r}: weight must be a number >= 0; given {weight!r}")
+        if METHODS.get(name) is Combo:
+            raise KdkitError("combo parts cannot be combo themselves; list all parts in one combo")
+        return instantiate(name, options, context, where=f"combo part {label!r} ({name})"), float(weight)
 
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        ctx = shared_forward(self._networks()) if self.share_forward else contextlib.nullcontext()
-        with ctx:
-            outs = {label: part(batch) for label, part in self.parts.items()}
+        outputs = None
+        if self.shared:
+            outputs = run_networks(self.student, self.teacher if self._with_teacher else None, batch,
+                                   self._s_cap, self._t_cap)
+        outs = {label: part.compute_loss(batch, outputs) if label in self.shared else part(batch)
+                for label, part in self.parts.items()}
         loss = sum(self.weights[label] * out["loss"] for label, out in outs.items())
         result: Dict[str, torch.Tensor] = {"loss": loss, "logits": next(iter(outs.values()))["logits"]}
         for label, out in outs.items():

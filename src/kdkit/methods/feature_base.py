@@ -36,10 +36,9 @@ import torch
 from torch import nn
 
 from ..errors import KdkitError
-from .hooks import (FeatureCapture, LayerRecord, embedding_layer, feature_maps_by_resolution, get_module,
-                     last_feature_map, trace)
+from .hooks import LayerRecord, embedding_layer, feature_maps_by_resolution, get_module, last_feature_map, trace
 from ..losses import kd_loss
-from .base import Batch, Method
+from .base import Batch, Method, Outputs
 
 LayerSpec = Union[str, Sequence[str], None]
 
@@ -74,7 +73,10 @@ class FeatureMethod(Method):
     """Base class of feature-reading methods (see the module docstring for defaults and the combined loss).
 
     Subclasses set ``feature_kind`` (``"map"``, ``"embedding"`` or ``"any"``), ``part`` (the name of their
-    loss in the output dict) and implement :meth:`feature_loss`.
+    loss in the output dict) and implement :meth:`feature_loss`. A subclass takes its own options and forwards
+    the rest (``**kwargs``) here; option checking follows that chain, so every option below stays checked.
+    The layers found are declared as ``student_layers`` / ``teacher_layers`` (so the teacher's outputs are
+    never cached for a feature method, and ``combo`` captures them in its one forward).
 
     Args:
         student, teacher: as for every method (``teacher.model`` is hooked).
@@ -122,8 +124,6 @@ class FeatureMethod(Method):
                     if len(shp) != 4:
                         raise KdkitError(f"{name} needs (B, C, H, W) feature maps; {who} layer {n!r} gives "
                                          f"{tuple(shp)}; pick conv layers (see `kdkit inspect`)")
-        self._s_cap = FeatureCapture(student, s_layers, "student")
-        self._t_cap = FeatureCapture(self.teacher_model, t_layers, "teacher", copy_out_of_inference=True)
 
     @property
     def teacher_model(self) -> nn.Module:
@@ -167,21 +167,18 @@ class FeatureMethod(Method):
 
     # ------------------------------------------------------------------ forward pieces
     def run(self, batch: Batch) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
-        """Student and teacher forward passes with hooks: ``(logits, features, teacher_logits, teacher_features)``.
+        """Student and teacher forward passes with hooks: ``(logits, features, teacher_logits, teacher_features)``,
+        the features in the order of ``student_layers`` / ``teacher_layers``.
 
         The teacher runs under inference mode; only its captured features and outputs are copied out of it.
         """
-        x = batch["x"]
-        with self._s_cap:
-            logits = self.student(x)
-            feats = self._s_cap.features()
-        self._s_cap.clear()
-        with self._t_cap:
-            with torch.inference_mode():
-                t_logits = self.teacher_model(x)
-            t_feats = self._t_cap.features()
-        self._t_cap.clear()
-        return logits, feats, t_logits.clone(), t_feats
+        out = self.forward_pass(batch)
+        return out.logits, *self.paired(out)
+
+    def paired(self, outputs: Outputs) -> Tuple[List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
+        """``(features, teacher_logits, teacher_features)`` of this method's layer pairs, in order."""
+        return ([outputs.features[n] for n in self.student_layers], outputs.teacher_logits,
+                [outputs.teacher_features[n] for n in self.teacher_layers])
 
     def combine(self, batch: Batch, logits: torch.Tensor, t_logits: torch.Tensor,
                 feature_loss: torch.Tensor, parts: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
@@ -201,9 +198,9 @@ class FeatureMethod(Method):
     def feature_loss(self, student_features: List[torch.Tensor], teacher_features: List[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
 
-    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        logits, feats, t_logits, t_feats = self.run(batch)
-        return self.combine(batch, logits, t_logits, self.feature_loss(feats, t_feats))
+    def compute_loss(self, batch: Batch, outputs: Outputs) -> Dict[str, torch.Tensor]:
+        feats, t_logits, t_feats = self.paired(outputs)
+        return self.combine(batch, outputs.logits, t_logits, self.feature_loss(feats, t_feats))
 
     def extra_repr(self) -> str:
         pairs = ", ".join(f"{s}->{t}" for s, t in zip(self.student_layers, self.teacher_layers))

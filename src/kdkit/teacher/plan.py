@@ -41,10 +41,10 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     reason = None
     if not isinstance(teacher, Teacher):
         reason = "the method has no frozen kdkit Teacher"
-    elif getattr(method, "uses_teacher_features", False):
-        reason = f"method {type(method).__name__} reads the teacher's intermediate features, which a logits cache lacks"
-    elif teacher._hooked():
-        reason = "the teacher has forward hooks (a method reads its features), which a logits cache would not fire"
+    elif getattr(method, "reads_teacher_features", False):  # declared by the method (Method.teacher_layers)
+        layers = ", ".join(getattr(method, "teacher_layers", ()))
+        reason = (f"method {type(method).__name__} reads the teacher's intermediate layers ({layers}), which a cache "
+                  f"of its outputs does not hold")
     elif isinstance(train_data, DataLoader) or not hasattr(train_data, "__getitem__"):
         reason = "the training data is a DataLoader/iterable whose sample indices and transforms kdkit cannot see"
     elif is_augmented(train_data) and not hasattr(getattr(train_data, "augment", None), "views"):
@@ -53,7 +53,7 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     if reason is not None:
         if mode == "auto":
             return "off", reason
-        raise KdkitError(f"train.teacher_cache={mode} would give wrong teacher targets: {reason}; use auto or off")
+        raise KdkitError(f"train.teacher_cache={mode} cannot be used: {reason}; use auto or off")
     if mode != "auto":
         return mode, f"train.teacher_cache={mode}"
     if world_size > 1:

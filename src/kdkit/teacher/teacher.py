@@ -8,8 +8,9 @@ mode. It runs under ``torch.inference_mode()``.
 Caching its outputs is the teacher's business: while the engine trains with a
 :class:`kdkit.teacher.cache.TeacherCache` attached (``train.teacher_cache``), a call with a
 batch dict answers by ``batch["index"]`` from the cache (filling it from live
-passes the first time each sample is seen), so methods never know. A teacher
-with forward hooks installed (a method reading its features) always runs live.
+passes the first time each sample is seen), so methods never know. Whether a cache may be
+attached at all is decided once, before training, by :func:`kdkit.teacher.plan.cache_plan`: never for a
+method that declares it reads the teacher's intermediate layers (those run the network themselves).
 """
 
 from __future__ import annotations
@@ -55,15 +56,10 @@ class Teacher:
         runs live."""
         self.cache = cache
 
-    def _hooked(self) -> bool:
-        # Forward hooks on the teacher mean a method reads its intermediate features: only a live pass
-        # fires them, so a cached answer would leave the method without its features.
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())
-
     def __call__(self, batch: Union[Batch, torch.Tensor]) -> torch.Tensor:
         x = batch["x"] if isinstance(batch, dict) else batch
         cache = self.cache
-        if cache is not None and isinstance(batch, dict) and "index" in batch and not self._hooked():
+        if cache is not None and isinstance(batch, dict) and "index" in batch:
             index = batch.get("cache_index", batch["index"])  # with replayable augmentation: (sample, view) row
             if cache.has(index):
                 self.cache_hits += 1
