@@ -92,7 +92,7 @@ def test_teacher_student_output_mismatch(tmp_path, teacher_run, capsys):
     # A user factory that ignores num_classes gives the student a 5-way head.
     cfg = tiny_config(tmp_path / "x", student={"name": "tests.factories:five_way"},
                       teacher={"checkpoint": str(teacher_run)})
-    code, _, err = _run(["distill", _write(tmp_path / "c.yaml", cfg)], capsys)
+    code, _, err = _run(["--plugin", "tests.factories", "distill", _write(tmp_path / "c.yaml", cfg)], capsys)
     _one_line_error(code, err, "(10,)", "(5,)")
 
 
