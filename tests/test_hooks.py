@@ -9,8 +9,9 @@ from torch import nn
 from kdkit.methods.build import build_method
 from kdkit.cli import run as cli_run
 from kdkit.errors import KdkitError
-from kdkit.methods.hooks import (capture, embedding_layer, feature_maps_by_resolution, format_trace, last_feature_map,
-                         teacher_forward, trace)
+from kdkit.methods.base import run_networks
+from kdkit.methods.hooks import (FeatureCapture, capture, embedding_layer, feature_maps_by_resolution, format_trace,
+                                 last_feature_map, trace)
 from kdkit.methods import METHODS, Method
 from kdkit.methods.connectors import Resize, make_connector
 from kdkit.models import create_model
@@ -92,11 +93,13 @@ def test_output_modified_in_place_after_capture_is_detected():
         feats["features.0.1"]
 
 
-def test_teacher_forward_copies_only_what_is_read_out_of_inference_mode():
+def test_teacher_features_are_copied_out_of_inference_mode_in_the_hook():
     t_model = cnn("cnn_large")
     teacher = Teacher(t_model)
     x = torch.randn(4, *SHAPE)
-    out, (feat,) = teacher_forward(teacher, {"x": x}, ["features.0.1"])  # in-place ReLU follows this BN
+    t_cap = FeatureCapture(t_model, ["features.0.1"], "teacher", copy_out_of_inference=True)
+    res = run_networks(cnn(), teacher, {"x": x}, None, t_cap)  # the path every feature method and combo take
+    out, feat = res.teacher_logits, res.teacher_features["features.0.1"]  # an in-place ReLU follows this BN
     assert not out.is_inference() and not feat.is_inference()
     with torch.no_grad():
         bn = t_model.features[0][1](t_model.features[0][0](x))

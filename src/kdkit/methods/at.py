@@ -10,7 +10,7 @@ from torch import nn
 from ..losses import at_loss
 from .base import METHODS
 from .connectors import resize_to, spatial_mismatch
-from .feature_base import FeatureMethod, LayerSpec
+from .feature_base import FeatureMethod
 
 
 @METHODS.register("at")
@@ -35,11 +35,9 @@ class AttentionTransfer(FeatureMethod):
     per_resolution = True
     part = "at"
 
-    def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
-                 p: float = 2.0, resize: bool = False, beta: float = 1000.0, ce_weight: float = 1.0,
-                 kd_weight: float = 0.0, temperature: float = 4.0, example_batch=None):
-        super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
-                         temperature)
+    def __init__(self, student: nn.Module, teacher, p: float = 2.0, resize: bool = False, beta: float = 1000.0,
+                 **kwargs):
+        super().__init__(student, teacher, beta=beta, **kwargs)  # layers, ce/kd weights: FeatureMethod's
         self.p, self.resize = p, resize
         for s, t, sl, tl in zip(self.student_shapes, self.teacher_shapes, self.student_layers, self.teacher_layers):
             if s[2:] != t[2:] and not resize:

@@ -10,7 +10,7 @@ from torch import nn
 from ..losses import attention_weighted_mse
 from .base import METHODS
 from .connectors import make_connector
-from .feature_base import FeatureMethod, LayerSpec
+from .feature_base import FeatureMethod
 
 
 @METHODS.register("attention_weighted")
@@ -35,12 +35,9 @@ class AttentionWeightedFeatures(FeatureMethod):
     feature_kind = "map"
     part = "attn_mse"
 
-    def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
-                 attention_temperature: float = 0.5, connector: str = "auto", resize: bool = False,
-                 beta: float = 100.0, ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
-                 example_batch=None):
-        super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
-                         temperature)
+    def __init__(self, student: nn.Module, teacher, attention_temperature: float = 0.5, connector: str = "auto",
+                 resize: bool = False, beta: float = 100.0, **kwargs):
+        super().__init__(student, teacher, beta=beta, **kwargs)  # layers, ce/kd weights: FeatureMethod's
         if attention_temperature <= 0:
             raise ValueError(f"attention_temperature must be > 0; got {attention_temperature}")
         self.attention_temperature = attention_temperature

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import KdkitError
 from ..losses import crd_log_z_from_scores, crd_negatives_excluding, crd_nce_loss_from_scores, crd_scores
 from .base import METHODS, Batch
-from .feature_base import FeatureMethod, LayerSpec
+from .feature_base import FeatureMethod
 
 
 @METHODS.register("crd")
@@ -54,12 +54,9 @@ class CRD(FeatureMethod):
     feature_kind = "embedding"
     part = "crd"
 
-    def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
-                 num_samples: Optional[int] = None, feat_dim: int = 128, nce_k: int = 4096, nce_t: float = 0.07,
-                 momentum: float = 0.5, beta: float = 0.8, ce_weight: float = 1.0, kd_weight: float = 0.0,
-                 temperature: float = 4.0, example_batch=None):
-        super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
-                         temperature)
+    def __init__(self, student: nn.Module, teacher, num_samples: Optional[int] = None, feat_dim: int = 128,
+                 nce_k: int = 4096, nce_t: float = 0.07, momentum: float = 0.5, beta: float = 0.8, **kwargs):
+        super().__init__(student, teacher, beta=beta, **kwargs)  # layers, ce/kd weights: FeatureMethod's
         if num_samples is None or num_samples < 2:
             raise KdkitError("crd needs num_samples (the training-set size, >= 2) for its memory bank; "
                              "kdkit.api.build_method / distill supply it")

@@ -10,7 +10,7 @@ from torch import nn
 from ..losses import hint_loss
 from .base import METHODS
 from .connectors import make_connector
-from .feature_base import FeatureMethod, LayerSpec
+from .feature_base import FeatureMethod
 
 
 @METHODS.register("fitnets")
@@ -38,11 +38,9 @@ class FitNets(FeatureMethod):
     feature_kind = "any"
     part = "hint"
 
-    def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
-                 connector: str = "auto", resize: bool = False, beta: float = 100.0, ce_weight: float = 1.0,
-                 kd_weight: float = 0.0, temperature: float = 4.0, example_batch=None):
-        super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
-                         temperature)
+    def __init__(self, student: nn.Module, teacher, connector: str = "auto", resize: bool = False, beta: float = 100.0,
+                 **kwargs):
+        super().__init__(student, teacher, beta=beta, **kwargs)  # layers, ce/kd weights: FeatureMethod's
         self.connectors = nn.ModuleList(
             make_connector(s, t, connector, resize, where=f"fitnets {sl}->{tl}")
             for s, t, sl, tl in zip(self.student_shapes, self.teacher_shapes, self.student_layers, self.teacher_layers))

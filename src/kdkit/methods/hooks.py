@@ -16,10 +16,11 @@ names that exist (closest first); a layer that never ran during the forward
 pass, or whose output was changed in place after it was captured (a following
 ``ReLU(inplace=True)``), says so instead of handing back a wrong tensor.
 
-Teacher features come from :func:`teacher_forward`, which runs the frozen model
-under ``torch.inference_mode()`` and copies only the captured tensors out of
-inference mode (inference tensors cannot be saved for the student's backward
-pass; the copy is made in the hook, so a later in-place op cannot alter it).
+Teacher features are captured with ``copy_out_of_inference=True`` while the frozen
+model runs under ``torch.inference_mode()`` (:func:`kdkit.methods.base.run_networks`):
+only the captured tensors are copied out of inference mode (inference tensors
+cannot be saved for the student's backward pass; the copy is made in the hook,
+so a later in-place op cannot alter it).
 """
 
 from __future__ import annotations
@@ -162,25 +163,6 @@ def capture(model: nn.Module, names: Union[str, Sequence[str]], who: str = "mode
     return FeatureCapture(model, [names] if isinstance(names, str) else names, who, copy_out_of_inference)
 
 
-def teacher_forward(teacher, batch: Union[Dict[str, torch.Tensor], torch.Tensor],
-                    names: Sequence[str]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Run a frozen teacher under inference mode and return ``(outputs, [features...])``.
-
-    ``teacher`` is a :class:`kdkit.teacher.Teacher` (its ``.model`` is used) or a plain module. Only the
-    captured features and the outputs are copied out of inference mode, so they can enter the student's
-    loss (which saves them for backward); nothing else the teacher computes is copied.
-    """
-    model = getattr(teacher, "model", teacher)
-    if not isinstance(model, nn.Module):
-        raise KdkitError(f"feature methods need a teacher with one network (.model); got {type(teacher).__name__}")
-    x = batch["x"] if isinstance(batch, dict) else batch
-    with capture(model, names, "teacher", copy_out_of_inference=True) as feats:
-        with torch.inference_mode():
-            out = model(x)
-    out = out.clone()  # outside inference mode now: an ordinary tensor
-    return out, feats.features()
-
-
 # ----------------------------------------------------------------------------- shapes (inspect, defaults)
 
 @dataclass
@@ -299,4 +281,4 @@ def feature_maps_by_resolution(records: Sequence[LayerRecord]) -> Dict[Tuple[int
 
 
 __all__ = ["FeatureCapture", "LayerRecord", "capture", "embedding_layer", "feature_maps_by_resolution",
-           "format_trace", "get_module", "last_feature_map", "module_names", "teacher_forward", "trace"]
+           "format_trace", "get_module", "last_feature_map", "module_names", "trace"]

@@ -10,7 +10,7 @@ from torch import nn
 from ..losses import nst_loss
 from .base import METHODS
 from .connectors import resize_to, spatial_mismatch
-from .feature_base import FeatureMethod, LayerSpec
+from .feature_base import FeatureMethod
 
 
 @METHODS.register("nst")
@@ -33,11 +33,9 @@ class NST(FeatureMethod):
     feature_kind = "map"
     part = "nst"
 
-    def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
-                 degree: int = 2, coef0: float = 0.0, resize: bool = False, beta: float = 50.0,
-                 ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0, example_batch=None):
-        super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
-                         temperature)
+    def __init__(self, student: nn.Module, teacher, degree: int = 2, coef0: float = 0.0, resize: bool = False,
+                 beta: float = 50.0, **kwargs):
+        super().__init__(student, teacher, beta=beta, **kwargs)  # layers, ce/kd weights: FeatureMethod's
         self.degree, self.coef0 = degree, coef0
         for s, t, sl, tl in zip(self.student_shapes, self.teacher_shapes, self.student_layers, self.teacher_layers):
             if s[2:] != t[2:] and not resize:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..losses import rkd_angle_loss, rkd_distance_loss
 from .base import METHODS, Batch
-from .feature_base import FeatureMethod, LayerSpec
+from .feature_base import FeatureMethod
 
 
 @METHODS.register("rkd")
@@ -30,11 +30,9 @@ class RKD(FeatureMethod):
     feature_kind = "embedding"
     part = "rkd"
 
-    def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
-                 distance_weight: float = 25.0, angle_weight: float = 50.0, beta: float = 1.0, ce_weight: float = 1.0,
-                 kd_weight: float = 0.0, temperature: float = 4.0, example_batch=None):
-        super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
-                         temperature)
+    def __init__(self, student: nn.Module, teacher, distance_weight: float = 25.0, angle_weight: float = 50.0,
+                 beta: float = 1.0, **kwargs):
+        super().__init__(student, teacher, beta=beta, **kwargs)  # layers, ce/kd weights: FeatureMethod's
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:

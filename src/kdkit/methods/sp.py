@@ -9,7 +9,7 @@ from torch import nn
 
 from ..losses import sp_loss
 from .base import METHODS
-from .feature_base import FeatureMethod, LayerSpec
+from .feature_base import FeatureMethod
 
 
 @METHODS.register("sp")
@@ -30,11 +30,8 @@ class SimilarityPreserving(FeatureMethod):
     feature_kind = "embedding"
     part = "sp"
 
-    def __init__(self, student: nn.Module, teacher, student_layer: LayerSpec = None, teacher_layer: LayerSpec = None,
-                 beta: float = 3000.0, ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
-                 example_batch=None):
-        super().__init__(student, teacher, student_layer, teacher_layer, example_batch, beta, ce_weight, kd_weight,
-                         temperature)
+    def __init__(self, student: nn.Module, teacher, beta: float = 3000.0, **kwargs):
+        super().__init__(student, teacher, beta=beta, **kwargs)  # layers, ce/kd weights: FeatureMethod's
 
     def feature_loss(self, student_features: List[torch.Tensor], teacher_features: List[torch.Tensor]) -> torch.Tensor:
         return sum(sp_loss(s, t) for s, t in zip(student_features, teacher_features))
