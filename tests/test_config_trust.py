@@ -268,3 +268,12 @@ def test_ctrl_c_names_the_real_run_directory(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err
     assert f"kdkit train --resume {out}" in err and "RUN_DIR" not in err
+
+
+def test_resolved_config_reads_back_as_written(tmp_path):
+    # Strings that look like numbers or YAML 1.1 booleans are quoted in config.yaml, so a run directory's
+    # config reads back to the same run.
+    cfg = load_config({"out_dir": "1e5", "train": {"teacher_cache": "off"}, "method": {"name": "kd", "mode": "yes"}})
+    from kdkit.config import dump_config
+
+    assert load_config(_file(tmp_path, dump_config(cfg))) == cfg

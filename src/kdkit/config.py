@@ -343,6 +343,14 @@ ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]
 ConfigLoader.add_constructor(None, ConfigLoader.refuse_tag)
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Quotes every string that :class:`ConfigLoader` or a YAML 1.1 reader would not read back as a string."""
+
+
+_ConfigDumper.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
 def _check_alias_budget(root: yaml.Node) -> None:
     """Refuse a document whose aliases expand to far more values than it writes out (an alias bomb)."""
     sizes: Dict[int, Optional[int]] = {}
@@ -504,7 +512,7 @@ def load_config(source: Union[str, Path, Dict[str, Any], None] = None, overrides
 
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (every default filled in)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.dump(cfg.model_dump(mode="json"), Dumper=_ConfigDumper, sort_keys=False)
 
 
 def train_fields() -> List[str]:
