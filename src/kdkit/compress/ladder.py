@@ -20,8 +20,13 @@ at batch 1 and 256 on one thread (:func:`single_thread`). The run directory gets
 accuracy against latency and size, ``model.safetensors`` (the last float model) and ``compressed.json``,
 which is what :func:`load_compressed` (and ``kdkit export``) need to rebuild the compressed architecture.
 
-Limits: an int8 model is not reloaded from ``model-int8.safetensors`` (that file is for size and shipping
-inspection); ``kdkit export`` exports the last float model and quantises the ONNX graph itself with
+Before the run directory is created, every step is dry-run on a copy of the starting model
+(:func:`check_steps`; each step type's handler is in :mod:`kdkit.compress.steps`), and the run's seed is set
+before the starting model is built and before each step, so the same config gives the same files.
+
+Limits: an int8 model is not loaded back from ``model-int8.safetensors`` (that file is for size and shipping
+inspection); :func:`evaluate_compressed` (``kdkit evaluate``) quantises the float model again and checks the
+result against it. ``kdkit export`` exports the last float model and quantises the ONNX graph itself with
 ``--int8``. After ``mode: qat`` the float model saved is the one before QAT (the QAT-trained weights live
 only in the int8 model).
 """
