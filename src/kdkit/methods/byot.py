@@ -14,7 +14,7 @@ from torch import nn
 
 from .hooks import INPUT_SUFFIX, capture, embedding_layer, feature_maps_by_resolution, trace
 from ..losses import kd_loss, masked_cross_entropy
-from .base import METHODS, Batch, Method
+from .base import METHODS, Batch, Method, Outputs
 
 
 def self_distillation_loss(aux_logits: List[torch.Tensor], final_logits: torch.Tensor,
@@ -148,15 +148,15 @@ class BYOT(Method):
             raise ValueError(f"byot feature_layer {feature_layer!r} must give a (B, D) feature; got shape "
                              f"{tuple(feats[feature_layer].shape)} (e.g. use head{INPUT_SUFFIX})")
         self.heads = nn.ModuleList(AuxHead(feats[n].shape, dim, logits.shape[1]) for n in self.layers).to(device)
+        self.student_layers = self._names()  # declared: captured by forward_pass (or once by a combo for all parts)
 
     def _names(self) -> List[str]:
         return self.layers + ([self.feature_layer] if self.feature_layer else [])
 
-    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        with capture(self.student, self._names(), "student") as feats:
-            logits = self.student(batch["x"])  # (B, C)
-            aux = [head(feats[n]) for head, n in zip(self.heads, self.layers)]  # [(f_i, z_i)]
-            final_feature = feats[self.feature_layer] if self.feature_layer else None
+    def compute_loss(self, batch: Batch, outputs: Outputs) -> Dict[str, torch.Tensor]:
+        logits, feats = outputs.logits, outputs.features  # (B, C); the declared layers by name
+        aux = [head(feats[n]) for head, n in zip(self.heads, self.layers)]  # [(f_i, z_i)]
+        final_feature = feats[self.feature_layer] if self.feature_layer else None
         y = batch.get("y")
         out = self_distillation_loss([z for _, z in aux], logits, [f for f, _ in aux], final_feature, y,
                                      self.temperature, self.alpha, self.feature_weight)
