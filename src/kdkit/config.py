@@ -32,13 +32,14 @@ from .errors import KdkitError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/NaN are never a meaningful setting (lr=.inf, warmup_epochs=.inf): reject them with the rest.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class _Named(BaseModel):
     """A section that names a registered thing; extra keys are that thing's own options."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     def options(self) -> Dict[str, Any]:
         """The thing's own options (everything but the section's declared fields)."""
@@ -134,7 +135,6 @@ class _Step(_Strict):
     epochs: int = Field(0, ge=0, description="recovery distillation epochs after this step")
     lr: Optional[float] = Field(None, gt=0, description="learning rate of the recovery epochs (default: train.lr)")
 
-
     def describe(self) -> str:
         """The step as the ladder table names it, e.g. ``prune structured 50%``."""
         return str(getattr(self, "step"))
@@ -143,15 +143,16 @@ class _Step(_Strict):
         """What is wrong with this combination of settings (None: nothing); ``last``: it ends the ladder."""
         return None
 
+
 class DistillStep(_Step):
     """Distil the teacher into the current model (``epochs`` > 0 required)."""
 
     step: Literal["distill"]
     epochs: int = Field(..., gt=0)
 
-
     def describe(self) -> str:
         return f"distill {self.epochs} ep"
+
 
 class TransferStep(_Step):
     """Initialise the current model from the teacher's weights where shapes allow (:mod:`kdkit.compress.transfer`)."""
@@ -159,9 +160,9 @@ class TransferStep(_Step):
     step: Literal["transfer"]
     layers: Literal["every_other", "first", "last"] = "every_other"
 
-
     def describe(self) -> str:
         return f"transfer {self.layers}"
+
 
 class PruneStep(_Step):
     """Magnitude pruning: ``structured`` removes whole channels/neurons, otherwise single weights are zeroed."""
@@ -171,7 +172,6 @@ class PruneStep(_Step):
     sparsity: Optional[float] = Field(None, gt=0, lt=1, description="fraction of the prunable parameters to remove")
     target_parameters: Optional[int] = Field(None, gt=0, description="prune until at most this many parameters remain")
     iterations: int = Field(1, ge=1, description="reach the target in this many rounds, each followed by `epochs`")
-
 
     def describe(self) -> str:
         kind = "structured" if self.structured else "unstructured"
@@ -183,6 +183,7 @@ class PruneStep(_Step):
             return "give exactly one of sparsity (0..1) or target_parameters"
         return None
 
+
 class LowRankStep(_Step):
     """Truncated-SVD factorisation of Linear/Conv2d layers into two thinner ones (:mod:`kdkit.compress.lowrank`)."""
 
@@ -190,7 +191,6 @@ class LowRankStep(_Step):
     rank: Optional[int] = Field(None, gt=0, description="keep this many singular values per layer")
     energy: Optional[float] = Field(None, gt=0, le=1, description="keep the fewest singular values holding this share of sum(s^2)")
     layers: Optional[List[str]] = Field(None, description="module names to factorise (default: every Linear/Conv2d where it saves parameters)")
-
 
     def describe(self) -> str:
         return f"lowrank rank {self.rank}" if self.rank is not None else f"lowrank energy {self.energy:g}"
@@ -200,6 +200,7 @@ class LowRankStep(_Step):
             return "give exactly one of rank (an integer >= 1) or energy (0..1]"
         return None
 
+
 class QuantizeStep(_Step):
     """int8 quantisation on the CPU: ``dynamic``, ``static`` (calibrated) or ``qat`` (``epochs`` of KD with fake quantisation)."""
 
@@ -207,7 +208,6 @@ class QuantizeStep(_Step):
     mode: Literal["dynamic", "static", "qat"] = "static"
     calibration_samples: int = Field(1024, gt=0, description="training samples run through the model to calibrate (static)")
     backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
-
 
     def describe(self) -> str:
         return f"quantize int8 {self.mode}"
@@ -218,6 +218,7 @@ class QuantizeStep(_Step):
         if not last:
             return "quantisation must be the last step (an int8 model is not trained further)"
         return None
+
 
 COMPRESS_STEPS = {"distill": DistillStep, "transfer": TransferStep, "prune": PruneStep, "lowrank": LowRankStep,
                   "quantize": QuantizeStep}
@@ -256,7 +257,7 @@ def parse_compress_steps(raw: Sequence[Any]) -> List[_Step]:
 class RunConfig(_Strict):
     """The whole experiment."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="the one source of randomness of the run (torch takes 64-bit seeds)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     out_dir: Optional[str] = None
     data: DataConfig = Field(default_factory=DataConfig)
@@ -513,7 +514,3 @@ def load_config(source: Union[str, Path, Dict[str, Any], None] = None, overrides
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (every default filled in)."""
     return yaml.dump(cfg.model_dump(mode="json"), Dumper=_ConfigDumper, sort_keys=False)
-
-
-def train_fields() -> List[str]:
-    return list(TrainConfig.model_fields)
