@@ -197,7 +197,7 @@ def _check_resume(cfg: RunConfig) -> None:
         raise KdkitError(f"cannot resume: {cfg.out_dir} is not a kdkit run directory (no config.yaml)")
     stored = _flat(load_config(stored_path).model_dump(mode="json"))
     given = _flat(cfg.model_dump(mode="json"))
-    ignored = {"train.progress", "train.threads"}  # how the run is watched or scheduled, not what it computes
+    ignored = {"train.progress", "train.quiet", "train.threads"}  # how the run is watched or scheduled, not what it computes
     for key in sorted(set(stored) | set(given)):
         if key not in ignored and stored.get(key) != given.get(key):
             raise KdkitError(f"cannot resume {cfg.out_dir}: its config.yaml has {key}={stored.get(key)!r} but this "

@@ -510,10 +510,10 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
         chunks = _view_batches(data, augment, batch_size)
     elif len(todo) < len(cache):  # resume: only the missing rows, in chunks of batch_size
         chunks = _subset_batches(data, todo, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    if progress:  # a bar on a terminal only: a redirected log gets no bar fragments
+        from ..training.progress import Progress
 
-        chunks = tqdm(chunks, total=-(-len(todo) // batch_size), desc="teacher cache", dynamic_ncols=True)
+        chunks = Progress(bar=True)(chunks, total=-(-len(todo) // batch_size), desc="teacher cache")
     with torch.inference_mode():
         for i, batch in enumerate(chunks):
             idx = batch.get("cache_index", batch["index"])
