@@ -27,15 +27,27 @@ FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 MNIST_ROOT = "/usr/share/datasets/mnist"
 
 
+def _image_stats(train_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (one scalar each) of the training inputs; 0 and 1 when there are too few values to measure.
+
+    An empty training split (``train_subset: 0``) must reach the loop's "training data is empty" error, not
+    NaN statistics and a torch warning here.
+    """
+    if train_x.numel() < 2:
+        return torch.tensor(0.0), torch.tensor(1.0)
+    return train_x.mean(), train_x.std().clamp_min(1e-8)
+
+
 def _standardise(train_x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """Scale every split with the training split's mean and std (one scalar each, as images usually are)."""
-    mean, std = train_x.mean(), train_x.std().clamp_min(1e-8)
+    mean, std = _image_stats(train_x)
     return tuple((t - mean) / std for t in (train_x, *others))
 
 
 def _normalisation(train_x: torch.Tensor) -> Dict[str, float]:
     """The scalars :func:`_standardise` used, for the report (images: model input = (pixel/255 - mean) / std)."""
-    return {"mean": float(train_x.mean()), "std": float(train_x.std().clamp_min(1e-8))}
+    mean, std = _image_stats(train_x)
+    return {"mean": float(mean), "std": float(std)}
 
 
 @DATASETS.register("digits")
