@@ -170,16 +170,10 @@ class Method(nn.Module):
     def on_optimizer_step(self) -> None:
         """Called by the loop after every optimiser step (not every micro-batch under gradient accumulation).
 
-        Methods with a schedule of their own (DKD's warm-up) count steps here; the default passes the call on
-        to the methods this one contains (a combo's parts), each of which passes it on to its own.
+        Methods with a schedule of their own (DKD's warm-up) count steps here; a method made of other methods
+        (``combo``) passes the call on to its parts. The default does nothing: this runs on every step, so it
+        walks no modules.
         """
-        stack = list(self.children())
-        while stack:
-            child = stack.pop()
-            if isinstance(child, Method):
-                child.on_optimizer_step()
-            else:
-                stack.extend(child.children())
 
     @staticmethod
     def add_ce(loss: torch.Tensor, out: Dict[str, torch.Tensor], logits: torch.Tensor, batch: Batch,

@@ -99,6 +99,10 @@ class Combo(Method):
             raise KdkitError("combo parts cannot be combo themselves; list all parts in one combo")
         return instantiate(name, options, context, where=f"combo part {label!r} ({name})"), float(weight)
 
+    def on_optimizer_step(self) -> None:
+        for part in self.parts.values():  # parts with a schedule of their own (DKD's warm-up) count steps too
+            part.on_optimizer_step()
+
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         outputs = None
         if self.shared:
