@@ -105,6 +105,23 @@ def test_parts_share_one_forward_of_each_network_through_handles_removed_after()
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(g_combo, g_sum))  # gradients ~40
 
 
+def test_logit_parts_share_the_forward_with_feature_parts():
+    """kd, dkd and dist compute their loss from the shared outputs: kd + dkd + fitnets is one student pass."""
+    student, teacher, batch = _cnn_pair()
+    counter = Counting(student.features[0])
+    student.features[0] = counter
+    parts = {"kd": {"weight": 1.0}, "dkd": {"weight": 0.5}, "dist": {"weight": 0.5},
+             "fit": {"name": "fitnets", "weight": 0.1, "student_layer": "features.1", "teacher_layer": "features.1"}}
+    combo = build_method("combo", student, teacher, {"parts": parts}, example_batch=batch)
+    assert sorted(combo.shared) == ["dist", "dkd", "fit", "kd"]
+    counter.calls = 0
+    out = combo(batch)
+    assert counter.calls == 1
+    alone = {label: part(batch) for label, part in combo.parts.items()}
+    expected = sum(combo.weights[k] * alone[k]["loss"] for k in parts)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_share_forward_false_runs_each_part_alone():
     student, teacher, batch = _cnn_pair()
     counter = Counting(student.features[0])

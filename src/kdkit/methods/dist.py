@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..losses import dist_inter_loss, dist_intra_loss
-from .base import METHODS, Batch, Method
+from .base import METHODS, Batch, Method, Outputs
 
 
 @METHODS.register("dist")
@@ -34,9 +34,8 @@ class DIST(Method):
             raise ValueError(f"temperature must be > 0; got {temperature}")
         self.beta, self.gamma, self.temperature, self.ce_weight = beta, gamma, temperature, ce_weight
 
-    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        logits = self.student(batch["x"])
-        t_logits = self.teacher(batch)
+    def compute_loss(self, batch: Batch, outputs: Outputs) -> Dict[str, torch.Tensor]:
+        logits, t_logits = outputs.logits, outputs.teacher_logits  # (B, C) each
         inter = dist_inter_loss(logits, t_logits, self.temperature)
         intra = dist_intra_loss(logits, t_logits, self.temperature)
         loss = self.beta * inter + self.gamma * intra

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..losses import dkd_loss
-from .base import METHODS, Batch, Method
+from .base import METHODS, Batch, Method, Outputs
 
 
 @METHODS.register("dkd")
@@ -42,9 +42,8 @@ class DKD(Method):
         self.ce_weight, self.warmup_steps = ce_weight, warmup_steps
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # saved with the training state
 
-    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        logits = self.student(batch["x"])  # (B, C)
-        t_logits = self.teacher(batch)  # (B, C)
+    def compute_loss(self, batch: Batch, outputs: Outputs) -> Dict[str, torch.Tensor]:
+        logits, t_logits = outputs.logits, outputs.teacher_logits  # (B, C) each
         y = batch.get("y")
         pseudo = t_logits.argmax(1)
         targets = pseudo if y is None else torch.where(y >= 0, y, pseudo)

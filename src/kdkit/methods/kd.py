@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import kd_per_sample, masked_mse, mix_soft_and_hard, output_mse
-from .base import METHODS, Batch, Method
+from .base import METHODS, Batch, Method, Outputs
 
 
 @METHODS.register("kd")
@@ -44,9 +44,8 @@ class KD(Method):
         self.temperature = temperature
         self.alpha = alpha
 
-    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        logits = self.student(batch["x"])  # (B, C)
-        teacher_logits = self.teacher(batch)  # (B, C)
+    def compute_loss(self, batch: Batch, outputs: Outputs) -> Dict[str, torch.Tensor]:
+        logits, teacher_logits = outputs.logits, outputs.teacher_logits  # (B, C) each
         kd = kd_per_sample(logits, teacher_logits, self.temperature)  # (B,)
         y = batch.get("y")
         if y is None or y.is_floating_point():  # no class labels: soft targets only
@@ -77,9 +76,8 @@ class OutputMSE(Method):
             raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
         self.alpha = alpha
 
-    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        out = self.student(batch["x"])
-        teacher_out = self.teacher(batch)
+    def compute_loss(self, batch: Batch, outputs: Outputs) -> Dict[str, torch.Tensor]:
+        out, teacher_out = outputs.logits, outputs.teacher_logits  # (B, C) each
         match = output_mse(out, teacher_out)
         y = batch.get("y")
         if y is None or not y.is_floating_point():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import kd_per_sample, mix_soft_and_hard, standardize_logits
-from .base import METHODS, Batch, Method
+from .base import METHODS, Batch, Method, Outputs
 
 
 @METHODS.register("kd_ls")
@@ -44,9 +44,8 @@ class KDLogitStandardised(Method):
             raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
         self.temperature, self.alpha = temperature, alpha
 
-    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        logits = self.student(batch["x"])
-        t_logits = self.teacher(batch)
+    def compute_loss(self, batch: Batch, outputs: Outputs) -> Dict[str, torch.Tensor]:
+        logits, t_logits = outputs.logits, outputs.teacher_logits  # (B, C) each
         # Per sample, so that labelled and unlabelled samples mix as in KD.
         kd = kd_per_sample(standardize_logits(logits), standardize_logits(t_logits), self.temperature)  # (B,)
         y = batch.get("y")
