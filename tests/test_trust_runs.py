@@ -409,3 +409,11 @@ def test_teacher_cache_is_complete_before_the_first_step():
     method = build_method("kd", nn.Linear(4, 2), Teacher(nn.Linear(4, 2)), {}, train_data=data)
     cache, _ = prepare_teacher_cache(method, data, TrainConfig(teacher_cache="memory", progress=False))
     assert cache.has(torch.arange(len(data)))
+
+
+def test_api_test_label_beyond_the_outputs_fails_before_training(tmp_path):
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    bad_test = (torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 0, 1, 0]))  # label 2 for a 2-output model
+    with pytest.raises(KdkitError, match="test split: label 2 at position 2 is out of range"):
+        kdkit.train(nn.Linear(4, 2), (x, y), test_data=bad_test, epochs=1, progress=False, out_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()

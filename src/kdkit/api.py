@@ -21,7 +21,7 @@ from torch import nn
 from .training.checkpoint import load_weights, weights_path
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config, load_config
 from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
-from .data.core import make_loader
+from .data.core import check_targets, make_loader
 from .training.distributed import dist_env
 from .training.loop import History, fit, resolve_device, seed_everything
 from .training.rundir import write_text_atomic
@@ -123,9 +123,9 @@ def _api_config(command: str, model: nn.Module, teacher: Any, method: str, optio
 
 
 def _api_splits(train_data, val_data, test_data) -> DataSplits:
-    train = as_dataset(train_data)
-    return DataSplits(train=train, val=as_dataset(val_data), test=as_dataset(test_data), num_classes=None,
-                      input_shape=tuple(first_input(train).shape[1:]))
+    train = as_dataset(train_data, "train")
+    return DataSplits(train=train, val=as_dataset(val_data, "val"), test=as_dataset(test_data, "test"),
+                      num_classes=None, input_shape=tuple(first_input(train).shape[1:]))
 
 
 def train(model: nn.Module, train_data, val_data=None, *, test_data=None, out_dir=None, seed: int = 0,
@@ -217,6 +217,7 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
 def _build_run_method(cfg: RunConfig, command: str, parts: Parts) -> Method:
     """The method of the run (``supervised`` for ``kdkit train``), its options checked."""
     splits = parts.splits
+    _check_labels_fit(parts.model, splits)
     if command == "train":
         batch = example_batch_of(splits.train)
         if batch is None or "y" not in batch:
@@ -227,6 +228,19 @@ def _build_run_method(cfg: RunConfig, command: str, parts: Parts) -> Method:
         check_outputs_match(parts.teacher.model, parts.model, first_input(splits.train))
     return build_method(cfg.method.name, parts.model, parts.teacher, cfg.method.options(), train_data=splits.train,
                         num_classes=splits.num_classes)
+
+
+def _check_labels_fit(model: nn.Module, splits: DataSplits) -> None:
+    """Class labels beyond the model's outputs fail now, not after training (a test label of 10 for 10 outputs)."""
+    with torch.inference_mode():
+        was = model.training
+        out = model.eval()(first_input(splits.train).to(next(model.parameters()).device))
+        model.train(was)
+    classes = int(out.shape[-1]) if out.dim() == 2 else None
+    for name in ("train", "val", "test"):
+        data = getattr(splits, name)
+        if data is not None:
+            check_targets(data, name, classes if splits.num_classes is None else splits.num_classes)
 
 
 def _finish(cfg: RunConfig, method: Method, history: History, run_dir: Optional[Path], splits: DataSplits,

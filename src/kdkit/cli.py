@@ -197,6 +197,112 @@ def _interrupted_message() -> str:
     return f"interrupted ({command}: {out_dir})"
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    print(_inspect(args))
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
+
+    for title, reg in (("models", MODELS), ("methods", METHODS), ("datasets", DATASETS)):
+        print(f"{title}: {', '.join(reg.names())}")
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import run_compress
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _RUNNING["out_dir"] = cfg.out_dir
+    ladder = run_compress(cfg)
+    print(f"run directory: {ladder.dir}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    result = export_run(args.run_dir, args.format, int8=args.int8, out=args.out, samples=args.samples)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .recipes.demo import run_demo
+
+    out = _demo_dir(args.out)
+    _RUNNING["out_dir"] = str(out)
+    run_demo(out, epochs=args.epochs, seed=args.seed, progress=not (args.quiet or args.no_progress))
+    return 0
+
+
+def _run_config_of(args: argparse.Namespace):
+    """The config of `kdkit train|distill`: the file plus overrides, or a run directory's own with --resume."""
+    from .config import load_config
+
+    if not args.resume:
+        if not args.config:
+            raise KdkitError(f"kdkit {args.command}: a CONFIG file is required (or --resume RUN_DIR)")
+        return load_config(args.config, args.overrides)
+    if args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if not Path(args.resume, "config.yaml").is_file():
+        raise KdkitError(f"cannot resume: {args.resume} is not a kdkit run directory (no config.yaml)")
+    source = args.config or Path(args.resume) / "config.yaml"
+    return load_config(source, args.overrides + [f"out_dir={args.resume}"])
+
+
+def _cmd_train_or_distill(args: argparse.Namespace) -> int:
+    from . import api
+    from .evaluation.report import format_table
+
+    cfg = _run_config_of(args)
+    _RUNNING["out_dir"] = cfg.out_dir
+    result = api.run_config(cfg, args.command, resume=bool(args.resume))
+    if result.dir is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
+    print(format_table(result.metrics))
+    print(f"run directory: {result.dir}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from . import api
+    from .config import load_config
+
+    info = api.cache_config(load_config(args.config, args.overrides), log=lambda m: print(m, file=sys.stderr))
+    print(f"teacher cache: {info['description']}")
+    return 0
+
+
+def _cmd_born_again(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .recipes.born_again import born_again_config
+
+    result = born_again_config(load_config(args.config, args.overrides), args.generations)
+    print(f"generations in: {result.dir} (summary.json)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import api
+    from .evaluation.report import format_table
+
+    metrics = api.evaluate_run(args.run_dir, args.split)
+    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+    return 0
+
+
+COMMANDS = {"inspect": _cmd_inspect, "ls": _cmd_ls, "compress": _cmd_compress, "export": _cmd_export,
+            "demo": _cmd_demo, "train": _cmd_train_or_distill, "distill": _cmd_train_or_distill,
+            "cache": _cmd_cache, "born-again": _cmd_born_again, "evaluate": _cmd_evaluate}
+
+
 def run(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -211,77 +317,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     for plugin in args.plugin + getattr(args, "plugin_after", []):  # the user's explicit choice; configs never import code
         load_plugin(plugin)
     load_env_plugins()
-    from . import api
-    from .config import load_config
-    from .evaluation.report import format_table
-
-    if args.command == "inspect":
-        print(_inspect(args))
-        return 0
-    if args.command == "ls":
-        from .data import DATASETS
-        from .methods import METHODS
-        from .models import MODELS
-
-        for title, reg in (("models", MODELS), ("methods", METHODS), ("datasets", DATASETS)):
-            print(f"{title}: {', '.join(reg.names())}")
-        return 0
-    if args.command == "compress":
-        from .compress import run_compress
-
-        cfg = load_config(args.config, args.overrides)
-        _RUNNING["out_dir"] = cfg.out_dir
-        ladder = run_compress(cfg)
-        print(f"run directory: {ladder.dir}")
-        return 0
-    if args.command == "export":
-        from .export import export_run
-
-        result = export_run(args.run_dir, args.format, int8=args.int8, out=args.out, samples=args.samples)
-        print(json.dumps(result, indent=2))
-        return 0
-    if args.command == "demo":
-        from .recipes.demo import run_demo
-
-        out = _demo_dir(args.out)
-        _RUNNING["out_dir"] = str(out)
-        run_demo(out, epochs=args.epochs, seed=args.seed, progress=not (args.quiet or args.no_progress))
-        return 0
-    if args.command in ("train", "distill"):
-        if args.resume:
-            if args.config and not args.config.endswith((".yaml", ".yml")):
-                args.overrides.insert(0, args.config)
-                args.config = None
-            source = args.config or Path(args.resume) / "config.yaml"
-            if not Path(args.resume, "config.yaml").is_file():
-                raise KdkitError(f"cannot resume: {args.resume} is not a kdkit run directory (no config.yaml)")
-            cfg = load_config(source, args.overrides + [f"out_dir={args.resume}"])
-        else:
-            if not args.config:
-                raise KdkitError(f"kdkit {args.command}: a CONFIG file is required (or --resume RUN_DIR)")
-            cfg = load_config(args.config, args.overrides)
-        _RUNNING["out_dir"] = cfg.out_dir
-        result = api.run_config(cfg, args.command, resume=bool(args.resume))
-        if result.dir is None:  # a torchrun worker other than rank 0: rank 0 reports
-            return 0
-        print(format_table(result.metrics))
-        print(f"run directory: {result.dir}")
-        return 0
-    if args.command == "cache":
-        info = api.cache_config(load_config(args.config, args.overrides), log=lambda m: print(m, file=sys.stderr))
-        print(f"teacher cache: {info['description']}")
-        return 0
-    if args.command == "born-again":
-        from .recipes.born_again import born_again_config
-
-        result = born_again_config(load_config(args.config, args.overrides), args.generations)
-        print(f"generations in: {result.dir} (summary.json)")
-        return 0
-    if args.command == "evaluate":
-        metrics = api.evaluate_run(args.run_dir, args.split)
-        print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
-        return 0
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    return COMMANDS[args.command](args)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

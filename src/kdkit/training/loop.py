@@ -48,11 +48,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
 from ..data.core import ArrayData, make_loader
 from ..errors import KdkitError
-from ..evaluation.metrics import predict, quality
+from ..evaluation.metrics import predict, predict_many, quality
 from ..teacher import Teacher
 from ..teacher.plan import prepare_teacher_cache
 from .checkpoint import STATE_FILE, load_training_state, non_finite, save_training_state, save_weights
@@ -353,11 +354,16 @@ def _kept(ckpt: Optional[Path]) -> str:
 
 
 def _validate(loop: _Loop, val_data, batch_size: int) -> Dict[str, float]:
-    pred = predict(loop.method.student, val_data, batch_size)
     teacher = loop.teacher
-    if teacher is not None and hasattr(teacher, "model") and loop.val_teacher_outputs is None:
+    teacher_model = teacher.model if teacher is not None and hasattr(teacher, "model") else None
+    if teacher_model is not None and isinstance(val_data, DataLoader):
+        # A user's loader may reshuffle on every pass: student and teacher outputs must come from the same one.
+        pred, t_pred = predict_many([loop.method.student, teacher_model], val_data, batch_size)
+        return quality(pred["outputs"], pred.get("y"), t_pred["outputs"])
+    pred = predict(loop.method.student, val_data, batch_size)
+    if teacher_model is not None and loop.val_teacher_outputs is None:
         # The teacher is frozen: its validation outputs are the same every epoch, computed once per run.
-        loop.val_teacher_outputs = predict(teacher.model, val_data, batch_size)["outputs"]
+        loop.val_teacher_outputs = predict(teacher_model, val_data, batch_size)["outputs"]
     return quality(pred["outputs"], pred.get("y"), loop.val_teacher_outputs)
 
 
