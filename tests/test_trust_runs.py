@@ -353,14 +353,17 @@ def test_nan_in_inputs_is_named_as_a_data_problem():
 @pytest.mark.parametrize("override", ["method.alpha=5", "method.temperature=0", "train.lr=.inf",
                                       "train.warmup_epochs=.inf", "seed=1208925819614629174706176",
                                       "data.train_subset=0"])
-def test_values_rejected_before_the_run_directory_exists(tmp_path, teacher_run, override):
+def test_values_rejected_before_the_run_directory_exists(tmp_path, teacher_run, override, capsys):
+    from kdkit.cli import main
+
     cfg = tiny_config(None, student={"name": "mlp", "hidden": [8]}, teacher={"checkpoint": str(teacher_run)},
                       method={"name": "kd"})
     path = _write(tmp_path / "c.yaml", {k: v for k, v in cfg.items() if k != "out_dir"})
     out = tmp_path / "never"
-    r = _cli("distill", path, f"out_dir={out}", override)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    with pytest.raises(SystemExit) as e:  # the CLI in this process: same code path, no interpreter start-up
+        main(["distill", str(path), f"out_dir={out}", override])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert not out.exists()
 
 
