@@ -79,7 +79,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -203,7 +205,9 @@ def _setup(method: nn.Module, train_data, cfg: TrainConfig, *, run_dir, seed: in
     dev = resolve_device(device)
     rank, world, dev = init_distributed(dev)
     if batch_size % world:
-        raise KdkitError(f"batch size {batch_size} is not divisible by the {world} processes; use a multiple of {world}")
+        raise KdkitError(
+            f"batch size {batch_size} is not divisible by the {world} processes; use a multiple of {world}"
+        )
     _check_inputs(train_data)
     seed_everything(seed)
     if cfg.channels_last:
