@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 
 import kdkit  # noqa: E402
 from kdkit.api import build_data, run_config  # noqa: E402
-from kdkit.recipes.classical import (compare_students, parse_rules, predict_rules, tree_rules)  # noqa: E402
 from kdkit.compress import run_compress  # noqa: E402
 from kdkit.config import load_config  # noqa: E402
 from kdkit.export import export_model  # noqa: E402
+from kdkit.recipes.classical import compare_students, parse_rules, predict_rules, tree_rules  # noqa: E402
 
 OUT = ROOT / "out" / "compress"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

@@ -41,8 +41,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / "out" / "digits_configs"))
     ap.add_argument("--out", default=str(HERE / "results" / "digits_configs.json"))
     ap.add_argument("--variant", action="append", default=[],
-                    help="extra variant NAME:override,... of the KD config (of the scratch config when NAME starts with "
-                         "'scratch'), e.g. 'kd T=2:method.temperature=2'")
+                    help="extra variant NAME:override,... of the KD config (of the scratch config when NAME "
+                         "starts with 'scratch'), e.g. 'kd T=2:method.temperature=2'")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work)

@@ -155,7 +155,8 @@ def get_teacher(splits, args, out: Path) -> Dict[str, Any]:
                           lr=2e-3, schedule="cosine", progress=False)
         seconds = time.perf_counter() - t0
         model = run.student
-        info = {"model": "LeNet-style CNN: conv3x3(w)-pool-conv3x3(2w)-pool-fc128-fc10", "width": args.teacher_width, "epochs": args.teacher_epochs,
+        info = {"model": "LeNet-style CNN: conv3x3(w)-pool-conv3x3(2w)-pool-fc128-fc10", "width": args.teacher_width,
+                "epochs": args.teacher_epochs,
                 "train_images": len(splits.train), "optimizer": "adam", "lr": 2e-3, "schedule": "cosine",
                 "batch_size": 128, "selection": "best validation accuracy (5,000 held-out training images)",
                 "best_epoch": max(run.history, key=lambda r: r.get("val_accuracy", 0))["epoch"],
@@ -415,7 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "data": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test), "root": args.data_root},
         "teacher": teacher["info"], "seeds": seeds, "batch_size": args.batch_size, "optimizer": "adam", "lr": args.lr,
         "schedule": "cosine (per step, to zero at the last epoch)",
-        "verdict_rule": "helps if gain > std(scratch) + std(distilled); hurts if gain < -(that); else no clear difference",
+        "verdict_rule": ("helps if gain > std(scratch) + std(distilled); hurts if gain < -(that); "
+                         "else no clear difference"),
         "student_parameters": sum(p.numel() for p in create_model("mlp", num_classes=10, input_shape=(1, 28, 28),
                                                                   hidden=REGIMES[0]["hidden"]).parameters()),
         "kdkit_commit": git_commit(),
@@ -427,7 +429,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         result["regimes"].append(run_regime(regime, splits, teacher, seeds, args))
         result["regimes"][-1]["kdkit_commit"] = result["kdkit_commit"]
         result["regimes"][-1]["student_parameters"] = sum(
-            p.numel() for p in create_model("mlp", num_classes=10, input_shape=(1, 28, 28), hidden=regime["hidden"]).parameters())
+            p.numel() for p in create_model("mlp", num_classes=10, input_shape=(1, 28, 28),
+                                            hidden=regime["hidden"]).parameters())
     if not args.no_loop_cost:
         result["loop_cost_commit"] = result["kdkit_commit"]
         # Loop cost 1: the real teacher in the loop (what a distillation epoch costs), on the first N images.

@@ -63,10 +63,10 @@ def _accuracy(model, data) -> float:
 
 def teacher_weights() -> Path:
     """Train (or reuse) the cnn_large teacher; return its safetensors path."""
-    from kdkit.training.checkpoint import save_weights
-    from kdkit.training.loop import fit
     from kdkit.methods import METHODS
     from kdkit.models import create_model
+    from kdkit.training.checkpoint import save_weights
+    from kdkit.training.loop import fit
 
     OUT.mkdir(parents=True, exist_ok=True)
     path, meta = OUT / "teacher_cnn_large.safetensors", OUT / "teacher_cnn_large.json"
@@ -76,7 +76,8 @@ def teacher_weights() -> Path:
     torch.manual_seed(1000)
     model = create_model("cnn_large", num_classes=10, input_shape=splits.input_shape)
     log("teacher cnn_large: training")
-    fit(METHODS.get("supervised")(model), splits.train, None, cfg.model_copy(update={"epochs": SETTING["teacher_epochs"]}),
+    fit(METHODS.get("supervised")(model), splits.train, None,
+        cfg.model_copy(update={"epochs": SETTING["teacher_epochs"]}),
         seed=1000, device="cpu", batch_size=SETTING["batch_size"])
     save_weights(model, path)
     meta.write_text(json.dumps({"setting": SETTING, "test_accuracy": _accuracy(model, splits.test)}, indent=2))
@@ -87,10 +88,10 @@ def run_one(label: str, method: str, options: Dict[str, Any], seed: int, teacher
     """One student: a fresh seeded cnn_small trained with ``method`` (or on labels for ``scratch``)."""
     torch.set_num_threads(1)
     from kdkit.methods.build import build_method
-    from kdkit.training.checkpoint import load_weights
-    from kdkit.training.loop import fit
     from kdkit.models import create_model
     from kdkit.teacher import Teacher
+    from kdkit.training.checkpoint import load_weights
+    from kdkit.training.loop import fit
 
     splits, cfg = _setup()
     teacher = create_model("cnn_large", num_classes=10, input_shape=splits.input_shape)

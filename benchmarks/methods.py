@@ -36,14 +36,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from kdkit.api import build_data
-from kdkit.methods.build import build_method
-from kdkit.training.checkpoint import load_weights, save_weights
 from kdkit.config import DataConfig, TrainConfig
-from kdkit.training.loop import fit
 from kdkit.evaluation.metrics import predict, quality
 from kdkit.methods import METHODS
+from kdkit.methods.build import build_method
 from kdkit.models import create_model
 from kdkit.teacher import Teacher, TeacherEnsemble
+from kdkit.training.checkpoint import load_weights, save_weights
+from kdkit.training.loop import fit
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out" / "methods"
@@ -147,7 +147,8 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
 def table(summary: Dict[str, Dict[str, Any]], teacher_acc: Dict[str, float]) -> str:
     scratch = summary.get("scratch", {}).get("mean")
     kd = summary.get("kd", {})
-    lines = ["| method | test acc. (%) mean ± std | vs scratch | vs KD | time/epoch vs KD | CIFAR-100 R32x4→R8x4 (published) |",
+    lines = ["| method | test acc. (%) mean ± std | vs scratch | vs KD | time/epoch vs KD "
+             "| CIFAR-100 R32x4→R8x4 (published) |",
              "|---|---|---|---|---|---|"]
     for name, acc in teacher_acc.items():
         pub = PUBLISHED["teacher"][0] if name == "cnn_large" else None
@@ -192,7 +193,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     log("teachers: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in teacher_acc.items()))
 
     # (label, method, options, teacher); born-again rows get their teacher per seed.
-    plan: List[Tuple[str, str, Dict[str, Any], Any]] = [("scratch", "supervised", {}, None), ("kd", "kd", OPTIONS["kd"], teacher)]
+    plan: List[Tuple[str, str, Dict[str, Any], Any]] = [("scratch", "supervised", {}, None),
+                                                        ("kd", "kd", OPTIONS["kd"], teacher)]
     for name in METHODS.names():
         if name in SKIP or name == "kd":
             continue
@@ -230,14 +232,16 @@ def main(argv: Optional[List[str]] = None) -> None:
             summary = summarise(rows)
             result = {
                 "benchmark": "methods", "dataset": "fashion_mnist",
-                "setting": {"train_subset": args.train_subset, "epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
+                "setting": {"train_subset": args.train_subset, "epochs": args.epochs,
+                            "teacher_epochs": args.teacher_epochs,
                             "batch_size": args.batch_size, "optimizer": "adam", "lr": args.lr, "schedule": "cosine",
                             "student": "cnn_small", "teacher": "cnn_large", "second_teacher": "resnet_small(width=8)",
                             "test_size": len(splits.test), "seeds": seeds, "threads": args.threads},
                 "machine": {"python": platform.python_version(), "torch": torch.__version__,
                             "processor": platform.processor() or platform.machine()},
                 "teacher_accuracy": teacher_acc, "summary": summary, "runs": rows, "failures": failures,
-                "published_cifar100_resnet32x4_resnet8x4": {k: {"top1": v[0], "source": v[1]} for k, v in PUBLISHED.items()},
+                "published_cifar100_resnet32x4_resnet8x4": {k: {"top1": v[0], "source": v[1]}
+                                                            for k, v in PUBLISHED.items()},
                 "elapsed_seconds": time.perf_counter() - started,
             }
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

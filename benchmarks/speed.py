@@ -40,17 +40,16 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from speed_common import accuracy, load_state, mlp, n_params, save_state  # noqa: E402
-
 import kdkit  # noqa: E402
 import kdkit.api  # noqa: E402
 import kdkit.training.loop as engine  # noqa: E402
-from kdkit.teacher.cache import CacheSpec, TeacherCache, soft_target_kl, topk_compress, topk_expand  # noqa: E402
 from kdkit.config import TrainConfig  # noqa: E402
 from kdkit.data import ArrayData  # noqa: E402
 from kdkit.losses import kd_loss, masked_cross_entropy  # noqa: E402
 from kdkit.methods import METHODS  # noqa: E402
 from kdkit.teacher import Teacher  # noqa: E402
+from kdkit.teacher.cache import CacheSpec, TeacherCache  # noqa: E402
+from speed_common import accuracy, load_state, mlp, n_params, save_state  # noqa: E402
 
 STUDENT = [128]
 TEACHERS = {"1x": [128], "10x": [1024, 256], "50x": [2048, 1536]}
@@ -227,7 +226,7 @@ def cache_memory(teacher, x60k: torch.Tensor) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- main
 
-def main() -> None:
+def main() -> None:  # noqa: C901  (one long benchmark script: setup, timed variants, report)
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--train-subset", type=int, default=10000)
@@ -249,15 +248,17 @@ def main() -> None:
     t_start = time.time()
     B, E = args.batch_size, args.epochs
 
-    splits = kdkit.api.build_data(kdkit.load_config({"data": {"name": "fashion_mnist", "train_subset": args.train_subset}}).data)
+    splits = kdkit.api.build_data(
+        kdkit.load_config({"data": {"name": "fashion_mnist", "train_subset": args.train_subset}}).data)
     train, test = splits.train, splits.test
     result: Dict[str, Any] = {
         "setup": {"dataset": "fashion_mnist", "train_samples": len(train), "test_samples": len(test),
                   "batch_size": B, "epochs_per_run": E, "repeats": args.repeats, "threads": args.threads,
                   "student": f"mlp {STUDENT}", "torch": torch.__version__,
-                  "note": ("ratios: per repeat, median epoch time of A / of B (variants back to back, ABBA order), then the "
-                           "median over repeats; CPU time = process_time of the (1-thread) process, robust to the "
-                           "load of other processes; kdkit cached epochs exclude the first (cache-filling) epoch")}}
+                  "note": ("ratios: per repeat, median epoch time of A / of B (variants back to back, ABBA order), "
+                           "then the median over repeats; CPU time = process_time of the (1-thread) process, "
+                           "robust to the load of other processes; kdkit cached epochs exclude the first "
+                           "(cache-filling) epoch")}}
 
     # Teacher for (1), (3), (4): the 10x MLP, trained once and kept in benchmarks/out/.
     teacher_file = work / "teacher.npz"
@@ -308,8 +309,8 @@ def main() -> None:
                                                               teacher_cache="memory", cache_dir=cache_dir))
         variants[f"live_{k}"] = (lambda tm=tm: kdkit_epochs(kd_method(student(), tm), train, E, B,
                                                             teacher_cache="off"))
-    order = ["student_only", "cached_10x", "hand_cached_10x", "hand_cached_10x_masked_ce", "live_10x", "hand_live_10x", "cached_1x", "live_1x",
-             "cached_50x", "live_50x", "cached_10x_bf16"]
+    order = ["student_only", "cached_10x", "hand_cached_10x", "hand_cached_10x_masked_ce", "live_10x", "hand_live_10x",
+             "cached_1x", "live_1x", "cached_50x", "live_50x", "cached_10x_bf16"]
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats} ({time.time() - t_start:.0f}s)", flush=True)
         for name in (order if r % 2 == 0 else order[::-1]):

@@ -4,14 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-import kdkit.training.loop as engine
 import kdkit.teacher.plan as plan
-from kdkit.teacher.augment import AugmentedData, CropFlip
-from kdkit.teacher.cache import CacheSpec, build_cache
+import kdkit.training.loop as engine
 from kdkit.config import TrainConfig
 from kdkit.data import ArrayData
 from kdkit.methods import METHODS
 from kdkit.teacher import Teacher
+from kdkit.teacher.augment import AugmentedData, CropFlip
+from kdkit.teacher.cache import CacheSpec, build_cache
 
 
 def test_crop_flip_on_a_hand_example():
@@ -64,7 +64,8 @@ def test_cached_training_on_augmented_data_equals_live_training(tmp_path):
     out = {}
     for mode in ("off", "memory"):
         method = METHODS.get("kd")(_student(), Teacher(teacher), temperature=2.0, alpha=0.5)
-        cfg = TrainConfig(epochs=4, lr=0.05, optimizer="sgd", progress=False, teacher_cache=mode, cache_dir=str(tmp_path))
+        cfg = TrainConfig(epochs=4, lr=0.05, optimizer="sgd", progress=False, teacher_cache=mode,
+                          cache_dir=str(tmp_path))
         hist = engine.fit(method, data, None, cfg, batch_size=16, seed=1)
         out[mode] = (method.student.state_dict(), [h["train_loss"] for h in hist.epochs], method.teacher.live_rows)
     assert out["off"][1] == pytest.approx(out["memory"][1], rel=1e-6)

@@ -7,16 +7,25 @@ import pytest
 import torch
 from torch import nn
 
-import kdkit.training.loop as engine
 import kdkit.teacher.plan as plan
-from kdkit.teacher.cache import (CacheSpec, TeacherCache, build_cache, cache_bytes, fingerprint_data, fingerprint_model,
-                         is_augmented, soft_target_kl, topk_compress, topk_expand)
+import kdkit.training.loop as engine
 from kdkit.config import TrainConfig
 from kdkit.data import ArrayData
-from kdkit.data.core import make_loader
 from kdkit.errors import KdkitError
 from kdkit.methods import METHODS
 from kdkit.teacher import Teacher
+from kdkit.teacher.cache import (
+    CacheSpec,
+    TeacherCache,
+    build_cache,
+    cache_bytes,
+    fingerprint_data,
+    fingerprint_model,
+    is_augmented,
+    soft_target_kl,
+    topk_compress,
+    topk_expand,
+)
 
 
 def _data(n=64, d=6, seed=0):
@@ -151,7 +160,8 @@ def test_training_with_the_cache_equals_live_training(tmp_path):
     for mode in ("off", "memory"):
         torch.manual_seed(1)
         method = _kd(net, c=2)
-        cfg = TrainConfig(epochs=3, lr=0.05, optimizer="sgd", progress=False, teacher_cache=mode, cache_dir=str(tmp_path))
+        cfg = TrainConfig(epochs=3, lr=0.05, optimizer="sgd", progress=False, teacher_cache=mode,
+                          cache_dir=str(tmp_path))
         hist = engine.fit(method, data, None, cfg, seed=3, batch_size=16)
         results[mode] = ([h["train_loss"] for h in hist.epochs], method.student.state_dict(), hist.teacher_cache,
                          method.teacher.live_calls, method.teacher.cache_hits)

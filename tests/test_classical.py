@@ -5,10 +5,19 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit.recipes.classical import (OnnxTeacher, STUDENTS, compare_students, expand_soft_targets, fit_student,
-                             parse_rules, predict_rules, soft_targets, teacher_features, tree_rules)
 from kdkit.errors import KdkitError
-
+from kdkit.recipes.classical import (
+    STUDENTS,
+    OnnxTeacher,
+    compare_students,
+    expand_soft_targets,
+    fit_student,
+    parse_rules,
+    predict_rules,
+    soft_targets,
+    teacher_features,
+    tree_rules,
+)
 
 
 def _data(n=300, d=6, seed=0):

@@ -36,7 +36,8 @@ def test_distill_end_to_end(tmp_path, teacher_run, capsys):
     out = tmp_path / "kd"
     cfg = tiny_config(out, student={"name": "mlp", "hidden": [16]}, teacher={"checkpoint": str(teacher_run)},
                       method={"name": "kd"})
-    code, stdout, _ = _run(["distill", _write(tmp_path / "kd.yaml", cfg), "method.temperature=2", "train.epochs=2"], capsys)
+    code, stdout, _ = _run(["distill", _write(tmp_path / "kd.yaml", cfg), "method.temperature=2", "train.epochs=2"],
+                           capsys)
     assert code == 0 and "agreement" in stdout
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["method"]["temperature"] == 2 and resolved["teacher"]["name"] == "cnn_small"

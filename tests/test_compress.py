@@ -4,9 +4,20 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit.compress import (count_nonzero, count_parameters, factorize, factorize_layer, load_compressed,
-                            prune_structured, prune_unstructured, quantize_dynamic, quantize_static,
-                            rank_for_energy, save_quantized, transfer_weights)
+from kdkit.compress import (
+    count_nonzero,
+    count_parameters,
+    factorize,
+    factorize_layer,
+    load_compressed,
+    prune_structured,
+    prune_unstructured,
+    quantize_dynamic,
+    quantize_static,
+    rank_for_energy,
+    save_quantized,
+    transfer_weights,
+)
 from kdkit.config import load_config
 from kdkit.errors import KdkitError
 from kdkit.models import create_model
@@ -134,8 +145,8 @@ def test_int8_outputs_within_tolerance(mode, tmp_path):
     assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
     size = save_quantized(q, tmp_path / "q.safetensors")
-    from kdkit.training.checkpoint import save_weights
     from kdkit.compress import quantized_tensors
+    from kdkit.training.checkpoint import save_weights
 
     tensors, _ = quantized_tensors(q)
     data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -172,8 +183,8 @@ def test_compress_config_validation():
 
 
 def test_compress_ladder_end_to_end(tmp_path):
-    from kdkit.compress import run_compress
     from kdkit.api import run_config
+    from kdkit.compress import run_compress
 
     teacher_dir = tmp_path / "teacher"
     run_config(load_config({"out_dir": str(teacher_dir), "data": {"name": "digits"}, "device": "cpu",

@@ -109,7 +109,8 @@ def test_top_level_list_is_one_line(tmp_path):
 
 def test_run_directory_configs_go_through_the_same_checks(tmp_path):
     # `kdkit evaluate RUN_DIR` (and teacher.checkpoint=RUN_DIR) read the run's config.yaml with load_config.
-    for i, text in enumerate([b"\xff\xfe\x00garbage", b"- 1\n- 2\n", b"a: 1\na: 2\n", b"seed: !!python/name:os.system\n"]):
+    for i, text in enumerate([b"\xff\xfe\x00garbage", b"- 1\n- 2\n", b"a: 1\na: 2\n",
+                              b"seed: !!python/name:os.system\n"]):
         run = tmp_path / f"run{i}"
         run.mkdir()
         (run / "config.yaml").write_bytes(text)

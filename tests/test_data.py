@@ -46,7 +46,8 @@ def test_truncated_and_garbage_idx(tmp_path):
 def _fake_mnist(root, n_train=20, n_test=10):
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(rng.integers(0, 255, (n, 28, 28)))))
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(_idx_bytes(rng.integers(0, 255, (n, 28, 28)))))
         (root / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx_bytes(rng.integers(0, 10, n)))
 
 

@@ -232,7 +232,8 @@ def test_csv_classification_export_takes_raw_rows(tmp_path):
     rng = np.random.default_rng(1)
     feats = rng.normal([100.0, -5.0], [30.0, 0.1], (60, 2))
     labels = (feats[:, 0] > 100).astype(int)
-    (tmp_path / "c.csv").write_text("a,b,label\n" + "\n".join(f"{float(a)!r},{float(b)!r},{c}" for (a, b), c in zip(feats, labels)))
+    (tmp_path / "c.csv").write_text("a,b,label\n" + "\n".join(f"{float(a)!r},{float(b)!r},{c}"
+                                                              for (a, b), c in zip(feats, labels)))
     cfg = {"seed": 0, "out_dir": str(tmp_path / "run"),
            "data": {"name": "csv", "path": str(tmp_path / "c.csv"), "target": "label", "batch_size": 16},
            "model": {"name": "mlp", "hidden": [8]}, "train": {"epochs": 2, "lr": 0.01, "progress": False}}

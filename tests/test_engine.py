@@ -8,11 +8,11 @@ from torch import nn
 
 import kdkit
 import kdkit.training.loop as engine
-from kdkit.training.checkpoint import read_tensors
 from kdkit.config import TrainConfig
 from kdkit.data import ArrayData
 from kdkit.errors import KdkitError
 from kdkit.methods import METHODS
+from kdkit.training.checkpoint import read_tensors
 
 
 def _data(n=96, seed=0):

@@ -6,14 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit.methods.build import build_method
 from kdkit.cli import run as cli_run
 from kdkit.errors import KdkitError
-from kdkit.methods.base import run_networks
-from kdkit.methods.hooks import (FeatureCapture, capture, embedding_layer, feature_maps_by_resolution, format_trace,
-                                 last_feature_map, trace)
 from kdkit.methods import METHODS, Method
+from kdkit.methods.base import run_networks
+from kdkit.methods.build import build_method
 from kdkit.methods.connectors import Resize, make_connector
+from kdkit.methods.hooks import (
+    FeatureCapture,
+    capture,
+    embedding_layer,
+    feature_maps_by_resolution,
+    format_trace,
+    last_feature_map,
+    trace,
+)
 from kdkit.models import create_model
 from kdkit.teacher import Teacher
 

@@ -37,7 +37,8 @@ def test_no_labels_uses_soft_targets_only():
     batch = {"x": torch.randn(5, 4)}
     out = METHODS.get("kd")(student, teacher, temperature=3.0, alpha=0.5)(batch)
     assert "ce" not in out
-    assert out["loss"].item() == pytest.approx(kd_loss(student(batch["x"]), teacher.model(batch["x"]), 3.0).item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(kd_loss(student(batch["x"]), teacher.model(batch["x"]), 3.0).item(),
+                                               rel=1e-6)
 
 
 def test_teacher_is_not_trained():

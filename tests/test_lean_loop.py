@@ -80,7 +80,8 @@ def test_bf16_autocast_and_channels_last_train_a_cnn():
     x = torch.randn(64, 1, 8, 8, generator=g)
     data = ArrayData(x, (x.mean((1, 2, 3)) > 0).long())
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2))
     cfg = TrainConfig(epochs=2, lr=0.05, progress=False, precision="bf16", channels_last=True)
     hist = engine.fit(METHODS.get("supervised")(net), data, None, cfg, batch_size=16)
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in hist.epochs)

@@ -61,7 +61,8 @@ def test_a_wrongly_typed_model_option_is_one_line_not_a_torch_error():
 def test_the_cli_rejects_wrong_option_types_before_creating_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = {"out_dir": str(out), "data": {"name": "digits", "train_subset": 64},
-           "student": {"name": "mlp"}, "teacher": {"checkpoint": str(tmp_path / "t.safetensors")}, "method": {"name": "kd"}}
+           "student": {"name": "mlp"}, "teacher": {"checkpoint": str(tmp_path / "t.safetensors")},
+           "method": {"name": "kd"}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit) as exit_:

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit.methods.build import build_method
 from kdkit.errors import KdkitError
 from kdkit.methods import METHODS, Method
+from kdkit.methods.build import build_method
 from kdkit.models import create_model
 from kdkit.teacher import Teacher
 
@@ -92,7 +92,8 @@ def test_one_training_step(name):
     opt.step()
     changed = [not torch.equal(a, b.detach()) for a, b in zip(before, method.student.parameters())]
     assert any(changed), f"{name}: one step left the student's weights unchanged"
-    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items()), f"{name} changed the teacher"
+    assert all(torch.equal(v, teacher.state_dict()[k])
+               for k, v in teacher_before.items()), f"{name} changed the teacher"
 
 
 BEYOND_LOGITS = ["at", "attention_weighted", "cc", "crd", "dist", "dkd", "fitnets", "kd_ls", "nst", "pkt", "rkd", "sp"]

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit import losses as L
-from kdkit.methods.build import build_method
 from kdkit.errors import KdkitError
+from kdkit.methods.build import build_method
 from kdkit.models import create_model
 from kdkit.teacher import Teacher
 

@@ -32,7 +32,8 @@ from os import system  # reachable through the plugin, but not the plugin's own 
 
 @kdkit.register_model("{name}")
 def make(num_classes, input_shape, hidden=8):
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
 '''
 
 
@@ -113,7 +114,8 @@ def test_import_string_imports_nothing(tmp_path, monkeypatch):
     assert "kdsec_sidefx" not in sys.modules
 
 
-@pytest.mark.parametrize("name", ["os;x:system", "__import__('os'):system", "os:system()", "os: system", ":f", "a..b:f"])
+@pytest.mark.parametrize("name", ["os;x:system", "__import__('os'):system", "os:system()", "os: system", ":f",
+                                  "a..b:f"])
 def test_malformed_import_strings_are_refused(name):
     with pytest.raises(kdkit.KdkitError, match="not a (module|Python) name"):
         resolve_factory(name)
@@ -227,7 +229,8 @@ def test_cli_plugins_from_environment_and_from_a_path(tmp_path):
     result = _cli(["ls"], cwd=tmp_path, env_extra={"KDKIT_PLUGINS": "env_models"})
     assert result.returncode == 0, result.stderr
     assert "envnet" in result.stdout and "filenet" not in result.stdout
-    result = _cli(["--plugin", "./file_models.py", "inspect", "./file_models.py:make", "--input-shape", "6"], cwd=tmp_path)
+    result = _cli(["--plugin", "./file_models.py", "inspect", "./file_models.py:make", "--input-shape", "6"],
+                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Linear" in result.stdout or "(B, 8)" in result.stdout
 

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkit
-from kdkit.recipes.born_again import born_again
-from kdkit.training.checkpoint import read_tensors
 from kdkit.cli import run as cli_run
 from kdkit.methods import METHODS
 from kdkit.methods.byot import self_distillation_loss
 from kdkit.methods.dml import mutual_loss
 from kdkit.models import create_model
+from kdkit.recipes.born_again import born_again
+from kdkit.training.checkpoint import read_tensors
 
 
 def tiny_config(out_dir, **sections):
@@ -54,7 +54,8 @@ def test_each_peer_gets_only_its_own_gradient():
     z1, z2, z3 = (torch.randn(4, 3, requires_grad=True) for _ in range(3))
     y = torch.tensor([0, 1, 2, 1])
     mutual_loss([z1, z2, z3], y)["loss"].backward()
-    own = F.cross_entropy(z1, y) + (_kl(z2.softmax(1).detach(), z1.softmax(1)) + _kl(z3.softmax(1).detach(), z1.softmax(1))) / 2
+    own = F.cross_entropy(z1, y) + (_kl(z2.softmax(1).detach(), z1.softmax(1))
+                                    + _kl(z3.softmax(1).detach(), z1.softmax(1))) / 2
     (g,) = torch.autograd.grad(own, z1)
     assert torch.allclose(z1.grad, g, atol=1e-6)
 
@@ -62,8 +63,10 @@ def test_each_peer_gets_only_its_own_gradient():
 def test_dml_trains_every_peer_with_one_optimiser():
     batch = _images()
     student = create_model("cnn_small", num_classes=4, input_shape=(1, 12, 12), width=4)
-    method = METHODS.get("dml")(student, None, peers=[create_model("mlp", num_classes=4, input_shape=(1, 12, 12), hidden=[8]),
-                                                      "linear"], example_batch=batch)
+    method = METHODS.get("dml")(student, None,
+                                peers=[create_model("mlp", num_classes=4, input_shape=(1, 12, 12), hidden=[8]),
+                                       "linear"],
+                                example_batch=batch)
     assert method.student is student and len(method.models) == 3
     assert METHODS.get("dml").needs_teacher is False
     before = [[p.detach().clone() for p in m.parameters()] for m in method.models]

@@ -193,7 +193,8 @@ def test_run_killed_in_its_first_epoch_resumes_from_scratch(tmp_path):
     full = kdkit.run_config(kdkit.load_config(_tiny_train_cfg(tmp_path / "full", epochs=2)), "train")
     # What a kill in epoch 1 leaves: the run directory with its config and nothing else.
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "config.yaml").write_text((full.dir / "config.yaml").read_text().replace(str(full.dir), str(tmp_path / "r")))
+    (tmp_path / "r" / "config.yaml").write_text(
+        (full.dir / "config.yaml").read_text().replace(str(full.dir), str(tmp_path / "r")))
     with pytest.raises(KdkitError, match="already exists"):
         kdkit.run_config(kdkit.load_config(cfg), "train")  # never overwritten...
     kdkit.run_config(kdkit.load_config(cfg), "train", resume=True)  # ...but resumable

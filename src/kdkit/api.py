@@ -18,23 +18,22 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .training.checkpoint import load_weights, weights_path
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config, load_config
 from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
 from .data.core import check_targets, make_loader
-from .training.distributed import dist_env
-from .training.loop import History, fit, resolve_device, seed_everything
-from .training.rundir import write_text_atomic
-from .training.threads import apply_threads
 from .errors import KdkitError
 from .evaluation.metrics import evaluate
+from .evaluation.report import format_table, write_report
 from .methods import METHODS, Method
 from .methods.build import INJECTED_METHOD_ARGS, build_method, example_batch_of, method_temperature
 from .models import create_model, resolve_factory
 from .registry import call_checked, check_kwargs
-from .evaluation.report import format_table, write_report
-from .training.rundir import create_run_dir
 from .teacher import Teacher, as_teacher
+from .training.checkpoint import load_weights, weights_path
+from .training.distributed import dist_env
+from .training.loop import History, fit, resolve_device, seed_everything
+from .training.rundir import create_run_dir, write_text_atomic
+from .training.threads import apply_threads
 
 
 @dataclass
@@ -107,7 +106,8 @@ def _api_config(command: str, model: nn.Module, teacher: Any, method: str, optio
     train = {k: v for k, v in options.items() if k in train_keys}
     method_options = {k: v for k, v in options.items() if k not in train_keys}
     if command == "train" and method_options:
-        raise KdkitError(f"train(): unknown option {next(iter(method_options))!r}; allowed: {', '.join(TrainConfig.model_fields)}")
+        raise KdkitError(f"train(): unknown option {next(iter(method_options))!r}; "
+                         f"allowed: {', '.join(TrainConfig.model_fields)}")
     raw: Dict[str, Any] = {"seed": seed, "device": device, "out_dir": None if out_dir is None else str(out_dir),
                            "data": {"name": PYTHON, "batch_size": batch_size}, "train": train}
     if command == "train":
@@ -197,7 +197,8 @@ def _check_resume(cfg: RunConfig) -> None:
         raise KdkitError(f"cannot resume: {cfg.out_dir} is not a kdkit run directory (no config.yaml)")
     stored = _flat(load_config(stored_path).model_dump(mode="json"))
     given = _flat(cfg.model_dump(mode="json"))
-    ignored = {"train.progress", "train.quiet", "train.threads"}  # how the run is watched or scheduled, not what it computes
+    # how the run is watched or scheduled, not what it computes
+    ignored = {"train.progress", "train.quiet", "train.threads"}
     for key in sorted(set(stored) | set(given)):
         if key not in ignored and stored.get(key) != given.get(key):
             raise KdkitError(f"cannot resume {cfg.out_dir}: its config.yaml has {key}={stored.get(key)!r} but this "
@@ -288,13 +289,15 @@ def resolve_model_spec(spec: ModelConfig, where: str) -> ModelConfig:
     """Fill a missing ``name`` from a checkpoint run directory; check the name and options exist."""
     if spec.name is None:
         if spec.checkpoint and Path(spec.checkpoint).is_dir():
-            spec = _model_spec_from_run(Path(spec.checkpoint)).model_copy(update={**spec.options(), "checkpoint": spec.checkpoint})
+            spec = _model_spec_from_run(Path(spec.checkpoint)).model_copy(
+                update={**spec.options(), "checkpoint": spec.checkpoint})
         elif spec.checkpoint:
             raise KdkitError(f"{where}.checkpoint {spec.checkpoint} not found (expected a run directory or a "
                              f".safetensors file)")
         else:
             raise KdkitError(f"{where}.name is required (a model name, or a run directory as {where}.checkpoint)")
-    check_kwargs(resolve_factory(spec.name), spec.options(), f"{where} {spec.name!r}", reserved=["num_classes", "input_shape"])
+    check_kwargs(resolve_factory(spec.name), spec.options(), f"{where} {spec.name!r}",
+                 reserved=["num_classes", "input_shape"])
     if spec.checkpoint is not None:
         weights_path(spec.checkpoint)  # fails early if missing
     return spec
@@ -341,7 +344,8 @@ def _validate_teachers(cfg: RunConfig, resolve=None, from_python: bool = False) 
     for i, spec in enumerate(cfg.teachers):
         spec = (resolve or resolve_model_spec)(spec, f"teachers.{i}")
         if spec.checkpoint is None and not from_python:
-            raise KdkitError(f"config: teachers.{i}.checkpoint is required: a trained teacher's run directory or .safetensors file")
+            raise KdkitError(f"config: teachers.{i}.checkpoint is required: a trained teacher's run directory "
+                             f"or .safetensors file")
         resolved.append(spec)
     return resolved
 
@@ -360,7 +364,8 @@ def build_teacher(cfg: RunConfig, splits: DataSplits) -> Teacher:
             check_outputs_match(members[0], m, sample)
         except KdkitError as err:
             raise KdkitError(f"teachers.{i} does not match teachers.0: {err}") from None
-    temperature = e.temperature if e.temperature is not None else method_temperature(cfg.method.name, cfg.method.options())
+    temperature = (e.temperature if e.temperature is not None
+                   else method_temperature(cfg.method.name, cfg.method.options()))
     try:
         return TeacherEnsemble(members, e.weights, e.weighting, temperature, e.combine)
     except ValueError as err:
@@ -390,10 +395,12 @@ def validate(cfg: RunConfig, command: str, from_python: bool = False) -> RunConf
         teachers = _validate_teachers(cfg, resolve, from_python) if needs_teacher else None
         if needs_teacher and teachers is None:
             if cfg.teacher is None:
-                raise KdkitError(f"config: method {cfg.method.name!r} needs a teacher section (teacher: {{checkpoint: RUN_DIR}})")
+                raise KdkitError(f"config: method {cfg.method.name!r} needs a teacher section "
+                                 f"(teacher: {{checkpoint: RUN_DIR}})")
             teacher = resolve(cfg.teacher, "teacher")
             if teacher.checkpoint is None and not from_python:
-                raise KdkitError("config: teacher.checkpoint is required: a trained teacher's run directory or .safetensors file")
+                raise KdkitError("config: teacher.checkpoint is required: a trained teacher's run directory "
+                                 "or .safetensors file")
         cfg = cfg.model_copy(update={"student": resolve(cfg.student, "student"), "teacher": teacher,
                                      "teachers": teachers})
     if cfg.out_dir is None and not from_python:

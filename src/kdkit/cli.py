@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
 
-    for name, text in (("train", "train a model on labels (teachers, baselines)"), ("distill", "distil a teacher into a student")):
+    for name, text in (("train", "train a model on labels (teachers, baselines)"),
+                       ("distill", "distil a teacher into a student")):
         c = sub.add_parser(name, help=text)
         c.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
         c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.temperature=2 train.epochs=3")
@@ -314,7 +315,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     _RUNNING["command"] = args.command
     from .models import load_env_plugins, load_plugin
 
-    for plugin in args.plugin + getattr(args, "plugin_after", []):  # the user's explicit choice; configs never import code
+    # the user's explicit choice; configs never import code
+    for plugin in args.plugin + getattr(args, "plugin_after", []):
         load_plugin(plugin)
     load_env_plugins()
     return COMMANDS[args.command](args)

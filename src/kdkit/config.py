@@ -52,7 +52,8 @@ class DataConfig(_Named):
     name: str = "digits"
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(512, gt=0)
-    labelled_fraction: float = Field(1.0, gt=0.0, le=1.0, description="keep labels for this fraction of training samples")
+    labelled_fraction: float = Field(1.0, gt=0.0, le=1.0,
+                                     description="keep labels for this fraction of training samples")
     unlabelled: bool = Field(False, description="drop every label: distil from an unlabelled transfer set")
     num_workers: int = Field(0, ge=0)
     augment: Optional[Literal["crop_flip"]] = Field(
@@ -93,7 +94,8 @@ class TrainConfig(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0, description="max global gradient norm")
     eval_every: int = Field(1, gt=0, description="evaluate on the validation split every N epochs")
     keep: Literal["best", "last"] = Field(
-        "best", description="weights kept in best.safetensors: best validation score (ties: lower NLL, then the later epoch) or the last epoch")
+        "best", description="weights kept in best.safetensors: best validation score "
+                            "(ties: lower NLL, then the later epoch) or the last epoch")
     progress: bool = Field(True, description="a progress bar during each epoch, shown only when stderr is a terminal")
     quiet: bool = Field(False, description="no per-epoch lines: only results, warnings and errors")
     threads: Union[int, Literal["auto"]] = Field(
@@ -108,7 +110,8 @@ class TrainConfig(_Strict):
         "auto", description="reuse the teacher's outputs across epochs; auto: cache when correct, in memory if it fits")
     cache_dtype: Literal["float32", "float16"] = "float32"
     cache_topk: Optional[int] = Field(None, gt=0, description="store only the k largest teacher logits per sample")
-    cache_dir: Optional[str] = Field(None, description="folder of disk caches (default $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher)")
+    cache_dir: Optional[str] = Field(
+        None, description="folder of disk caches (default $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher)")
     cache_memory_mb: int = Field(2048, ge=0, description="auto: largest cache kept in memory; bigger ones go to disk")
 
     @field_validator("threads", mode="before")
@@ -130,7 +133,8 @@ class EnsembleConfig(_Strict):
 
 class _Step(_Strict):
     """One step of ``kdkit compress`` (see :mod:`kdkit.compress`). ``epochs`` > 0 adds that many epochs of
-    distillation from the teacher after the step (the ``method`` and ``train`` sections' settings) to recover accuracy."""
+    distillation from the teacher after the step (the ``method`` and ``train`` sections' settings) to recover
+    accuracy."""
 
     epochs: int = Field(0, ge=0, description="recovery distillation epochs after this step")
     lr: Optional[float] = Field(None, gt=0, description="learning rate of the recovery epochs (default: train.lr)")
@@ -189,8 +193,10 @@ class LowRankStep(_Step):
 
     step: Literal["lowrank"]
     rank: Optional[int] = Field(None, gt=0, description="keep this many singular values per layer")
-    energy: Optional[float] = Field(None, gt=0, le=1, description="keep the fewest singular values holding this share of sum(s^2)")
-    layers: Optional[List[str]] = Field(None, description="module names to factorise (default: every Linear/Conv2d where it saves parameters)")
+    energy: Optional[float] = Field(
+        None, gt=0, le=1, description="keep the fewest singular values holding this share of sum(s^2)")
+    layers: Optional[List[str]] = Field(
+        None, description="module names to factorise (default: every Linear/Conv2d where it saves parameters)")
 
     def describe(self) -> str:
         return f"lowrank rank {self.rank}" if self.rank is not None else f"lowrank energy {self.energy:g}"
@@ -202,11 +208,13 @@ class LowRankStep(_Step):
 
 
 class QuantizeStep(_Step):
-    """int8 quantisation on the CPU: ``dynamic``, ``static`` (calibrated) or ``qat`` (``epochs`` of KD with fake quantisation)."""
+    """int8 quantisation on the CPU: ``dynamic``, ``static`` (calibrated) or ``qat`` (``epochs`` of KD with fake
+    quantisation)."""
 
     step: Literal["quantize"]
     mode: Literal["dynamic", "static", "qat"] = "static"
-    calibration_samples: int = Field(1024, gt=0, description="training samples run through the model to calibrate (static)")
+    calibration_samples: int = Field(
+        1024, gt=0, description="training samples run through the model to calibrate (static)")
     backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
 
     def describe(self) -> str:
@@ -257,7 +265,8 @@ def parse_compress_steps(raw: Sequence[Any]) -> List[_Step]:
 class RunConfig(_Strict):
     """The whole experiment."""
 
-    seed: int = Field(0, ge=0, lt=2**63, description="the one source of randomness of the run (torch takes 64-bit seeds)")
+    seed: int = Field(0, ge=0, lt=2**63,
+                      description="the one source of randomness of the run (torch takes 64-bit seeds)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     out_dir: Optional[str] = None
     data: DataConfig = Field(default_factory=DataConfig)
@@ -319,7 +328,8 @@ class ConfigLoader(yaml.SafeLoader):
                     key, line = key_node.value, key_node.start_mark.line + 1
                     if key in seen:
                         raise yaml.constructor.ConstructorError(
-                            None, None, f"duplicate key {quote(key)} (lines {seen[key]} and {line}); give each key once")
+                            None, None,
+                            f"duplicate key {quote(key)} (lines {seen[key]} and {line}); give each key once")
                     seen[key] = line
         return super().construct_mapping(node, deep=deep)
 

@@ -169,7 +169,8 @@ def _pearson(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1e-8) -> t
     return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
 
 
-def dist_inter_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def dist_inter_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float = 4.0) -> torch.Tensor:
     """DIST inter-class relation (Huang, You, Wang, Qian & Xu, NeurIPS 2022, "Knowledge Distillation from A
     Stronger Teacher").
 
@@ -184,7 +185,8 @@ def dist_inter_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return temperature ** 2 * (1.0 - _pearson(ps, pt, dim=1)).mean()
 
 
-def dist_intra_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def dist_intra_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float = 4.0) -> torch.Tensor:
     """DIST intra-class relation (Huang et al., NeurIPS 2022): ``T² · mean_c (1 - ρ(p_s[:, c], p_t[:, c]))``,
     the Pearson correlation taken down the batch for each class.
 

@@ -5,12 +5,27 @@ chains them with recovery distillation from the teacher and writes the compressi
 type's handler (:data:`HANDLERS`, in :mod:`kdkit.compress.steps`) says how it applies and is checked.
 """
 
-from .ladder import (Ladder, check_steps, evaluate_compressed, is_compress_run, load_compressed, measure, run_compress,
-                     validate_compress)
+from .ladder import (
+    Ladder,
+    check_steps,
+    evaluate_compressed,
+    is_compress_run,
+    load_compressed,
+    measure,
+    run_compress,
+    validate_compress,
+)
 from .lowrank import factorize, factorize_layer, rank_for_energy
 from .prune import count_nonzero, count_parameters, make_permanent, prune_structured, prune_unstructured
-from .quantize import (convert_qat, is_quantized, prepare_qat, quantize_dynamic, quantize_static,
-                       quantized_tensors, save_quantized)
+from .quantize import (
+    convert_qat,
+    is_quantized,
+    prepare_qat,
+    quantize_dynamic,
+    quantize_static,
+    quantized_tensors,
+    save_quantized,
+)
 from .steps import HANDLERS, Outcome, StepContext, StepHandler
 from .transfer import transfer_weights
 

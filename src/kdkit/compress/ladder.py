@@ -16,9 +16,10 @@ Every step may end with ``epochs`` of distillation from the teacher (the one loo
 with the configured method) to recover accuracy. After each step the model is saved under
 ``steps/NN-<step>/model.safetensors`` (``model-int8.safetensors`` once quantised) and measured on the test
 split: accuracy, agreement with the teacher, parameters, non-zero parameters, bytes of that file, CPU latency
-at batch 1 and 256 on one thread (:func:`single_thread`). The run directory gets ``report.json``/``report.html`` with the ladder table and a plot of
-accuracy against latency and size, ``model.safetensors`` (the last float model) and ``compressed.json``,
-which is what :func:`load_compressed` (and ``kdkit export``) need to rebuild the compressed architecture.
+at batch 1 and 256 on one thread (:func:`single_thread`). The run directory gets ``report.json``/``report.html``
+with the ladder table and a plot of accuracy against latency and size, ``model.safetensors`` (the last float model)
+and ``compressed.json``, which is what :func:`load_compressed` (and ``kdkit export``) need to rebuild the
+compressed architecture.
 
 Before the run directory is created, every step is dry-run on a copy of the starting model
 (:func:`check_steps`; each step type's handler is in :mod:`kdkit.compress.steps`), and the run's seed is set
@@ -46,12 +47,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..training.checkpoint import load_weights, read_tensors, save_weights, weights_path
 from ..config import ModelConfig, QuantizeStep, RunConfig, dump_config, parse_compress_steps
 from ..errors import KdkitError
 from ..evaluation.metrics import latency, predict, quality
-from ..training.rundir import create_run_dir, read_json, write_json, write_text_atomic
 from ..teacher import Teacher
+from ..training.checkpoint import load_weights, read_tensors, save_weights, weights_path
+from ..training.rundir import create_run_dir, read_json, write_json, write_text_atomic
 from .lowrank import apply_edits
 from .prune import count_nonzero, count_parameters
 from .quantize import quantized_tensors, save_quantized
@@ -80,9 +81,9 @@ def validate_compress(cfg: RunConfig) -> RunConfig:
     """Every check that needs no data or training: steps, teacher, student, method, out_dir."""
     from ..api import resolve_model_spec
     from ..data import DATASETS
-    from ..training.loop import resolve_device
     from ..methods import METHODS
     from ..registry import check_kwargs
+    from ..training.loop import resolve_device
 
     check_kwargs(DATASETS.get(cfg.data.name), cfg.data.options(), f"dataset {cfg.data.name!r}", reserved=["seed"])
     steps = parse_compress_steps(cfg.compress)
@@ -93,7 +94,8 @@ def validate_compress(cfg: RunConfig) -> RunConfig:
         raise KdkitError("config: `kdkit compress` needs a teacher section (teacher: {checkpoint: RUN_DIR})")
     teacher = resolve_model_spec(cfg.teacher, "teacher")
     if teacher.checkpoint is None:
-        raise KdkitError("config: teacher.checkpoint is required: a trained teacher's run directory or .safetensors file")
+        raise KdkitError("config: teacher.checkpoint is required: a trained teacher's run directory "
+                         "or .safetensors file")
     student = resolve_model_spec(cfg.student, "student") if cfg.student is not None else None
     if any(s.step == "transfer" for s in steps) and student is None:
         raise KdkitError("config: a transfer step needs a student section (the smaller model to initialise)")
@@ -274,7 +276,8 @@ def run_compress(cfg: RunConfig) -> Ladder:
     rows: Dict[str, Dict[str, Any]] = {"teacher": measure(setup.teacher.model, setup.test, t_out,
                                                          weights_path(cfg.teacher.checkpoint), setup.input_shape)}
     if cfg.student is not None:
-        rows["0. student (start)"] = _save_and_measure(Outcome(setup.model), run_dir / "steps" / "00-start", setup, t_out)
+        rows["0. student (start)"] = _save_and_measure(Outcome(setup.model), run_dir / "steps" / "00-start",
+                                                       setup, t_out)
     recover = _Recovery(cfg, setup, run_dir)
     model, final, records, edits = setup.model, setup.model, [], []
     for i, step in enumerate(steps, start=1):
@@ -417,4 +420,5 @@ def evaluate_compressed(run_dir, splits, data, teacher: Optional[nn.Module] = No
     return out
 
 
-__all__ = ["Ladder", "evaluate_compressed", "is_compress_run", "load_compressed", "measure", "run_compress", "validate_compress"]
+__all__ = ["Ladder", "evaluate_compressed", "is_compress_run", "load_compressed", "measure", "run_compress",
+           "validate_compress"]

@@ -55,7 +55,8 @@ def quantize_dynamic(model: nn.Module, backend: str = "x86") -> nn.Module:
     """int8 weights for every Linear layer, activations quantised at run time. Returns a new model."""
     _set_backend(backend)
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
-        raise KdkitError(f"quantize dynamic: {type(model).__name__} has no Linear layer; use mode static for convolutions")
+        raise KdkitError(f"quantize dynamic: {type(model).__name__} has no Linear layer; "
+                         f"use mode static for convolutions")
     with _quiet():
         from torch.ao.quantization import quantize_dynamic as qd
 
@@ -75,7 +76,8 @@ def _traceable(fn, model: nn.Module):
             return fn()
     except Exception as e:  # FX could not trace the model
         raise KdkitError(f"quantize: FX graph mode cannot trace {type(model).__name__} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use mode dynamic") from None
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"use mode dynamic") from None
 
 
 def quantize_static(model: nn.Module, calibration: torch.Tensor, backend: str = "x86",
@@ -193,6 +195,7 @@ def save_quantized(model: nn.Module, path) -> int:
 def is_quantized(model: nn.Module) -> bool:
     """True when the model holds int8 (packed or quantised) weights."""
     for m in model.modules():
-        if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
+        if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized",
+                                          "torch.ao.nn.intrinsic.quantized")):
             return True
     return False

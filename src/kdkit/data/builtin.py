@@ -153,7 +153,8 @@ def _idx_dataset(name: str, root: Optional[str], default_root: str, install_hint
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(root: Optional[str] = None, seed: int = 0, train_subset: Optional[int] = None,
                   val_size: int = 5000) -> DataSplits:
-    """Fashion-MNIST (Xiao et al. 2017) from IDX files: 60,000 training (less ``val_size`` for validation) and 10,000 test images."""
+    """Fashion-MNIST (Xiao et al. 2017) from IDX files: 60,000 training (less ``val_size`` for validation) and
+    10,000 test images."""
     return _idx_dataset("fashion_mnist", root, FASHION_MNIST_ROOT,
                         "install it with `apt-get install dataset-fashion-mnist`", seed, train_subset, val_size)
 

@@ -44,7 +44,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data, batch_size: int = 512, device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
+def predict(model: nn.Module, data, batch_size: int = 512,
+            device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
     """Run ``model`` over ``data`` in eval mode; returns ``{"outputs": (N, C), "y": (N, ...) or absent}`` on CPU.
 
     ``data``: a Dataset, a DataLoader (its own batches and order), an ``(x, y)`` tuple or a tensor of inputs.

@@ -96,7 +96,8 @@ def write_report(run_dir, models: Dict[str, Dict[str, Any]], histories: Dict[str
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
     img = ""
     if any(histories.values()):
-        img = f'<h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{_curves_png(histories)}">'
+        img = (f'<h2>Training curves</h2>'
+               f'<img alt="training curves" src="data:image/png;base64,{_curves_png(histories)}">')
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}

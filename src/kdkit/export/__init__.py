@@ -1,7 +1,18 @@
 """Export: ONNX and TorchScript files with a parity check on real inputs (:mod:`.core`)."""
 
-from .core import (FORMATS, compare, export_model, export_onnx, export_run, export_sklearn, export_torchscript,
-                   onnx_latency, onnx_session, quantize_onnx, run_onnx)
+from .core import (
+    FORMATS,
+    compare,
+    export_model,
+    export_onnx,
+    export_run,
+    export_sklearn,
+    export_torchscript,
+    onnx_latency,
+    onnx_session,
+    quantize_onnx,
+    run_onnx,
+)
 
 __all__ = ["FORMATS", "compare", "export_model", "export_onnx", "export_run", "export_sklearn", "export_torchscript",
            "onnx_latency", "onnx_session", "quantize_onnx", "run_onnx"]

@@ -187,7 +187,8 @@ def onnx_latency(path, input_shape: Sequence[int], batch_sizes: Sequence[int] = 
 
 
 def quantize_onnx(float_path, out_path, calibration: np.ndarray) -> Path:
-    """Static int8 (QDQ, per-tensor scales: onnxruntime's per-channel Gemm weights lost accuracy here) with onnxruntime, calibrated on ``calibration`` inputs (N, ...)."""
+    """Static int8 (QDQ, per-tensor scales: onnxruntime's per-channel Gemm weights lost accuracy here) with
+    onnxruntime, calibrated on ``calibration`` inputs (N, ...)."""
     _ort()
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -296,7 +297,8 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
             if fmt == "onnx":
                 result["onnxruntime"] = onnx_latency(path, shape)
             else:
-                result["torchscript"] = {k.replace("latency", "ts_latency"): v for k, v in latency(loaded, shape).items()}
+                result["torchscript"] = {k.replace("latency", "ts_latency"): v
+                                         for k, v in latency(loaded, shape).items()}
     return result
 
 
@@ -413,12 +415,13 @@ def export_sklearn(estimator, x: np.ndarray, path, atol: float = 1e-4) -> Dict[s
     labels = np.asarray(outs[0]).ravel()
     result["label_agreement"] = float(np.mean(labels == estimator.predict(x)))
     if hasattr(estimator, "predict_proba") and len(outs) > 1:
-        result["parity"] = compare(estimator.predict_proba(x), np.asarray(outs[1]), atol, 1e-4, what=f"skl2onnx export {path.name}")
+        result["parity"] = compare(estimator.predict_proba(x), np.asarray(outs[1]), atol, 1e-4,
+                                   what=f"skl2onnx export {path.name}")
     if result["label_agreement"] < 1.0 and "parity" not in result:
         raise KdkitError(f"skl2onnx export {path.name}: predicted labels agree with scikit-learn on only "
                          f"{result['label_agreement']:.4f} of inputs")
     return result
 
 
-__all__ = ["FORMATS", "Preprocessed", "compare", "export_model", "export_onnx", "export_run", "export_sklearn", "export_torchscript",
-           "onnx_latency", "quantize_onnx", "run_onnx"]
+__all__ = ["FORMATS", "Preprocessed", "compare", "export_model", "export_onnx", "export_run", "export_sklearn",
+           "export_torchscript", "onnx_latency", "quantize_onnx", "run_onnx"]

@@ -3,9 +3,27 @@
 Importing this package registers every built-in method.
 """
 
-from . import kd, supervised  # noqa: F401  (registration side effects)
-from . import byot, combo, dml  # noqa: F401  (self-distillation; several methods by weights; mutual learning)
-from . import at, attention_weighted, cc, crd, dist, dkd, fitnets, kd_ls, nst, pkt, rkd, sp  # noqa: F401  (beyond logits)
+# Registration side effects: logits (kd, supervised); self-distillation, several methods by weights,
+# mutual learning (byot, combo, dml); beyond logits (the rest).
+from . import (  # noqa: F401
+    at,
+    attention_weighted,
+    byot,
+    cc,
+    combo,
+    crd,
+    dist,
+    dkd,
+    dml,
+    fitnets,
+    kd,
+    kd_ls,
+    nst,
+    pkt,
+    rkd,
+    sp,
+    supervised,
+)
 from .base import METHODS, Method
 
 register_method = METHODS.register

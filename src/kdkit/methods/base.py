@@ -83,8 +83,8 @@ class Outputs:
     teacher_features: Dict[str, torch.Tensor]
 
 
-def run_networks(student: nn.Module, teacher: Optional[Teacher], batch: Batch, student_capture: Optional[FeatureCapture],
-                 teacher_capture: Optional[FeatureCapture]) -> Outputs:
+def run_networks(student: nn.Module, teacher: Optional[Teacher], batch: Batch,
+                 student_capture: Optional[FeatureCapture], teacher_capture: Optional[FeatureCapture]) -> Outputs:
     """The student's forward, and the teacher's, each once, capturing the named layers with forward hooks.
 
     Without teacher layers the teacher is called as a :class:`~kdkit.teacher.Teacher` (so a cache attached by

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import KdkitError
-from ..registry import keyword_params, call_checked
+from ..registry import call_checked, keyword_params
 from ..teacher import Teacher
 from .base import METHODS, Method, MethodContext
 

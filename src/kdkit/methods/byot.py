@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import INPUT_SUFFIX, capture, embedding_layer, feature_maps_by_resolution, trace
 from ..losses import kd_loss, masked_cross_entropy
 from .base import METHODS, Batch, Method, Outputs
+from .hooks import INPUT_SUFFIX, capture, embedding_layer, feature_maps_by_resolution, trace
 
 
 def self_distillation_loss(aux_logits: List[torch.Tensor], final_logits: torch.Tensor,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KdkitError
-from ..losses import crd_log_z_from_scores, crd_negatives_excluding, crd_nce_loss_from_scores, crd_scores
+from ..losses import crd_log_z_from_scores, crd_nce_loss_from_scores, crd_negatives_excluding, crd_scores
 from .base import METHODS, Batch
 from .feature_base import FeatureMethod
 

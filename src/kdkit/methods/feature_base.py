@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..errors import KdkitError
-from .hooks import LayerRecord, embedding_layer, feature_maps_by_resolution, get_module, last_feature_map, trace
 from ..losses import kd_loss
 from .base import Batch, Method, Outputs
+from .hooks import LayerRecord, embedding_layer, feature_maps_by_resolution, get_module, last_feature_map, trace
 
 LayerSpec = Union[str, Sequence[str], None]
 

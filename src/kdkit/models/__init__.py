@@ -58,5 +58,5 @@ def create_model(name: str, num_classes: Optional[int] = None, input_shape: Opti
     return model
 
 
-__all__ = ["MODELS", "create_model", "list_models", "load_env_plugins", "load_plugin", "loaded_plugins", "register_model",
-           "resolve_factory"]
+__all__ = ["MODELS", "create_model", "list_models", "load_env_plugins", "load_plugin", "loaded_plugins",
+           "register_model", "resolve_factory"]

@@ -41,7 +41,8 @@ _ENV_SEEN: Optional[str] = None  # the KDKIT_PLUGINS value already loaded
 # How kdkit.api records an nn.Module handed to kdkit.train/distill in config.yaml ("python:Net"; api.PYTHON).
 _API_OBJECT = "python"
 
-_HOW = "--plugin {0} on the command line, KDKIT_PLUGINS={0} in the environment, or kdkit.models.load_plugin({0!r}) in Python"
+_HOW = ("--plugin {0} on the command line, KDKIT_PLUGINS={0} in the environment, "
+        "or kdkit.models.load_plugin({0!r}) in Python")
 
 
 def _is_dotted_name(text: str) -> bool:
@@ -150,7 +151,8 @@ def load_plugin(name: str) -> ModuleType:
     elif _is_dotted_name(text):
         module = _import_name(text)
     else:
-        raise KdkitError(f"plugin {text!r} is neither a module name (my_models, pkg.models) nor a path (./my_models.py)")
+        raise KdkitError(f"plugin {text!r} is neither a module name (my_models, pkg.models) "
+                         f"nor a path (./my_models.py)")
     _PLUGINS.setdefault(module.__name__, module)
     return module
 
@@ -192,7 +194,8 @@ def trusted_factory(name: str) -> Callable:
     load_env_plugins()
     module, _, attr = name.rpartition(":")
     if not attr.isidentifier() or keyword.iskeyword(attr):
-        raise KdkitError(f"model {name!r}: {attr!r} is not a Python name; expected a registered model or module:factory")
+        raise KdkitError(f"model {name!r}: {attr!r} is not a Python name; "
+                         f"expected a registered model or module:factory")
     if _is_path(module):
         key = str(Path(module).expanduser().resolve())
         if key not in _BY_PATH:
@@ -201,7 +204,8 @@ def trusted_factory(name: str) -> Callable:
                              + _HOW.format(module))
         module = _BY_PATH[key]
     elif not _is_dotted_name(module):
-        raise KdkitError(f"model {name!r}: {module!r} is not a module name; expected a registered model or module:factory")
+        raise KdkitError(f"model {name!r}: {module!r} is not a module name; "
+                         f"expected a registered model or module:factory")
     plugin = _owner(module)
     if plugin is None and module == _API_OBJECT:
         raise KdkitError(f"model {name!r} stands for a model object given to the Python API: its architecture cannot "

@@ -30,7 +30,8 @@ def linear(num_classes: int, input_shape: Tuple[int, ...]) -> nn.Module:
 
 
 @MODELS.register("mlp")
-def mlp(num_classes: int, input_shape: Tuple[int, ...], hidden: Sequence[int] = (256,), dropout: float = 0.0) -> nn.Module:
+def mlp(num_classes: int, input_shape: Tuple[int, ...], hidden: Sequence[int] = (256,),
+        dropout: float = 0.0) -> nn.Module:
     """Fully connected network: flatten, ``len(hidden)`` ReLU layers, a linear head."""
     layers: list = [nn.Flatten()]
     width = _flat(input_shape)

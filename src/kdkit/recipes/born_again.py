@@ -28,8 +28,8 @@ from torch import nn
 from ..config import ModelConfig, RunConfig
 from ..errors import KdkitError
 from ..evaluation.metrics import evaluate
-from ..methods.dml import reinitialise
 from ..evaluation.report import format_table
+from ..methods.dml import reinitialise
 from ..training.rundir import create_run_dir, write_json
 
 
@@ -144,7 +144,8 @@ def born_again_config(cfg: RunConfig, generations: int = 2) -> BornAgainRun:
     if cfg.teacher is not None:
         previous = arch  # generation 0 as given (name + checkpoint)
     else:
-        gen0_cfg = cfg.model_copy(update={"out_dir": str(base / "gen0"), "model": arch.model_copy(update={"checkpoint": None}),
+        gen0_cfg = cfg.model_copy(update={"out_dir": str(base / "gen0"),
+                                          "model": arch.model_copy(update={"checkpoint": None}),
                                           "student": None, "teacher": None})
         gen0 = run_config(gen0_cfg, "train")
         gen0_metrics = gen0.metrics.get("model")

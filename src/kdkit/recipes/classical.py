@@ -181,7 +181,8 @@ def make_student(kind: str, seed: int = 0, **options: Any):
     raise KdkitError(f"unknown simple student {kind!r}; known: {', '.join(STUDENTS)}")
 
 
-def expand_soft_targets(x: np.ndarray, p: np.ndarray, min_weight: float = 1e-3) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def expand_soft_targets(x: np.ndarray, p: np.ndarray,
+                        min_weight: float = 1e-3) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Repeat each input once per class with weight ``p_c`` (copies with ``p_c < min_weight`` dropped).
 
     Returns ``(x_rep, y_rep, w_rep)``. The kept weights of each input are renormalised to sum to 1, so every
@@ -325,7 +326,8 @@ def _tree_paths(tree) -> List[Tuple[List[Condition], int, float, int]]:
             cls = int(np.argmax(value))
             total = float(value.sum())
             # weighted count: with soft-target copies (weights summing to 1 per input) this counts inputs
-            out.append((conds, cls, float(value[cls] / total) if total else 0.0, int(round(t.weighted_n_node_samples[node]))))
+            out.append((conds, cls, float(value[cls] / total) if total else 0.0,
+                        int(round(t.weighted_n_node_samples[node]))))
             return
         f, thr = int(t.feature[node]), float(t.threshold[node])
         walk(left, conds + [(f, "<=", thr)])

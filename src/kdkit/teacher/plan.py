@@ -17,7 +17,6 @@ from ..errors import KdkitError
 from ..training.distributed import barrier
 
 
-
 def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int = 1) -> Tuple[str, str]:
     """Decide what ``train.teacher_cache`` means for this run: ``("off"|"memory"|"disk", reason)``.
 
@@ -31,8 +30,8 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     """
     from torch.utils.data import DataLoader
 
-    from ..teacher.cache import is_augmented
     from ..teacher import Teacher
+    from ..teacher.cache import is_augmented
 
     mode = cfg.teacher_cache
     if mode == "off":

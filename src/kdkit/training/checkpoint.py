@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import KdkitError
-
 
 STATE_FILE = "state.safetensors"
 
@@ -68,7 +66,8 @@ def weights_path(path: os.PathLike) -> Path:
         for name in ("best.safetensors", "last.safetensors"):
             if (p / "checkpoints" / name).is_file():
                 return p / "checkpoints" / name
-        raise KdkitError(f"no checkpoint in run directory {p} (looked for checkpoints/best.safetensors and last.safetensors)")
+        raise KdkitError(f"no checkpoint in run directory {p} "
+                         f"(looked for checkpoints/best.safetensors and last.safetensors)")
     if not p.is_file():
         raise KdkitError(f"checkpoint {p} not found")
     return p
@@ -176,7 +175,8 @@ def read_training_state(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dic
         if not isinstance(plain, dict) or "epoch" not in plain:
             raise ValueError("no epoch recorded")
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise KdkitError(f"cannot resume: training state {path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        raise KdkitError(f"cannot resume: training state {path} is damaged "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                          f"start a new run or delete it to restart this one from epoch 1") from None
     return tensors, plain
 

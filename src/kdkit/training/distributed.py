@@ -8,7 +8,6 @@ from typing import Tuple
 import torch
 
 
-
 def dist_env() -> Tuple[int, int, int]:
     """(rank, world_size, local_rank) of this process: from torch.distributed if initialised, else torchrun's env."""
     import torch.distributed as dist

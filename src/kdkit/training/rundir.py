@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import KdkitError
 
-
 PROBE = ".kdkit-write-test"
 
 
@@ -44,7 +43,8 @@ def create_run_dir(path, resume: bool = False) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise KdkitError(f"cannot create run directory {p}: {e.strerror or e} (expected a writable folder path)") from None
+        raise KdkitError(f"cannot create run directory {p}: {e.strerror or e} "
+                         f"(expected a writable folder path)") from None
     return p
 
 
