@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..losses import kd_per_sample, mix_soft_and_hard, standardize_logits
+from ..losses import kd_per_sample, standardize_logits
 from .base import METHODS, Batch, Method, Outputs
+from .kd import mix_with_labels
 
 
 @METHODS.register("kd_ls")
@@ -46,13 +46,11 @@ class KDLogitStandardised(Method):
 
     def compute_loss(self, batch: Batch, outputs: Outputs) -> Dict[str, torch.Tensor]:
         logits, t_logits = outputs.logits, outputs.teacher_logits  # (B, C) each
-        # Per sample, so that labelled and unlabelled samples mix as in KD.
-        kd = kd_per_sample(standardize_logits(logits), standardize_logits(t_logits), self.temperature)  # (B,)
-        y = batch.get("y")
-        if y is None or y.is_floating_point():  # no class labels: soft targets only
-            return {"loss": kd.mean(), "kd_ls": kd.mean().detach(), "logits": logits}
-        labelled = y != -1
-        ce = F.cross_entropy(logits, y, ignore_index=-1, reduction="none")  # (B,), 0 where unlabelled
-        loss = mix_soft_and_hard(kd, ce, labelled, self.alpha)
-        ce_logged = ce.sum() / labelled.sum().clamp_min(1)
-        return {"loss": loss, "kd_ls": kd.mean().detach(), "ce": ce_logged.detach(), "logits": logits}
+        z_s, z_t = standardize_logits(logits), standardize_logits(t_logits)
+
+        def soft(per_sample: bool) -> torch.Tensor:
+            kd = kd_per_sample(z_s, z_t, self.temperature)  # (B,)
+            return kd if per_sample else kd.mean()
+
+        # Labelled and unlabelled samples mix per sample as in KD.
+        return mix_with_labels(logits, soft, batch.get("y"), self.alpha, "kd_ls")
