@@ -421,3 +421,8 @@ def test_api_test_label_beyond_the_outputs_fails_before_training(tmp_path):
     with pytest.raises(KdkitError, match="test split: label 2 at position 2 is out of range"):
         kdkit.train(nn.Linear(4, 2), (x, y), test_data=bad_test, epochs=1, progress=False, out_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_api_resume_without_out_dir_is_a_clear_error():
+    with pytest.raises(KdkitError, match="resume needs the run directory"):
+        kdkit.train(nn.Linear(4, 2), _tie_data(), epochs=1, quiet=True, resume=True)

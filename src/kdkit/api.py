@@ -192,6 +192,8 @@ def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[
 
 def _check_resume(cfg: RunConfig) -> None:
     """A resumed run continues with the settings it started with: refuse a config that differs from config.yaml."""
+    if cfg.out_dir is None:
+        raise KdkitError("resume needs the run directory: give out_dir (the one the interrupted run wrote)")
     stored_path = Path(cfg.out_dir) / "config.yaml"
     if not stored_path.is_file():
         raise KdkitError(f"cannot resume: {cfg.out_dir} is not a kdkit run directory (no config.yaml)")
