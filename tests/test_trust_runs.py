@@ -3,6 +3,7 @@ kill at any point, and nothing created before a config is known to be valid."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -158,6 +159,25 @@ class _Killed(BaseException):
     """Stands in for kill -9: not an Exception, so nothing in kdkit catches it."""
 
 
+@contextlib.contextmanager
+def _killed_after_saving(monkeypatch, n: int):
+    """The run inside dies right after its ``n``-th resume state is on disk (as a kill between epochs would)."""
+    import kdkit.training.loop as loop_mod
+
+    real, calls = loop_mod.save_training_state, {"n": 0}
+
+    def save_then_die(*a, **kw):
+        real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise _Killed
+
+    monkeypatch.setattr(loop_mod, "save_training_state", save_then_die)
+    with pytest.raises(_Killed):
+        yield
+    monkeypatch.setattr(loop_mod, "save_training_state", real)
+
+
 def test_killed_between_any_two_checkpoint_files_resumes_bit_identical(tmp_path, monkeypatch):
     full = kdkit.run_config(kdkit.load_config(_tiny_train_cfg(tmp_path / "full")), "train")
     reference = _weights(full.dir)
@@ -239,21 +259,8 @@ def test_resumed_distillation_is_bit_identical_with_a_cached_teacher(tmp_path, t
 
     try:
         full = kdkit.run_config(kdkit.load_config(cfg(tmp_path / "full")), "distill")
-        real = ckpt_mod.save_training_state
-        calls = {"n": 0}
-
-        def save_then_die(*a, **kw):
-            real(*a, **kw)
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise _Killed
-
-        import kdkit.training.loop as loop_mod
-
-        monkeypatch.setattr(loop_mod, "save_training_state", save_then_die)
-        with pytest.raises(_Killed):
+        with _killed_after_saving(monkeypatch, 1):
             kdkit.run_config(kdkit.load_config(cfg(tmp_path / "cut")), "distill")
-        monkeypatch.setattr(loop_mod, "save_training_state", real)
         kdkit.run_config(kdkit.load_config(cfg(tmp_path / "cut")), "distill", resume=True)
     finally:
         torch.set_num_threads(1)
@@ -281,21 +288,8 @@ def test_api_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
                            out_dir=out, resume=resume)
 
     full = go(tmp_path / "full")
-    import kdkit.training.loop as loop_mod
-
-    real = loop_mod.save_training_state
-    calls = {"n": 0}
-
-    def save_then_die(*a, **kw):
-        real(*a, **kw)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise _Killed
-
-    monkeypatch.setattr(loop_mod, "save_training_state", save_then_die)
-    with pytest.raises(_Killed):
+    with _killed_after_saving(monkeypatch, 2):
         go(tmp_path / "cut")
-    monkeypatch.setattr(loop_mod, "save_training_state", real)
     resumed = go(tmp_path / "cut", resume=True)
     assert _same(resumed.student.state_dict(), full.student.state_dict())
     assert (tmp_path / "cut" / "config.yaml").is_file()
