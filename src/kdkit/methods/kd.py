@@ -62,13 +62,15 @@ def mix_with_labels(logits: torch.Tensor, soft: Callable[[bool], torch.Tensor], 
     ``soft(True)`` gives the soft term per sample (B,), ``soft(False)`` its batch mean. Without class labels
     the loss is the soft term alone; otherwise :func:`kdkit.losses.mix_soft_and_hard`. When every sample of
     the batch is labelled that is exactly ``alpha · mean(soft) + (1 - alpha) · CE``, computed so (fewer
-    operations on the hot path) whenever the labels are on the CPU, where checking them costs no device sync.
+    operations on the hot path) whenever the labels are in host memory, where reading them (through NumPy,
+    a view of the same memory) costs no device sync and no tensor operation. On a GPU the general per-sample
+    formula runs, with no host sync.
     Logged: ``name`` (mean soft term) and ``ce`` (mean cross-entropy over the labelled samples).
     """
     if y is None or y.is_floating_point():  # no class labels: soft targets only
         kd = soft(False)
         return {"loss": kd, name: kd.detach(), "logits": logits}
-    if y.device.type == "cpu" and bool((y >= 0).all()):
+    if y.device.type == "cpu" and y.numpy().min(initial=0) >= 0:  # a read of host memory: no device sync
         kd, ce = soft(False), F.cross_entropy(logits, y)
         return {"loss": alpha * kd + (1.0 - alpha) * ce, name: kd.detach(), "ce": ce.detach(), "logits": logits}
     kd = soft(True)
