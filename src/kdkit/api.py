@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config, load_config
 from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
-from .data.core import check_targets, make_loader
+from .data.core import check_targets, first_sample
 from .errors import KdkitError
 from .evaluation.metrics import evaluate
 from .evaluation.report import format_table, write_report
@@ -72,15 +72,6 @@ def check_outputs_match(teacher: nn.Module, student: nn.Module, sample: torch.Te
                          f"{tuple(s.shape[1:])}; the student's head must match the teacher's (e.g. num_classes)")
 
 
-def first_input(data) -> torch.Tensor:
-    """One input of ``data`` with a batch dimension of 1 (any Dataset, DataLoader or ArrayData)."""
-    try:
-        batch = next(iter(make_loader(data, batch_size=1)))
-    except StopIteration:
-        raise KdkitError("the training data is empty") from None
-    return torch.as_tensor(batch["x"])[:1]
-
-
 # ----------------------------------------------------------------------------- one way to assemble a run
 
 @dataclass
@@ -125,7 +116,7 @@ def _api_config(command: str, model: nn.Module, teacher: Any, method: str, optio
 def _api_splits(train_data, val_data, test_data) -> DataSplits:
     train = as_dataset(train_data, "train")
     return DataSplits(train=train, val=as_dataset(val_data, "val"), test=as_dataset(test_data, "test"),
-                      num_classes=None, input_shape=tuple(first_input(train).shape[1:]))
+                      num_classes=None, input_shape=tuple(first_sample(train).shape))
 
 
 def train(model: nn.Module, train_data, val_data=None, *, test_data=None, out_dir=None, seed: int = 0,
@@ -228,7 +219,7 @@ def _build_run_method(cfg: RunConfig, command: str, parts: Parts) -> Method:
                              "use kdkit distill with a teacher")
         return METHODS.get("supervised")(parts.model)
     if parts.teacher is not None:
-        check_outputs_match(parts.teacher.model, parts.model, first_input(splits.train))
+        check_outputs_match(parts.teacher.model, parts.model, first_sample(splits.train).unsqueeze(0))
     return build_method(cfg.method.name, parts.model, parts.teacher, cfg.method.options(), train_data=splits.train,
                         num_classes=splits.num_classes)
 
@@ -237,7 +228,7 @@ def _check_labels_fit(model: nn.Module, splits: DataSplits) -> None:
     """Class labels beyond the model's outputs fail now, not after training (a test label of 10 for 10 outputs)."""
     with torch.inference_mode():
         was = model.training
-        out = model.eval()(first_input(splits.train).to(next(model.parameters()).device))
+        out = model.eval()(first_sample(splits.train).unsqueeze(0).to(next(model.parameters()).device))
         model.train(was)
     classes = int(out.shape[-1]) if out.dim() == 2 else None
     for name in ("train", "val", "test"):
@@ -360,7 +351,7 @@ def build_teacher(cfg: RunConfig, splits: DataSplits) -> Teacher:
 
     e = cfg.ensemble
     members = [build_model(spec, splits) for spec in cfg.teachers]
-    sample = first_input(splits.train)
+    sample = first_sample(splits.train).unsqueeze(0)
     for i, m in enumerate(members[1:], start=1):
         try:
             check_outputs_match(members[0], m, sample)
