@@ -20,6 +20,12 @@ and is dropped. Repeats are interleaved (every variant once per repeat, the orde
 ratios are taken per repeat from the median steady epoch, and the table gives the median ratio with its
 min-max over repeats. CPU time (``time.process_time`` of a one-thread process) is the headline: it does not
 count the time another process held the core. Writes ``benchmarks/results/cached_loop.json``.
+
+``--parts`` says where the time goes instead (``benchmarks/results/cached_loop_parts.json``), in one process:
+CPU microseconds of single pieces of a step (best of 7 rounds), and paired epoch ratios against the
+hand-written cached loop (one epoch of each, alternating, ``--pairs`` times) for kdkit's loop running the
+hand-written loss itself, the same with the epoch statistics and scheduler stubbed out, the ``kd`` method
+through the ``Teacher``, and the ``kd`` method with the ``Teacher`` replaced by a plain table lookup.
 """
 
 from __future__ import annotations
@@ -120,6 +126,150 @@ def _kdkit(student, train, stored, epochs: int) -> List[List[float]]:
     return [[r["epoch_cpu_seconds"], r["epoch_seconds"]] for r in history.epochs]
 
 
+# ----------------------------------------------------------------------------- --parts: where the time goes
+
+def _micro(fn, n: int = 2000) -> float:
+    """Best-of-7 CPU microseconds per call of ``fn``."""
+    for _ in range(200):
+        fn()
+    best = float("inf")
+    for _ in range(7):
+        c0 = time.process_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.process_time() - c0) / n * 1e6)
+    return best
+
+
+def micro_pieces(train, stored) -> Dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    from kdkit.losses import kd_loss
+    from kdkit.methods import METHODS
+    from kdkit.methods.base import Outputs
+    from kdkit.teacher import Teacher
+    from kdkit.teacher.cache import CacheSpec, TeacherCache
+    from kdkit.training.tracker import Tracker
+
+    table = stored["table"]
+    idx = torch.randperm(len(train))[:BATCH]
+    batch = {"x": train.x[idx], "y": train.y[idx], "index": idx}
+    logits, t_logits = torch.randn(BATCH, 10, requires_grad=True), table[idx]
+    cache = TeacherCache.allocate(len(train), (10,), CacheSpec("float32", None, "memory"), {})
+    cache._t["values"][:] = table
+    cache.finish()
+    teacher = Teacher(torch.nn.Linear(1, 1))
+    teacher.use_cache(cache)
+    method = METHODS.get("kd")(_student(stored), teacher, temperature=T, alpha=ALPHA)
+    out = method.compute_loss(batch, Outputs(logits, {}, t_logits, {}))
+    tracker, step = Tracker(torch.device("cpu"), 10**7), [0]
+
+    def add():
+        tracker.add(step[0], out, batch)
+        step[0] += 1
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return {
+        "hand_loss_forward": _micro(lambda: ALPHA * kd_loss(logits, t_logits, T)
+                                    + (1 - ALPHA) * F.cross_entropy(logits, batch["y"])),
+        "kd_method_loss_forward": _micro(lambda: method.compute_loss(batch, Outputs(logits, {}, t_logits, {}))),
+        "tracker_add": _micro(add),
+        "table_index": _micro(lambda: table[idx]),
+        "teacher_cached_call": _micro(lambda: teacher(batch)),
+        "scheduler_step": _micro(sched.step),
+    }
+
+
+def paired_ratios(train, stored, pairs: int) -> Dict[str, Dict[str, float]]:
+    import torch
+    import torch.nn.functional as F
+
+    import kdkit.training.tracker as tracker_mod
+    from kdkit.config import TrainConfig
+    from kdkit.losses import kd_loss
+    from kdkit.methods.base import Method
+    from kdkit.teacher import Teacher
+    from kdkit.training.loop import fit
+
+    table = stored["table"]
+
+    class HandLoss(Method):
+        """The hand-written loop's loss as a kdkit method (teacher outputs indexed from the same table)."""
+
+        needs_teacher = False
+
+        def forward(self, batch):
+            logits = self.student(batch["x"])
+            loss = (ALPHA * kd_loss(logits, table[batch["index"]], T)
+                    + (1 - ALPHA) * F.cross_entropy(logits, batch["y"]))
+            return {"loss": loss, "logits": logits}
+
+    def loop_hand_loss(student) -> float:
+        cfg = TrainConfig(epochs=1, optimizer="sgd", lr=LR, schedule="constant", teacher_cache="off", quiet=True,
+                          threads=1)
+        return fit(HandLoss(student), train, None, cfg, seed=SEED, batch_size=BATCH).epochs[0]["epoch_cpu_seconds"]
+
+    def stubbed(fn):  # epoch statistics and scheduler replaced by no-ops for the duration of one call
+        def run(student):
+            saved = (tracker_mod.Tracker.add, tracker_mod.Tracker.first_bad, torch.optim.lr_scheduler.LambdaLR.step)
+            tracker_mod.Tracker.add = lambda self, step, out, batch: None
+            tracker_mod.Tracker.first_bad = lambda self, upto: None
+            torch.optim.lr_scheduler.LambdaLR.step = lambda self, *a, **k: None
+            try:
+                return fn(student)
+            finally:
+                (tracker_mod.Tracker.add, tracker_mod.Tracker.first_bad,
+                 torch.optim.lr_scheduler.LambdaLR.step) = saved
+        return run
+
+    def kd_table_teacher(student) -> float:
+        real = Teacher.__call__
+        Teacher.__call__ = lambda self, batch: table[batch["index"]]
+        try:
+            return _kdkit(student, train, stored, 1)[0][0]
+        finally:
+            Teacher.__call__ = real
+
+    variants = {"kdkit loop, hand-written loss": loop_hand_loss,
+                "kdkit loop, hand-written loss, statistics and scheduler stubbed": stubbed(loop_hand_loss),
+                "kdkit kd method through the Teacher": lambda s: _kdkit(s, train, stored, 1)[0][0],
+                "kdkit kd method, Teacher replaced by a table lookup": kd_table_teacher}
+    result = {}
+    for name, fn in variants.items():
+        hand_student, kdkit_student = _student(stored), _student(stored)
+        _hand(hand_student, train, table, 1), fn(kdkit_student)  # warm-up
+        ratios = []
+        for i in range(pairs):
+            if i % 2 == 0:
+                h = _hand(hand_student, train, table, 1)[0][0]
+                k = fn(kdkit_student)
+            else:
+                k = fn(kdkit_student)
+                h = _hand(hand_student, train, table, 1)[0][0]
+            ratios.append(k / h)
+        q = statistics.quantiles(ratios, n=4)
+        result[name] = {"median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
+        print(f"{name:<66} {result[name]['median']:.3f} (quartiles {q[0]:.3f}-{q[2]:.3f})", flush=True)
+    return result
+
+
+def run_parts(work: Path, train_subset: int, pairs: int, out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    train, stored = _setup(work, train_subset)
+    micro = micro_pieces(train, stored)
+    for k, v in micro.items():
+        print(f"{k:<28} {v:8.1f} us", flush=True)
+    result = {"setup": {"train_samples": train_subset, "batch": BATCH, "threads": 1, "pairs": pairs},
+              "micro_us_per_call": micro, "paired_epoch_ratio_vs_hand_cached": paired_ratios(train, stored, pairs)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def run_variant(name: str, work: Path, train_subset: int, epochs: int) -> None:
     import torch
 
@@ -143,9 +293,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--work", default=str(HERE / "out" / "cached_loop"))
     ap.add_argument("--out", default=str(HERE / "results" / "cached_loop.json"))
+    ap.add_argument("--parts", action="store_true", help="where the time goes (cached_loop_parts.json)")
+    ap.add_argument("--pairs", type=int, default=20, help="--parts: alternations per variant")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.parts:
+        return run_parts(work, args.train_subset, args.pairs, HERE / "results" / "cached_loop_parts.json")
     if args.variant:
         return run_variant(args.variant, work, args.train_subset, args.epochs)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

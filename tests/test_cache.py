@@ -111,16 +111,22 @@ def test_disk_memmap_roundtrip_and_reuse(tmp_path):
         assert torch.equal(again.get(torch.arange(len(data))), net(data.x))
 
 
-def test_disk_build_resumes_an_interrupted_cache(tmp_path):
+def test_disk_build_resumes_an_interrupted_cache(tmp_path, monkeypatch):
     data, net = _data(), _net()
     spec = CacheSpec("float32", storage="disk")
-    cache = build_cache(net, data, spec, cache_dir=tmp_path, log=lambda m: None, lazy=True)
-    first = torch.arange(0, 20)
-    with torch.no_grad():
-        cache.put(first, net(data.x[first]))
-    cache.mark_done(first)
-    cache.flush()
-    del cache  # "killed" after 20 rows
+
+    real_forward, calls = net.forward, {"n": 0}
+
+    def dies_after_one_chunk(x):  # a build interrupted (Ctrl-C) after its first 20 rows
+        calls["n"] += 1
+        if calls["n"] == 3:  # call 1 probes the output shape, call 2 computes the first chunk
+            raise KeyboardInterrupt
+        return real_forward(x)
+
+    monkeypatch.setattr(net, "forward", dies_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(net, data, spec, cache_dir=tmp_path, batch_size=20, log=lambda m: None)
+    monkeypatch.setattr(net, "forward", real_forward)
     messages = []
     done = build_cache(net, data, spec, cache_dir=tmp_path, log=messages.append)
     assert any("resuming" in m and "20/64" in m for m in messages)
@@ -245,7 +251,7 @@ def test_auto_chooses_memory_when_it_fits_else_disk():
     assert plan.cache_plan(_kd(net, 2), loader, TrainConfig())[0] == "off"
 
 
-def test_lazy_disk_cache_is_filled_by_training_and_reused(tmp_path):
+def test_disk_cache_is_built_before_training_and_reused(tmp_path):
     data, net = _data(96), _net(c=2)
     cfg = TrainConfig(epochs=1, lr=0.05, progress=False, teacher_cache="disk", cache_dir=str(tmp_path))
     engine.fit(_kd(net, 2), data, None, cfg, batch_size=16)

@@ -296,24 +296,6 @@ class TeacherCache:
         """Whether every row of ``index`` is stored (a host-side check of the CPU done mask)."""
         return self.filled >= len(self) or bool(self._t["done"][index.to("cpu", torch.long)].all())
 
-    def done_mask(self, index: torch.Tensor) -> torch.Tensor:
-        """(B,) bool on the CPU: which rows of ``index`` are stored."""
-        return self._t["done"][index.to("cpu", torch.long)].bool()
-
-    def fill(self, index: torch.Tensor, outputs: torch.Tensor) -> None:
-        """Store live outputs of rows ``index`` (lazy filling during the first epoch); completes the cache
-        when the last row arrives."""
-        idx = index.to("cpu", torch.long)
-        new = self._t["done"][idx] == 0
-        if not bool(new.any()):
-            return
-        idx = idx[new]
-        self.put(idx, outputs[new.to(outputs.device)])
-        self.mark_done(idx)
-        self.filled += len(torch.unique(idx))
-        if self.filled >= len(self):
-            self.finish()
-
     # -- building
     @classmethod
     def allocate(cls, n: int, out_shape: Tuple[int, ...], spec: CacheSpec, fingerprint: Dict[str, str],
@@ -452,7 +434,7 @@ def fingerprint(model: nn.Module, data) -> Dict[str, str]:
 
 
 def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[Path] = None, batch_size: int = 512,
-                progress: bool = False, log: Callable[[str], None] = print, lazy: bool = False) -> TeacherCache:
+                progress: bool = False, log: Callable[[str], None] = print) -> TeacherCache:
     """Compute (or reuse) the teacher's outputs on every sample of ``data``.
 
     With ``spec.storage == "disk"`` the cache lives under ``cache_dir / slot``: a complete cache with the same
@@ -468,8 +450,9 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
         batch_size: batch size of the teacher's passes.
         progress: show a progress bar.
         log: where one-line messages go (reuse, staleness, resume).
-        lazy: compute nothing now; return the (possibly partly filled) cache for the training loop to fill
-            as the teacher meets each sample (:meth:`TeacherCache.fill`), so no extra pass is spent.
+
+    The returned cache is complete. A disk build that is interrupted (an exception, Ctrl-C) flushes the rows
+    it finished, so the next build resumes from them.
     """
     from ..data.core import make_loader
 
@@ -501,9 +484,6 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
     if cache is None:
         cache = TeacherCache.allocate(len(data) * views, out_shape, spec, fp or {},
                                       path if spec.storage == "disk" else None)
-    if lazy:
-        model.train(was_training)
-        return cache
     todo = cache.missing()
     chunks: Iterable = make_loader(data, batch_size)
     if views > 1 or augment is not None:
@@ -514,18 +494,22 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
         from ..training.progress import Progress
 
         chunks = Progress(bar=True)(chunks, total=-(-len(todo) // batch_size), desc="teacher cache")
-    with torch.inference_mode():
-        for i, batch in enumerate(chunks):
-            idx = batch.get("cache_index", batch["index"])
-            if cache.has(idx):  # done before an interruption
-                continue
-            cache.put(idx, model(batch["x"].to(device)))
-            cache.mark_done(idx)
-            if cache.path is not None and i % 20 == 19:
-                cache.flush()
+    try:
+        with torch.inference_mode():
+            for i, batch in enumerate(chunks):
+                idx = batch.get("cache_index", batch["index"])
+                if cache.has(idx):  # done before an interruption
+                    continue
+                cache.put(idx, model(batch["x"].to(device)))
+                cache.mark_done(idx)
+                if cache.path is not None and i % 20 == 19:
+                    cache.flush()
+    finally:
+        if cache.path is not None:
+            cache.flush()  # values first, then the done mask: what was finished is kept for a resume
+        model.train(was_training)
     cache.filled = len(cache)
     cache.finish()
-    model.train(was_training)
     return cache
 
 

@@ -100,5 +100,5 @@ def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, ba
         cache = build_cache(teacher.model, train_data, spec, cache_dir=cache_dir, batch_size=batch_size,
                             progress=cfg.progress and rank == 0, log=log if rank == 0 else (lambda _m: None))
     teacher.use_cache(cache)
-    teacher.cache_hits = teacher.live_calls = teacher.live_rows = 0
+    teacher.cache_hits = teacher.live_calls = 0
     return cache, f"{mode}, {reason}"

@@ -7,8 +7,8 @@ mode. It runs under ``torch.inference_mode()``.
 
 Caching its outputs is the teacher's business: while the engine trains with a
 :class:`kdkit.teacher.cache.TeacherCache` attached (``train.teacher_cache``), a call with a
-batch dict answers by ``batch["index"]`` from the cache (filling it from live
-passes the first time each sample is seen), so methods never know. Whether a cache may be
+batch dict answers by ``batch["index"]`` from the cache (complete before the first step),
+so methods never know. Whether a cache may be
 attached at all is decided once, before training, by :func:`kdkit.teacher.plan.cache_plan`: never for a
 method that declares it reads the teacher's intermediate layers (those run the network themselves).
 """
@@ -35,9 +35,8 @@ class Teacher:
     def __init__(self, model: nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.cache = None  # a kdkit.teacher.cache.TeacherCache of the training set while the engine trains with one
-        self.cache_hits = 0
-        self.live_calls = 0
-        self.live_rows = 0  # rows the network computed while a cache was attached
+        self.cache_hits = 0  # calls answered from the cache
+        self.live_calls = 0  # calls that ran the network
 
     def to(self, device: Union[str, torch.device]) -> "Teacher":
         self.model.to(device)
@@ -49,31 +48,26 @@ class Teacher:
         return p.device if p is not None else torch.device("cpu")
 
     def use_cache(self, cache) -> None:
-        """Answer batches by ``batch["index"]`` from ``cache`` (a :class:`kdkit.teacher.cache.TeacherCache` of the
-        dataset those indices refer to), or run live again with ``None``. The engine sets it for the
-        training loop only; methods never know. A method that feeds the teacher *other* inputs than the
-        batch's own (mixed, perturbed) must call it with a tensor or a dict without ``index``, which always
-        runs live."""
+        """Answer batches by ``batch["index"]`` from ``cache`` (a complete :class:`kdkit.teacher.cache.TeacherCache`
+        of the dataset those indices refer to), or run live again with ``None``. The engine sets it for the
+        training loop only (:mod:`kdkit.teacher.plan`), after the cache was filled; methods never know. A method
+        that feeds the teacher *other* inputs than the batch's own (mixed, perturbed) must call it with a tensor
+        or a dict without ``index``, which always runs live.
+
+        Raises:
+            ValueError: the cache is not complete (rows missing would be answered with garbage).
+        """
+        if cache is not None and not cache.complete:
+            raise ValueError("a teacher cache must be complete before it answers for the teacher")
         self.cache = cache
 
     def __call__(self, batch: Union[Batch, torch.Tensor]) -> torch.Tensor:
         x = batch["x"] if isinstance(batch, dict) else batch
         cache = self.cache
         if cache is not None and isinstance(batch, dict) and "index" in batch:
+            self.cache_hits += 1
             index = batch.get("cache_index", batch["index"])  # with replayable augmentation: (sample, view) row
-            if cache.has(index):
-                self.cache_hits += 1
-                return cache.get(index, device=x.device)  # (B, C) float32, a fresh tensor
-            # First sight of some of these rows: run live on those only, store them, and answer the whole
-            # batch from the cache, so every epoch sees the same stored form (fp16 / top-k).
-            self.live_calls += 1
-            miss = ~cache.done_mask(index)
-            x_miss = x if bool(miss.all()) else x[miss.to(x.device)]
-            with torch.inference_mode():
-                out = self.model(x_miss)
-            self.live_rows += len(x_miss)
-            cache.fill(index[miss.to(index.device)], out)
-            return cache.get(index, device=x.device)
+            return cache.get(index, device=x.device)  # (B, C) float32, a fresh tensor
         self.live_calls += 1
         with torch.inference_mode():
             out = self.model(x)
