@@ -170,8 +170,8 @@ def micro_pieces(train, stored) -> Dict[str, float]:
         step[0] += 1
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
-    opt.step()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    opt.step()  # the scheduler expects an optimiser step before its own
     return {
         "hand_loss_forward": _micro(lambda: ALPHA * kd_loss(logits, t_logits, T)
                                     + (1 - ALPHA) * F.cross_entropy(logits, batch["y"])),

@@ -3,10 +3,9 @@
 Why kdkit chooses rather than keep torch's default (one thread per core): the models kdkit trains on a
 CPU are mostly small (MLPs and small CNNs on batches of 64-128), where a second intra-op thread buys
 little, and on a machine shared with other processes, threads that wait for a busy core cost a lot.
-Measured on a shared 2-core machine (``kdkit train configs/digits_scratch.yaml train.epochs=3``, each run
-its own process, interleaved): one thread took 0.02 s per epoch in every run; two threads took 0.02 s
-while the machine was idle and 0.06-2.2 s per epoch as soon as other processes were busy. The issue that
-asked for this setting saw 2-4.5 s against 44-74 s per CSV epoch on the same kind of machine.
+On a quiet 2-core machine ``benchmarks/threads.py`` measured 0.021 s per digits epoch with one thread and
+0.026 s with two; under load from other processes the issue that asked for this setting saw 2-4.5 s
+against 44-74 s per CSV epoch on the same kind of machine.
 
 ``auto`` therefore takes half the CPUs this process may run on (at least one): one thread on a 2-core
 machine, roughly one per physical core on a machine with hyper-threading. It depends only on the machine
