@@ -1,0 +1,35 @@
+"""Hugging Face transformers in kdkit: local models as teachers and students, tokenised text.
+
+Everything here needs the optional extra ``hf`` (transformers, tokenizers, datasets); ``import kdkit``
+never imports transformers, and :func:`require_hf` turns a missing install into a one-line error.
+
+The shared text contract: a tokenised dataset is an :class:`~kdkit.data.core.ArrayData` whose ``x`` is
+a LongTensor ``(N, L)`` of token ids right-padded with the tokenizer's pad id; every text model takes
+``(B, L)`` ids, has a ``pad_token_id`` attribute and derives its attention mask as ``x != pad_token_id``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import KdkitError
+
+
+def require_hf() -> Any:
+    """Import and return ``transformers``, or raise a :class:`KdkitError` naming the ``hf`` extra."""
+    try:
+        import transformers
+    except ImportError:
+        raise KdkitError("this feature needs the optional extra 'hf': pip install 'kdkit[hf]'") from None
+    return transformers
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy attributes, so `import kdkit.hf` stays cheap and never imports transformers by itself.
+    if name in ("HFClassifier", "tiny_bert"):
+        from . import models
+        return getattr(models, name)
+    raise AttributeError(f"module 'kdkit.hf' has no attribute {name!r}")
+
+
+__all__ = ["HFClassifier", "require_hf", "tiny_bert"]
