@@ -19,6 +19,8 @@ from .methods import METHODS, Method, list_methods, register_method
 from .models import create_model, list_models, register_model
 from .teacher import Teacher
 
+from . import lm  # noqa: E402,F401,I001  (registers the language-model datasets and the causal_lm model)
+
 __version__ = "0.1.0"
 
 __all__ = ["ArrayData", "DATASETS", "KdkitError", "METHODS", "Method", "Run", "RunConfig", "Teacher", "create_model",

@@ -67,6 +67,10 @@ def check_outputs_match(teacher: nn.Module, student: nn.Module, sample: torch.Te
         t = teacher(sample.to(t_dev))
         s = student(sample.to(s_dev))
         teacher.train(was[0]), student.train(was[1])
+    if t.dim() == 3 and s.dim() == 3 and t.shape[-1] != s.shape[-1]:  # causal LMs: (B, L, V) next-token logits
+        raise KdkitError(f"teacher vocabulary has {t.shape[-1]} tokens but the student's has {s.shape[-1]}; "
+                         f"token-level distillation needs one shared tokenizer (mapping between vocabularies is not "
+                         f"supported by kdkit)")
     if t.shape[1:] != s.shape[1:]:
         raise KdkitError(f"teacher outputs shape {tuple(t.shape[1:])} per sample but student outputs "
                          f"{tuple(s.shape[1:])}; the student's head must match the teacher's (e.g. num_classes)")

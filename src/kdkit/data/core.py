@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import KdkitError
 
 UNLABELLED = -1
+#: Causal-LM targets: a position with nothing to predict (padding, prompt, last token) holds this value.
+IGNORE_INDEX = -100
 
 
 class ArrayData(Dataset):
@@ -267,6 +269,19 @@ def as_dataset(data, split: str = "data") -> Dataset:
                      f"got {type(data).__name__}")
 
 
+def has_token_targets(data) -> bool:
+    """Whether ``data`` holds causal-LM rows: in memory, with integer ``x`` (N, L) token ids and integer ``y`` of the
+    same shape (``y[:, t]`` the token position ``t`` must predict, :data:`IGNORE_INDEX` where none is).
+
+    This shape rule is the one place the loop, the metrics and the checks tell language-model data apart
+    (:mod:`kdkit.lm.evaluate` handles it); class labels are (N,), regression targets float.
+    """
+    x, y = getattr(data, "x", None), getattr(data, "y", None)
+    return (isinstance(data, ArrayData) and torch.is_tensor(x) and torch.is_tensor(y) and x.dim() == 2
+            and tuple(x.shape) == tuple(y.shape) and not x.is_floating_point() and not y.is_floating_point()
+            and y.dtype != torch.bool)
+
+
 def check_targets(data, split: str, num_classes: Optional[int] = None) -> None:
     """Refuse targets a run would crash on later: integer labels outside ``-1..num_classes-1``, infinite targets.
 
@@ -289,13 +304,18 @@ def check_targets(data, split: str, num_classes: Optional[int] = None) -> None:
     if y.dtype == torch.bool or y.is_complex():
         raise KdkitError(f"{split} split: targets have dtype {y.dtype}; expected integer class labels or float "
                          "regression targets")
-    bad = y < UNLABELLED
+    token = has_token_targets(data)  # causal LM: -100 marks positions with nothing to predict
+    bad = (y < 0) & (y != IGNORE_INDEX) if token else y < UNLABELLED
     if num_classes is not None:
         bad |= y >= num_classes
     bad = bad.reshape(len(y), -1).any(dim=1)
     if bool(bad.any()):
         i = int(bad.to(torch.uint8).argmax())
         expected = f"0..{num_classes - 1}" if num_classes is not None else "labels >= 0"
+        if token:
+            bad_value = int(y[i][((y[i] < 0) & (y[i] != IGNORE_INDEX)) | (y[i] >= (num_classes or 2**62))][0])
+            raise KdkitError(f"{split} split: token target {bad_value} in row {i} is out of range; expected token ids "
+                             f"{expected} (or {IGNORE_INDEX} where nothing is predicted)")
         raise KdkitError(f"{split} split: label {y[i].tolist()} at position {i} is out of range; expected "
                          f"{expected} (or -1 for an unlabelled sample)")
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch import nn
 
-from ..data.core import as_dataset, first_sample, make_loader
+from ..data.core import as_dataset, first_sample, has_token_targets, make_loader
 from ..errors import KdkitError
 from ..teacher import Teacher
 
@@ -176,11 +176,20 @@ def evaluate(model: nn.Module, data, teacher: Optional[nn.Module] = None, batch_
     standardised targets and carry their scaling (``data.target_scale``, also in the report's
     ``data_info.preprocess``); outputs and targets are mapped back (``value * std + mean``) before measuring.
 
+    Causal-LM data (token targets ``y`` of shape (N, L), see :func:`kdkit.data.core.has_token_targets`) is
+    measured by :func:`kdkit.lm.evaluate.evaluate_lm` instead: perplexity, next-token accuracy and agreement,
+    generation tokens/s (``measure_latency``), samples.
+
     Returns:
         ``accuracy, nll, ece, agreement`` or ``mse, mae, mse_to_teacher`` (as applicable), ``parameters, bytes``,
         ``latency_ms_b1``, ``latency_ms_b256``.
     """
     data = as_dataset(data)
+    if has_token_targets(data):  # causal LM: streamed perplexity and agreement, never (N, L, V) outputs
+        from ..lm.evaluate import evaluate_lm
+
+        return evaluate_lm(model, data, teacher.model if isinstance(teacher, Teacher) else teacher,
+                           batch_size=min(batch_size, 64), measure_speed=measure_latency)
     models = [model]
     if teacher is not None:
         models.append(teacher.model if isinstance(teacher, Teacher) else teacher)

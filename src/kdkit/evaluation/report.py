@@ -12,6 +12,8 @@ from ..training.rundir import write_json
 
 # Columns of the comparison table: (metric key, header, format).
 COLUMNS = [
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("token_accuracy", "next-token accuracy", "{:.2%}"),
     ("accuracy", "accuracy", "{:.2%}"),
     ("agreement", "agreement w/ teacher", "{:.2%}"),
     ("ece", "ECE", "{:.4f}"),
@@ -24,6 +26,7 @@ COLUMNS = [
     ("latency_ms_b256", "latency b256 (ms)", "{:.2f}"),
     ("ort_latency_ms_b1", "onnxruntime b1 (ms)", "{:.3f}"),
     ("ort_latency_ms_b256", "onnxruntime b256 (ms)", "{:.2f}"),
+    ("gen_tokens_per_s", "generation b1 (tokens/s)", "{:.1f}"),
 ]
 
 
@@ -82,6 +85,22 @@ def _curves_png(histories: Dict[str, Sequence[Dict[str, Any]]]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def samples_html(models: Dict[str, Dict[str, Any]]) -> str:
+    """Generated text side by side (language models): one row per prompt, one column per model with samples."""
+    having = {name: m["samples"] for name, m in models.items() if isinstance(m.get("samples"), list) and m["samples"]}
+    if not having:
+        return ""
+    prompts = [s["prompt"] for s in next(iter(having.values()))]
+    head = "<th>prompt</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in having)
+    rows = []
+    for i, p in enumerate(prompts):
+        cells = "".join(f"<td style='text-align:left'>{html.escape(s[i]['continuation']) if i < len(s) else ''}</td>"
+                        for s in having.values())
+        rows.append(f"<tr><td>{html.escape(p)}</td>{cells}</tr>")
+    return ("<h2>Generated samples (greedy)</h2><table><thead><tr>" + head + "</tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
+
+
 def write_report(run_dir, models: Dict[str, Dict[str, Any]], histories: Dict[str, Sequence[Dict[str, Any]]],
                  title: str = "kdkit report", extra: Dict[str, Any] = None, extra_html: str = "") -> Dict[str, Any]:
     """Write ``report.json`` and ``report.html`` into ``run_dir``; returns the JSON content.
@@ -90,6 +109,7 @@ def write_report(run_dir, models: Dict[str, Dict[str, Any]], histories: Dict[str
     """
     run_dir = Path(run_dir)
     report = {"title": title, "models": models, **(extra or {})}
+    extra_html = samples_html(models) + extra_html
     write_json(run_dir / "report.json", report)
     rows = table_rows(models)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])

@@ -6,6 +6,7 @@ from typing import Dict
 
 import torch
 
+from ..data.core import IGNORE_INDEX
 from ..losses import masked_cross_entropy, masked_mse
 from .base import METHODS, Batch, Method
 
@@ -16,7 +17,8 @@ class Supervised(Method):
 
     Cross-entropy over the labelled samples for class labels (``-1`` = unlabelled, skipped); MSE over the
     known targets for float (regression) targets (``NaN`` = unlabelled, skipped,
-    :func:`kdkit.losses.masked_mse`). A batch with no label at all gives a loss of 0.
+    :func:`kdkit.losses.masked_mse`). A batch with no label at all gives a loss of 0. Causal LMs ((B, L', V)
+    logits, (B, L) token targets): next-token cross-entropy averaged over the target tokens (``-100`` skipped).
     """
 
     needs_teacher = False
@@ -27,5 +29,8 @@ class Supervised(Method):
         if y.is_floating_point():
             loss = masked_mse(logits, y)
             return {"loss": loss, "mse": loss.detach(), "logits": logits}
+        if logits.dim() == 3 and y.dim() == 2:  # causal LM: next-token CE over target positions (y != -100)
+            loss = masked_cross_entropy(logits.flatten(0, 1), y[:, :logits.shape[1]].flatten(), IGNORE_INDEX)
+            return {"loss": loss, "ce": loss.detach(), "logits": logits}
         loss = masked_cross_entropy(logits, y)
         return {"loss": loss, "ce": loss.detach(), "logits": logits}

@@ -51,7 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
-from ..data.core import ArrayData, make_loader
+from ..data.core import ArrayData, has_token_targets, make_loader
 from ..errors import KdkitError
 from ..evaluation.metrics import predict, predict_many, quality
 from ..teacher import Teacher
@@ -106,8 +106,9 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 class Keeper:
     """Which epoch's weights a careful practitioner keeps (``train.keep``).
 
-    ``best`` compares validation scores lexicographically: accuracy (classification), else -MSE
-    (regression), else agreement with the teacher (unlabelled validation data); ties are broken by
+    ``best`` compares validation scores lexicographically: accuracy (classification), else -perplexity
+    (causal LM), else -MSE (regression), else agreement with the teacher (unlabelled validation data); ties are
+    broken by
     the lower validation NLL, and a tie on both goes to the LATER epoch. With small validation sets
     (digits: 180 images, one image = 0.56 points) accuracy ties are common, and keeping the earliest
     tied epoch kept under-trained, under-confident weights. ``last`` keeps the last epoch.
@@ -121,6 +122,8 @@ class Keeper:
         """(primary score, -NLL), higher is better; None when validation gave no score."""
         if "accuracy" in val:
             primary = val["accuracy"]
+        elif "perplexity" in val:  # causal LM: lower held-out perplexity is better
+            primary = -val["perplexity"]
         elif "mse" in val:
             primary = -val["mse"]
         elif "agreement" in val:
@@ -360,6 +363,14 @@ def _kept(ckpt: Optional[Path]) -> str:
 def _validate(loop: _Loop, val_data, batch_size: int) -> Dict[str, float]:
     teacher = loop.teacher
     teacher_model = teacher.model if teacher is not None and hasattr(teacher, "model") else None
+    if has_token_targets(val_data):
+        # Causal LM: streamed per batch (never (N, L, V) outputs); the teacher's arg-max tokens, kept in
+        # val_teacher_outputs, are computed once per run.
+        from ..lm.evaluate import lm_quality
+
+        val, loop.val_teacher_outputs = lm_quality(loop.method.student, val_data, min(batch_size, 64),
+                                                   teacher_model, loop.val_teacher_outputs)
+        return val
     if teacher_model is not None and isinstance(val_data, DataLoader):
         # A user's loader may reshuffle on every pass: student and teacher outputs must come from the same one.
         pred, t_pred = predict_many([loop.method.student, teacher_model], val_data, batch_size)

@@ -24,6 +24,7 @@ class Tracker:
         self.keys: Optional[List[str]] = None
         self.buf: Optional[torch.Tensor] = None
         self.labels = False
+        self.tokens = False
         self.sizes: List[int] = []
         self.checked = 0
 
@@ -35,6 +36,9 @@ class Tracker:
             self.keys = ["loss"] + [k for k, v in out.items()
                                     if k not in ("loss", "logits") and torch.is_tensor(v) and v.dim() == 0]
             self.labels = y is not None and not y.is_floating_point() and logits is not None and logits.dim() == 2
+            # Causal LM: (B, L', V) logits against (B, L) token targets, -100 where nothing is predicted.
+            self.tokens = (y is not None and not y.is_floating_point() and logits is not None and logits.dim() == 3
+                           and y.dim() == 2)
             self.buf = torch.zeros(self.steps, len(self.keys) + 2, device=self.device)
         zero = None
         row = []
@@ -47,6 +51,12 @@ class Tracker:
         if self.labels:
             # Unlabelled samples carry y = -1, which argmax never equals: no mask needed for the hits.
             row.append((logits.detach().argmax(1) == y).sum(dtype=torch.float32))
+            row.append((y >= 0).sum(dtype=torch.float32))
+        elif self.tokens:
+            # Next-token hits over target positions: -100 never equals an arg-max. Columns the model trimmed
+            # (padding in the whole batch) hold -100 only.
+            y = y[:, :logits.shape[1]]
+            row.append((logits.detach().argmax(-1) == y).sum(dtype=torch.float32))
             row.append((y >= 0).sum(dtype=torch.float32))
         self.buf[step, :len(row)] = torch.stack(row)
 
@@ -68,7 +78,7 @@ class Tracker:
     def live(self, step: int) -> Dict[str, str]:
         """Progress-bar figures at a sync point: this step's loss and the epoch's running accuracy."""
         shown = {"loss": f"{float(self.buf[step, 0]):.4f}"}
-        if self.labels:
+        if self.labels or self.tokens:
             k = len(self.keys)
             hits, labelled = self.buf[:step + 1, k:k + 2].sum(0).tolist()
             if labelled > 0:
@@ -88,4 +98,6 @@ class Tracker:
         record = {f"train_{key}": v / seen for key, v in zip(self.keys, vec)}
         if self.labels and vec[k + 1] > 0:
             record["train_accuracy"] = vec[k] / vec[k + 1]
+        elif self.tokens and vec[k + 1] > 0:
+            record["train_token_accuracy"] = vec[k] / vec[k + 1]
         return record

@@ -1,0 +1,32 @@
+"""Causal language models: distil a large causal LM into a small one, token by token.
+
+Importing this package never imports ``transformers`` (models load it when built). It registers the
+language-model datasets (``fortunes_lm``, ``text_lm``, ``jsonl_lm``, ``hf_dataset_lm``) and the zoo entry
+``causal_lm``; the ``lm_kd`` method lives in :mod:`kdkit.methods.lm_kd`.
+
+- :class:`HFCausalLM`, :func:`load`, :func:`tiny_gpt2`, :func:`from_config` (:mod:`kdkit.lm.model`)
+- :func:`train_tokenizer`, :func:`load_tokenizer` (:mod:`kdkit.lm.tokenizer`)
+- :class:`TokenData` and the corpus readers (:mod:`kdkit.lm.data`)
+- :func:`evaluate_lm` perplexity, agreement, generation speed (:mod:`kdkit.lm.evaluate`)
+"""
+
+from __future__ import annotations
+
+from ..models.zoo import MODELS
+from . import data  # noqa: F401  (registers the datasets)
+from .data import TokenData, is_token_data
+from .model import HFCausalLM, causal_lm, from_config, load, tiny_gpt2
+from .tokenizer import load_tokenizer, train_tokenizer
+
+MODELS.register("causal_lm")(causal_lm)
+
+
+def evaluate_lm(*args, **kwargs):
+    """See :func:`kdkit.lm.evaluate.evaluate_lm`."""
+    from .evaluate import evaluate_lm as _evaluate_lm
+
+    return _evaluate_lm(*args, **kwargs)
+
+
+__all__ = ["HFCausalLM", "TokenData", "evaluate_lm", "from_config", "is_token_data", "load", "load_tokenizer",
+           "tiny_gpt2", "train_tokenizer"]
