@@ -10,6 +10,7 @@ Public API (everything a user needs; the rest is importable from submodules):
 - :class:`KdkitError` — every expected error.
 """
 
+from . import lm  # noqa: F401,I001  (registers the language-model datasets and the causal_lm model)
 from .api import Run, distill, evaluate_run, run_config, train
 from .config import RunConfig, load_config
 from .data import DATASETS, ArrayData
@@ -18,8 +19,6 @@ from .evaluation.metrics import evaluate
 from .methods import METHODS, Method, list_methods, register_method
 from .models import create_model, list_models, register_model
 from .teacher import Teacher
-
-from . import lm  # noqa: E402,F401,I001  (registers the language-model datasets and the causal_lm model)
 
 __version__ = "0.1.0"
 

@@ -100,6 +100,12 @@ def lm_quality(model: nn.Module, data, batch_size: int = 64, teacher: Optional[n
     return m, (teacher_argmax if teacher_argmax is not None else new_argmax)
 
 
+def _room(model: nn.Module, prompt_len: int, wanted: int) -> int:
+    """New tokens that fit the model's learned positions after a prompt of ``prompt_len`` (at least 1)."""
+    limit = getattr(model, "max_positions", None)
+    return max(1, min(wanted, limit - prompt_len)) if limit else wanted
+
+
 def _prompt_ids(data, length: int = 8) -> torch.Tensor:
     """The first ``length`` real tokens of the first row: a fixed prompt for timing (1, P)."""
     row = data.x[0]
@@ -119,6 +125,7 @@ def generation_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 3
     cpu = model if _device(model).type == "cpu" else copy.deepcopy(model).cpu()
     was = cpu.training
     cpu.eval()
+    new_tokens = _room(cpu, prompt.shape[1], new_tokens)
     try:
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         if hasattr(cpu, "hf"):
@@ -154,7 +161,9 @@ def samples(model: nn.Module, data, new_tokens: int = 24) -> List[Dict[str, str]
     try:
         for p in prompts:
             ids = torch.tensor([tok.encode(p, add_special_tokens=False).ids], dtype=torch.long)
-            gen = cpu.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos)[0, ids.shape[1]:]
+            ids = ids[:, :max(1, (getattr(cpu, "max_positions", None) or 10**9) - 1)]
+            gen = cpu.generate(ids, max_new_tokens=_room(cpu, ids.shape[1], new_tokens), do_sample=False,
+                               eos_token_id=eos)[0, ids.shape[1]:]
             cut = gen.tolist()
             if eos is not None and eos in cut:
                 cut = cut[:cut.index(eos)]

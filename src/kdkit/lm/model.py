@@ -30,14 +30,8 @@ from ..errors import KdkitError
 
 def require_transformers():
     """``transformers``, or the one-line error naming the ``hf`` extra."""
-    try:
-        from ..hf import require_hf  # TODO(lmcore): drop the fallback once kdkit.hf is on main
-    except ImportError:
-        try:
-            import transformers
-        except ImportError:
-            raise KdkitError("causal language models need the optional extra 'hf': pip install 'kdkit[hf]'") from None
-        return transformers
+    from ..hf import require_hf
+
     return require_hf()
 
 

@@ -167,6 +167,13 @@ class Method(nn.Module):
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         return self.compute_loss(batch, self.forward_pass(batch))
 
+    def prepare(self, train_data, *, batch_size: int = 512, log=None) -> Optional[str]:
+        """Called once by the loop before the first step (after the teacher cache is decided), with the training
+        data: a method that precomputes something from it (``lm_kd``'s offline top-k store of the teacher) does it
+        here. Returns a one-line description for the run's report (kept beside ``teacher_cache``), or None.
+        The default does nothing."""
+        return None
+
     def on_optimizer_step(self) -> None:
         """Called by the loop after every optimiser step (not every micro-batch under gradient accumulation).
 

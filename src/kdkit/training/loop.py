@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,10 @@ def _setup(method: nn.Module, train_data, cfg: TrainConfig, *, run_dir, seed: in
             teacher.model.to(memory_format=torch.channels_last)
     cache, history.teacher_cache = prepare_teacher_cache(method, train_data, cfg, batch_size=eval_batch_size,
                                                          rank=rank, world_size=world)
+    prepared = method.prepare(train_data, batch_size=eval_batch_size,
+                              log=lambda msg: print(msg, file=sys.stderr)) if hasattr(method, "prepare") else None
+    if prepared:
+        history.teacher_cache = f"{history.teacher_cache}; {prepared}"
     loader = make_loader(train_data, batch_size // world, shuffle=True, seed=seed, num_workers=num_workers,
                          rank=rank, world_size=world)
     steps_per_epoch = -(-len(loader) // cfg.grad_accum_steps)  # optimiser steps
