@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.core import has_token_targets
 from ..errors import KdkitError
 
 FORMATS = ("onnx", "torchscript")
@@ -342,6 +343,8 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
     model, cfg, splits = _load_run_model(run_dir)
     data = splits.test if splits.test is not None else splits.val
     n = min(samples, len(data))
+    if has_token_targets(data):  # causal LM: ids in, (B, L, V) logits out, dynamic sequence axis
+        return _export_lm_run(run_dir, model, data.x[:min(n, 32)], fmt, int8, out)
     inputs = data.x[:n] if hasattr(data, "x") else torch.stack([data[i]["x"] for i in range(n)])
     calibration = None
     if int8:
@@ -381,6 +384,29 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
     section = (f"<h2>Export: {html.escape(path.name)}</h2><p>max abs diff vs PyTorch "
                f"{result['parity']['max_abs_diff']:.3g}, arg-max agreement {result['parity']['argmax_agreement']:.4f} "
                f"on {result['parity']['samples']} test inputs.</p><pre>{html.escape(format_table(models))}</pre>")
+    append_report(run_dir, f"export_{path.stem}", result, section)
+    return result
+
+
+def _export_lm_run(run_dir: Path, model: nn.Module, ids: torch.Tensor, fmt: str, int8: bool, out) -> Dict[str, Any]:
+    """``kdkit export`` of a causal-LM run (:mod:`kdkit.lm.export`): ONNX only, float."""
+    if fmt != "onnx" or int8:
+        raise KdkitError("causal LMs export to float ONNX only (--format onnx without --int8); see kdkit.lm.export")
+    from ..evaluation.report import append_report
+    from ..lm.export import export_lm
+    from ..training.rundir import write_json
+
+    path = Path(out) if out is not None else run_dir / "export" / "model.onnx"
+    result = export_lm(model, ids, path)
+    write_json(path.with_suffix(".json"), result)
+    p = result["parity"]
+    speed = ""
+    if "onnxruntime" in result:
+        speed = (f" Greedy generation at batch 1: onnxruntime {result['onnxruntime']['onnx_gen_tokens_per_s']:.1f} "
+                 f"tokens/s (no KV cache), PyTorch {result['pytorch']['gen_tokens_per_s']:.1f} tokens/s (KV cache).")
+    section = (f"<h2>Export: {html.escape(path.name)}</h2><p>{result['bytes']:,} bytes; max abs diff vs PyTorch "
+               f"{p['max_abs_diff']:.3g} over real positions, arg-max agreement {p['argmax_agreement']:.4f} on "
+               f"{p['samples']} test rows.{speed}</p>")
     append_report(run_dir, f"export_{path.stem}", result, section)
     return result
 
