@@ -8,6 +8,7 @@ language-model datasets (``fortunes_lm``, ``text_lm``, ``jsonl_lm``, ``hf_datase
 - :func:`train_tokenizer`, :func:`load_tokenizer` (:mod:`kdkit.lm.tokenizer`)
 - :class:`TokenData` and the corpus readers (:mod:`kdkit.lm.data`)
 - :func:`evaluate_lm` perplexity, agreement, generation speed (:mod:`kdkit.lm.evaluate`)
+- :func:`lm_distill_loss` and the token-level divergences, masked and chunked (:mod:`kdkit.lm.losses`)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from ..models.zoo import MODELS
 from . import data  # noqa: F401  (registers the datasets)
 from .data import TokenData, is_token_data
+from .losses import DIVERGENCES, LMLoss, lm_distill_loss, lm_kd_loss, next_token_cross_entropy
 from .model import HFCausalLM, causal_lm, from_config, load, tiny_gpt2
 from .tokenizer import load_tokenizer, train_tokenizer
 
@@ -28,5 +30,6 @@ def evaluate_lm(*args, **kwargs):
     return _evaluate_lm(*args, **kwargs)
 
 
-__all__ = ["HFCausalLM", "TokenData", "evaluate_lm", "from_config", "is_token_data", "load", "load_tokenizer",
-           "tiny_gpt2", "train_tokenizer"]
+__all__ = ["DIVERGENCES", "HFCausalLM", "LMLoss", "TokenData", "evaluate_lm", "from_config", "is_token_data",
+           "lm_distill_loss", "lm_kd_loss", "load", "load_tokenizer", "next_token_cross_entropy", "tiny_gpt2",
+           "train_tokenizer"]
