@@ -13,6 +13,13 @@ from torch.distributions import Categorical, kl_divergence
 from kdkit.errors import KdkitError
 from kdkit.lm.losses import DIVERGENCES, jsd_tokens, lm_distill_loss, lm_kd_loss, next_token_cross_entropy
 
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-6, atol: float = 1e-9) -> None:
+    """allclose with the worst difference in the message (torch.testing.assert_close imports torch.distributed:
+    seconds on a loaded machine)."""
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol), float((a - b).abs().max())
+
+
 B, L, V = 3, 6, 13
 
 
@@ -131,7 +138,7 @@ def test_chunked_equals_unchunked_value_and_gradient(div, chunk):
     assert got.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
     assert got.kd.item() == pytest.approx(ref.kd.item(), rel=1e-6)
     assert got.ce.item() == pytest.approx(ref.ce.item(), rel=1e-6)
-    torch.testing.assert_close(g, 3.0 * g_ref, rtol=1e-6, atol=1e-9)
+    _close(g, 3.0 * g_ref, rtol=1e-6, atol=1e-9)
 
 
 def test_chunked_gradient_flows_through_a_model_and_teacher_gets_none():
@@ -144,7 +151,7 @@ def test_chunked_gradient_flows_through_a_model_and_teacher_gets_none():
     g_chunked = head.weight.grad.clone()
     head.weight.grad = None
     lm_kd_loss(head(h), t, y, divergence="jsd", chunk_size=None).backward()
-    torch.testing.assert_close(g_chunked, head.weight.grad, rtol=1e-5, atol=1e-7)
+    _close(g_chunked, head.weight.grad, rtol=1e-5, atol=1e-7)
     assert t.grad is None  # the teacher is a target
 
 
@@ -187,10 +194,10 @@ def test_jsd_limits_are_the_two_kls():
     fkl = kl_divergence(Categorical(logits=t[mask]), Categorical(logits=s[mask]))
     rkl = kl_divergence(Categorical(logits=s[mask]), Categorical(logits=t[mask]))
     eps = 1e-7  # float64: the O(beta) correction is far below the tolerance
-    torch.testing.assert_close(jsd_tokens(log_q, log_p, eps) / eps, fkl, rtol=1e-4, atol=1e-8)  # beta -> 0
-    torch.testing.assert_close(jsd_tokens(log_q, log_p, 1 - eps) / eps, rkl, rtol=1e-4, atol=1e-8)  # beta -> 1
+    _close(jsd_tokens(log_q, log_p, eps) / eps, fkl, rtol=1e-4, atol=1e-8)  # beta -> 0
+    _close(jsd_tokens(log_q, log_p, 1 - eps) / eps, rkl, rtol=1e-4, atol=1e-8)  # beta -> 1
     # Symmetry: JSD(beta)(p || q) = JSD(1 - beta)(q || p).
-    torch.testing.assert_close(jsd_tokens(log_q, log_p, 0.2), jsd_tokens(log_p, log_q, 0.8))
+    _close(jsd_tokens(log_q, log_p, 0.2), jsd_tokens(log_p, log_q, 0.8))
     for beta in (0.0, 1.0):
         with pytest.raises(KdkitError, match="beta must be in"):
             lm_kd_loss(s, t, y, divergence="jsd", beta=beta)

@@ -1,0 +1,479 @@
+"""Offline LM distillation from the teacher's top-k tokens per position, with the missing mass kept explicitly.
+
+Storing a teacher's full distribution costs V numbers per token (32,000 float16 values = 64 KB per token, 64 GB
+per million tokens). Here each predicted token keeps:
+
+- ``values`` (k,) float16: the teacher's log-probabilities ``log p_i`` of its k most likely tokens at the
+  stored temperature T (logits shifted by their log-sum-exp: still logits, and the masses they stand for are
+  exact up to float16 rounding);
+- ``indices`` (k,) int32: which tokens those are;
+- ``log_tail`` () float32: ``log r``, the log of the mass outside the top k, ``r = 1 - Σ_i p_i``, computed from
+  the full logits (``logsumexp`` over the other V - k tokens), so it is not lost to rounding.
+
+That is ``6k + 4`` bytes per token (:func:`storage_bytes`): 196 MB per million tokens at k = 32.
+
+**The loss against a sparse teacher** (:func:`sparse_distill_loss`) compares two distributions over k + 1
+outcomes: the teacher's k tokens plus one "everything else" bucket of mass r, and the student's probabilities of
+the same k tokens plus the student's own mass outside them, ``q_rest = 1 - Σ_i q_i`` (computed as a log-sum-exp
+over the student's other logits). Any divergence of :mod:`kdkit.lm.losses` applies to these (k + 1)-bucket
+distributions. This is the exact divergence between the two distributions coarsened to the partition
+{top-k tokens one by one, the rest as one event}. For forward KL the chain rule of relative entropy (Cover &
+Thomas, *Elements of Information Theory*, Thm. 2.5.3) splits the full loss as
+
+    ``KL(p ‖ q) = KL_bucket(p ‖ q) + r · KL(p_tail/r ‖ q_tail/q_rest)``,
+
+so the bucket loss is the full one minus the term that needs the teacher's tail *shape*, which is not stored.
+It is a lower bound on the full forward KL, exact when k = V, and it pulls the student's tail mass to the
+teacher's without inventing a shape for it. The common alternatives drop the tail (renormalising the top k to
+sum to one), which Anshumann et al. ("Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs",
+ACL 2025) show gives the student a biased (over-confident) target, or spread it uniformly over the other
+tokens, which teaches the student a flat tail that the teacher does not have (kdkit's classification cache,
+:mod:`kdkit.teacher.cache`, does the latter for small class counts).
+
+**What truncation loses** (:func:`truncation_kl`): per token, ``KL(p ‖ p̂)`` between the full teacher and the
+distribution the stored record determines when nothing else is known, ``p̂``: the stored top-k probabilities
+(float16, renormalised with the tail) and the tail mass r spread uniformly over the other V - k tokens. By the
+same chain rule it is ``Σ_topk p_i log(p_i / p̂_i) + r · KL(p_tail/r ‖ uniform)``: the float16 rounding plus the
+information in the tail's shape. It is zero (up to rounding) when k = V.
+
+**On disk** (:class:`SparseTeacherWriter`, :class:`SparseTeacherFile`): a directory of plain ``.npy`` arrays
+(opened as read-only memory maps, never pickles) holding the predicted tokens of every row back to back,
+``offsets`` (rows + 1,) int64 marking where each row's tokens start, and ``meta.json`` with k, V, T, the
+counts, measured truncation statistics and the run's fingerprint (e.g. :func:`kdkit.teacher.cache.fingerprint`
+of teacher and data). It is written into a temporary sibling directory and renamed into place only when
+complete, so a reader never sees a partial file; an existing directory is never overwritten. Only the tokens
+with ``labels != -100`` are stored, so padding costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import KdkitError
+from .losses import (
+    IGNORE_INDEX,
+    ChunkSize,
+    LMLoss,
+    check_labels,
+    check_options,
+    chunked_token_mean,
+    divergence_tokens,
+    predicted_tokens,
+    resolve_chunk_size,
+)
+
+FORMAT = "kdkit-sparse-teacher"
+FORMAT_VERSION = 1
+_VALUE_DTYPES = {"float16": (torch.float16, np.float16, 2), "float32": (torch.float32, np.float32, 4)}
+# Finite stand-ins for log 0: exp() of them is exactly 0, and differences of them stay finite, so an empty
+# bucket (k = V) contributes 0 to every divergence and nothing NaN reaches a gradient.
+_LOG_ZERO_TEACHER = -1e30
+_LOG_ZERO_STUDENT_LOGIT = torch.finfo(torch.float32).min / 4
+
+
+def storage_bytes(num_tokens: int, k: int, value_dtype: str = "float16") -> int:
+    """Bytes of a sparse teacher for ``num_tokens`` predicted tokens: ``num_tokens · (k · (value + 4) + 4)``
+    (values, int32 indices, one float32 log tail mass per token), plus nothing for padding. The file adds
+    8 bytes per row (offsets) and a small ``meta.json``.
+
+    ``storage_bytes(10**6, k)`` is the storage per million tokens: 10 MB at k = 1, 196 MB at k = 32;
+    the dense float16 distribution over V = 32,000 tokens would be 64 GB."""
+    if value_dtype not in _VALUE_DTYPES:
+        raise KdkitError(f"value_dtype must be float16 or float32; got {value_dtype!r}")
+    return int(num_tokens) * (int(k) * (_VALUE_DTYPES[value_dtype][2] + 4) + 4)
+
+
+def dense_storage_bytes(num_tokens: int, vocab_size: int, bytes_per_value: int = 2) -> int:
+    """Bytes of the full teacher distribution for ``num_tokens`` tokens (float16 by default), for comparison."""
+    return int(num_tokens) * int(vocab_size) * int(bytes_per_value)
+
+
+@dataclass
+class SparseTargets:
+    """The sparse teacher for N predicted tokens, in the row-major order of ``labels != -100``.
+
+    Attributes:
+        values: (N, k) float16 (or float32) teacher log-probabilities of its top-k tokens at ``temperature``.
+        indices: (N, k) int32 token ids.
+        log_tail: (N,) float32 log of the teacher's mass outside the top k (``-inf`` when k = V).
+        vocab_size: V.
+        temperature: the T the probabilities were taken at; the student is compared at the same T.
+        row_lengths: optional (B,) number of predicted tokens of each row, checked against the labels.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    log_tail: torch.Tensor
+    vocab_size: int
+    temperature: float = 1.0
+    row_lengths: Optional[torch.Tensor] = None
+
+    @property
+    def k(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.log_tail))
+
+    def to(self, device: Union[str, torch.device]) -> "SparseTargets":
+        return SparseTargets(self.values.to(device), self.indices.to(device), self.log_tail.to(device),
+                             self.vocab_size, self.temperature, self.row_lengths)
+
+    def bucket_log_probs(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+        """(n, k + 1) float32 teacher log-probabilities of the top-k tokens and the tail bucket, renormalised
+        (float16 values do not sum exactly to ``1 - r``), with a finite floor for an empty bucket."""
+        sl = slice(start, end)
+        raw = torch.cat([self.values[sl].float(), self.log_tail[sl].float()[:, None]], dim=1)
+        return F.log_softmax(raw, dim=1).clamp_min(_LOG_ZERO_TEACHER)
+
+
+def topk_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, k: int, *, temperature: float = 1.0,
+                 value_dtype: str = "float16", chunk_size: ChunkSize = "auto",
+                 ignore_index: int = IGNORE_INDEX) -> SparseTargets:
+    """Compress the teacher's distribution at every predicted token to its top k (see the module docstring).
+
+    Args:
+        teacher_logits: (B, L, V).
+        labels: (B, L) int; only positions with ``labels != ignore_index`` are kept.
+        k: tokens kept per position, 1 <= k <= V.
+        temperature: T of the stored distribution (the loss compares the student at the same T).
+        value_dtype: "float16" (default) or "float32" for the log-probabilities.
+        chunk_size: tokens processed at a time ("auto": about 2**22 logits), bounding memory.
+
+    Returns:
+        :class:`SparseTargets` for the N predicted tokens, with ``row_lengths``.
+    """
+    check_labels(teacher_logits, labels)
+    vocab = teacher_logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+        raise KdkitError(f"top-k k must be an integer in [1, {vocab}] (the vocabulary size); got {k!r}")
+    if not temperature > 0:
+        raise KdkitError(f"temperature must be > 0; got {temperature}")
+    if value_dtype not in _VALUE_DTYPES:
+        raise KdkitError(f"value_dtype must be float16 or float32; got {value_dtype!r}")
+    index, _ = predicted_tokens(labels, vocab, ignore_index)
+    flat = teacher_logits.detach().reshape(-1, vocab)
+    chunk = resolve_chunk_size(chunk_size, vocab) or max(index.numel(), 1)
+    values, indices, tails = [], [], []
+    with torch.no_grad():
+        for start in range(0, index.numel(), chunk):
+            z = flat.index_select(0, index[start:start + chunk]).float() / temperature  # (c, V)
+            lse = torch.logsumexp(z, dim=1, keepdim=True)
+            top_v, top_i = z.topk(k, dim=1)
+            tail = torch.logsumexp(z.scatter(1, top_i, float("-inf")), dim=1)  # -inf when k = V
+            values.append((top_v - lse).to(_VALUE_DTYPES[value_dtype][0]))
+            indices.append(top_i.to(torch.int32))
+            tails.append(tail - lse.squeeze(1))
+    dev = teacher_logits.device
+    empty = (torch.zeros(0, k, dtype=_VALUE_DTYPES[value_dtype][0], device=dev),
+             torch.zeros(0, k, dtype=torch.int32, device=dev), torch.zeros(0, device=dev))
+    return SparseTargets(
+        values=torch.cat(values) if values else empty[0], indices=torch.cat(indices) if indices else empty[1],
+        log_tail=torch.cat(tails) if tails else empty[2], vocab_size=vocab, temperature=float(temperature),
+        row_lengths=(labels != ignore_index).sum(1).cpu())
+
+
+def _check_targets(student_logits: torch.Tensor, labels: torch.Tensor, targets: SparseTargets, n: int,
+                   ignore_index: int) -> None:
+    if targets.vocab_size != student_logits.shape[-1]:
+        raise KdkitError(f"the sparse teacher has vocabulary size {targets.vocab_size} but the student's logits "
+                         f"have {student_logits.shape[-1]}; a different vocabulary needs a token mapping")
+    if targets.num_tokens != n:
+        raise KdkitError(f"the sparse teacher holds {targets.num_tokens} tokens but the labels predict {n} "
+                         "(labels != -100); it must be built from the same labels")
+    if targets.row_lengths is not None:
+        have = (labels != ignore_index).sum(1).cpu()
+        if not torch.equal(have, targets.row_lengths.cpu().to(have.dtype)):
+            raise KdkitError(f"the sparse teacher's tokens per row {targets.row_lengths.tolist()} do not match the "
+                             f"labels' {have.tolist()}; it must be built from the same rows")
+
+
+def sparse_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, targets: SparseTargets, *,
+                        divergence: str = "forward_kl", alpha: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                        chunk_size: ChunkSize = "auto", ignore_index: int = IGNORE_INDEX) -> LMLoss:
+    """Distillation from a sparse teacher with the missing mass as one extra bucket (see the module docstring).
+
+    ``loss = alpha · T² · mean_tokens D(p_bucket ‖ q_bucket) + (1 - alpha) · mean_tokens -log q(y)``, where the
+    bucket distributions are over the teacher's top-k tokens plus "the rest", T is ``targets.temperature`` and the
+    cross-entropy is at T = 1, as in :func:`kdkit.lm.losses.lm_distill_loss`; with k = V it equals that loss.
+
+    Args:
+        student_logits: (B, L, V) full student logits.
+        labels: (B, L) int64, ``ignore_index`` where nothing is predicted (the same labels the targets were
+            built with).
+        targets: :class:`SparseTargets` for the predicted tokens (row-major order).
+        divergence, alpha, beta, skew, chunk_size: as in :func:`kdkit.lm.losses.lm_distill_loss`.
+
+    Returns:
+        :class:`~kdkit.lm.losses.LMLoss` ``(loss, kd, ce)``.
+    """
+    temperature = targets.temperature
+    check_options(divergence, temperature, alpha, beta, skew)
+    check_labels(student_logits, labels)
+    index, y = predicted_tokens(labels, student_logits.shape[-1], ignore_index)
+    _check_targets(student_logits, labels, targets, index.numel(), ignore_index)
+    t2 = temperature * temperature
+    top_idx = targets.indices.to(student_logits.device)
+
+    def terms(s: torch.Tensor, start: int, end: int):
+        idx = top_idx[start:end].long()  # (c, k)
+        z = s / temperature
+        lse = torch.logsumexp(z, dim=1, keepdim=True)
+        log_q_top = z.gather(1, idx) - lse  # (c, k)
+        # The student's mass outside the teacher's top k, from its other logits (finite when k = V).
+        log_q_rest = torch.logsumexp(z.scatter(1, idx, _LOG_ZERO_STUDENT_LOGIT), dim=1, keepdim=True) - lse
+        log_q = torch.cat([log_q_top, log_q_rest], dim=1)  # (c, k + 1)
+        log_p = targets.bucket_log_probs(start, end).to(s.device)
+        kd = t2 * divergence_tokens(log_q, log_p, divergence, beta, skew)
+        log_q1 = (z - lse) if temperature == 1.0 else F.log_softmax(s, dim=1)
+        ce = -log_q1.gather(1, y[start:end, None]).squeeze(1)
+        return alpha * kd + (1.0 - alpha) * ce, kd, ce
+
+    return chunked_token_mean(student_logits, index, terms, chunk_size)
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, targets: SparseTargets, *,
+                   divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
+                   chunk_size: ChunkSize = "auto", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The bucketed divergence alone: :func:`sparse_distill_loss` with ``alpha = 1``. Returns a scalar."""
+    return sparse_distill_loss(student_logits, labels, targets, divergence=divergence, alpha=1.0, beta=beta,
+                               skew=skew, chunk_size=chunk_size, ignore_index=ignore_index).loss
+
+
+def truncation_kl(teacher_logits: torch.Tensor, labels: torch.Tensor, targets: SparseTargets, *,
+                  chunk_size: ChunkSize = "auto", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per predicted token, ``KL(p ‖ p̂)``: the full teacher against what the sparse record determines (stored
+    top-k probabilities, tail mass spread uniformly over the other V - k tokens), at the targets' temperature.
+
+    Args:
+        teacher_logits: (B, L, V) the logits ``targets`` was built from.
+        labels: (B, L).
+        targets: :class:`SparseTargets`.
+
+    Returns:
+        (N,) float32, in nats; 0 up to float16 rounding when k = V.
+    """
+    check_labels(teacher_logits, labels)
+    vocab = teacher_logits.shape[-1]
+    index, _ = predicted_tokens(labels, vocab, ignore_index)
+    _check_targets(teacher_logits, labels, targets, index.numel(), ignore_index)
+    flat = teacher_logits.detach().reshape(-1, vocab)
+    chunk = resolve_chunk_size(chunk_size, vocab) or max(index.numel(), 1)
+    k = targets.k
+    out = []
+    with torch.no_grad():
+        for start in range(0, index.numel(), chunk):
+            end = min(start + chunk, index.numel())
+            log_p = F.log_softmax(flat.index_select(0, index[start:end]).float() / targets.temperature, dim=1)
+            bucket = targets.bucket_log_probs(start, end).to(log_p.device)  # (c, k + 1)
+            rest = bucket[:, k:] - math.log(vocab - k) if k < vocab else bucket[:, k:]
+            log_hat = rest.expand(-1, vocab).clone().scatter_(1, targets.indices[start:end].long().to(log_p.device),
+                                                              bucket[:, :k])
+            p = log_p.exp()
+            out.append(torch.where(p > 0, p * (log_p - log_hat), torch.zeros_like(p)).sum(1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ============================================================================= on disk
+
+
+def _atomic_dir_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class SparseTeacherWriter:
+    """Writes a sparse teacher for ``rows`` rows holding ``tokens`` predicted tokens in all, rows in order.
+
+    Use as a context manager: leaving the block without :meth:`commit` (an exception, Ctrl-C) removes the
+    temporary directory, and nothing appears at ``path``.
+
+    Args:
+        path: the directory to create; it must not exist.
+        rows, tokens: the dataset's number of rows and of predicted tokens (``labels != -100``).
+        k, vocab_size, temperature, value_dtype: the form of the stored targets.
+        fingerprint: strings identifying what was distilled (teacher weights, data), kept in ``meta.json``
+            and checked by :meth:`SparseTeacherFile.open`.
+    """
+
+    def __init__(self, path: Union[str, Path], *, rows: int, tokens: int, k: int, vocab_size: int,
+                 temperature: float = 1.0, value_dtype: str = "float16",
+                 fingerprint: Optional[Mapping[str, str]] = None):
+        self.path = Path(path)
+        if self.path.exists():
+            raise KdkitError(f"sparse teacher {self.path} already exists; not overwriting it (delete it or choose "
+                             "another path)")
+        if value_dtype not in _VALUE_DTYPES:
+            raise KdkitError(f"value_dtype must be float16 or float32; got {value_dtype!r}")
+        self.meta: Dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "rows": int(rows),
+                                     "tokens": int(tokens), "k": int(k), "vocab_size": int(vocab_size),
+                                     "temperature": float(temperature), "value_dtype": value_dtype,
+                                     "fingerprint": dict(fingerprint or {})}
+        self.tmp = _atomic_dir_path(self.path)
+        self.tmp.mkdir(parents=True)
+        np_dtype = _VALUE_DTYPES[value_dtype][1]
+        mm = np.lib.format.open_memmap
+        self._values = mm(self.tmp / "values.npy", mode="w+", dtype=np_dtype, shape=(tokens, k))
+        self._indices = mm(self.tmp / "indices.npy", mode="w+", dtype=np.int32, shape=(tokens, k))
+        self._tail = mm(self.tmp / "log_tail.npy", mode="w+", dtype=np.float32, shape=(tokens,))
+        self._offsets = np.zeros(rows + 1, dtype=np.int64)
+        self._row = 0
+        self._stats = {"kl_sum": 0.0, "kl_max": 0.0, "tail_sum": 0.0, "kl_tokens": 0}
+
+    def append(self, targets: SparseTargets, truncation: Optional[torch.Tensor] = None) -> None:
+        """Write the next ``len(targets.row_lengths)`` rows; ``truncation`` optionally gives their per-token
+        :func:`truncation_kl` for the statistics in ``meta.json``."""
+        m = self.meta
+        if targets.row_lengths is None:
+            raise KdkitError("sparse targets to write need their row_lengths (topk_targets sets them)")
+        if (targets.k, targets.vocab_size, targets.temperature) != (m["k"], m["vocab_size"], m["temperature"]):
+            raise KdkitError(f"sparse targets with k={targets.k}, V={targets.vocab_size}, T={targets.temperature} "
+                             f"do not fit a file of k={m['k']}, V={m['vocab_size']}, T={m['temperature']}")
+        lengths = targets.row_lengths.cpu().numpy().astype(np.int64)
+        r0, t0 = self._row, int(self._offsets[self._row])
+        r1, t1 = r0 + len(lengths), t0 + targets.num_tokens
+        if int(lengths.sum()) != targets.num_tokens or r1 > m["rows"] or t1 > m["tokens"]:
+            raise KdkitError(f"sparse teacher {self.path}: rows {r0}..{r1} with {targets.num_tokens} tokens do not "
+                             f"fit the declared {m['rows']} rows / {m['tokens']} tokens")
+        self._values[t0:t1] = targets.values.cpu().numpy()
+        self._indices[t0:t1] = targets.indices.cpu().numpy()
+        self._tail[t0:t1] = targets.log_tail.cpu().float().numpy()
+        self._offsets[r0 + 1:r1 + 1] = t0 + np.cumsum(lengths)
+        self._row = r1
+        self._stats["tail_sum"] += float(targets.log_tail.double().exp().sum())
+        if truncation is not None and truncation.numel():
+            self._stats["kl_sum"] += float(truncation.double().sum())
+            self._stats["kl_max"] = max(self._stats["kl_max"], float(truncation.max()))
+            self._stats["kl_tokens"] += int(truncation.numel())
+
+    def commit(self) -> Path:
+        """Check that every row was written, then move the directory into place (atomic rename)."""
+        m = self.meta
+        if self._row != m["rows"] or int(self._offsets[-1]) != m["tokens"]:
+            raise KdkitError(f"sparse teacher {self.path}: {self._row}/{m['rows']} rows and "
+                             f"{int(self._offsets[-1])}/{m['tokens']} tokens written; not committing")
+        st = self._stats
+        m["tail_mass_mean"] = st["tail_sum"] / max(m["tokens"], 1)
+        if st["kl_tokens"]:
+            m["truncation_kl_mean"] = st["kl_sum"] / st["kl_tokens"]
+            m["truncation_kl_max"] = st["kl_max"]
+        m["bytes"] = storage_bytes(m["tokens"], m["k"], m["value_dtype"]) + 8 * (m["rows"] + 1)
+        for a in (self._values, self._indices, self._tail):
+            a.flush()
+        np.save(self.tmp / "offsets.npy", self._offsets, allow_pickle=False)
+        (self.tmp / "meta.json").write_text(json.dumps(m, indent=1))
+        del self._values, self._indices, self._tail
+        try:
+            os.rename(self.tmp, self.path)  # atomic; fails if path appeared meanwhile (non-empty)
+        except OSError as e:
+            self.abort()
+            raise KdkitError(f"could not move the sparse teacher into {self.path}: {e.strerror}") from None
+        self.tmp = None
+        return self.path
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def __enter__(self) -> "SparseTeacherWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()  # a no-op after commit()
+
+
+class SparseTeacherFile:
+    """A committed sparse teacher, memory-mapped read-only. ``targets(index)`` gives the rows of a batch."""
+
+    def __init__(self, path: Path, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]):
+        self.path, self.meta, self._a = path, meta, arrays
+
+    @classmethod
+    def open(cls, path: Union[str, Path], expect_fingerprint: Optional[Mapping[str, str]] = None
+             ) -> "SparseTeacherFile":
+        """Open ``path``; with ``expect_fingerprint``, refuse a file built for something else (naming what)."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError):
+            raise KdkitError(f"{path} is not a sparse teacher (no readable meta.json)") from None
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise KdkitError(f"{path} is not a version-{FORMAT_VERSION} {FORMAT} directory")
+        if expect_fingerprint is not None:
+            have = meta.get("fingerprint", {})
+            changed = sorted(key for key in set(have) | set(expect_fingerprint)
+                             if have.get(key) != expect_fingerprint.get(key))
+            if changed:
+                raise KdkitError(f"sparse teacher {path} was built for something else ({', '.join(changed)} "
+                                 "differ); delete it or choose another path")
+        try:
+            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                      for name in ("values", "indices", "log_tail", "offsets")}
+        except (OSError, ValueError) as e:
+            raise KdkitError(f"sparse teacher {path} is damaged: {e}") from None
+        want = {"values": (meta["tokens"], meta["k"]), "indices": (meta["tokens"], meta["k"]),
+                "log_tail": (meta["tokens"],), "offsets": (meta["rows"] + 1,)}
+        for name, shape in want.items():
+            if arrays[name].shape != shape:
+                raise KdkitError(f"sparse teacher {path} is damaged: {name}.npy has shape {arrays[name].shape}, "
+                                 f"expected {shape}")
+        return cls(path, meta, arrays)
+
+    def __len__(self) -> int:
+        return int(self.meta["rows"])
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self._a.values()))
+
+    def targets(self, index: Union[torch.Tensor, Sequence[int]]) -> SparseTargets:
+        """The sparse targets of rows ``index`` (B,), their tokens concatenated in that order (the row-major
+        order of the batch's ``labels != -100``)."""
+        idx = torch.as_tensor(index).to("cpu", torch.long).numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise KdkitError(f"sparse teacher {self.path} has rows 0..{len(self) - 1}; asked for row {idx.max()}")
+        off = self._a["offsets"]
+        spans = [np.arange(off[i], off[i + 1]) for i in idx]
+        tok = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+        return SparseTargets(values=torch.from_numpy(np.ascontiguousarray(self._a["values"][tok])),
+                             indices=torch.from_numpy(np.ascontiguousarray(self._a["indices"][tok])),
+                             log_tail=torch.from_numpy(np.ascontiguousarray(self._a["log_tail"][tok])),
+                             vocab_size=int(self.meta["vocab_size"]), temperature=float(self.meta["temperature"]),
+                             row_lengths=torch.from_numpy(off[idx + 1] - off[idx]))
+
+
+def build_sparse_teacher(path: Union[str, Path], batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *,
+                         rows: int, tokens: int, k: int, vocab_size: int, temperature: float = 1.0,
+                         value_dtype: str = "float16", fingerprint: Optional[Mapping[str, str]] = None,
+                         measure: bool = True, chunk_size: ChunkSize = "auto") -> SparseTeacherFile:
+    """Write a sparse teacher from ``(teacher_logits (b, L, V), labels (b, L))`` batches covering rows 0..rows-1
+    in order, measuring :func:`truncation_kl` on the way (``measure``), and open it.
+
+    Returns:
+        The committed :class:`SparseTeacherFile` (``meta`` holds ``truncation_kl_mean``/``max``,
+        ``tail_mass_mean`` and ``bytes``).
+    """
+    with SparseTeacherWriter(path, rows=rows, tokens=tokens, k=k, vocab_size=vocab_size, temperature=temperature,
+                             value_dtype=value_dtype, fingerprint=fingerprint) as writer:
+        for logits, labels in batches:
+            tg = topk_targets(logits, labels, k, temperature=temperature, value_dtype=value_dtype,
+                              chunk_size=chunk_size)
+            writer.append(tg, truncation_kl(logits, labels, tg, chunk_size=chunk_size) if measure else None)
+        writer.commit()
+    return SparseTeacherFile.open(path, fingerprint)
