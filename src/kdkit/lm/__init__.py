@@ -19,9 +19,9 @@ from ..models.zoo import MODELS
 from . import data  # noqa: F401  (registers the datasets)
 from .data import TokenData, is_token_data
 from .losses import DIVERGENCES, LMLoss, lm_distill_loss, lm_kd_loss, next_token_cross_entropy
-from .topk import SparseTargets, SparseTeacherFile, sparse_distill_loss, storage_bytes, topk_targets, truncation_kl
 from .model import HFCausalLM, causal_lm, from_config, load, tiny_gpt2
 from .tokenizer import load_tokenizer, train_tokenizer
+from .topk import SparseTargets, SparseTeacherFile, sparse_distill_loss, storage_bytes, topk_targets, truncation_kl
 
 MODELS.register("causal_lm")(causal_lm)
 
