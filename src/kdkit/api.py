@@ -34,6 +34,7 @@ from .training.distributed import dist_env
 from .training.loop import History, fit, resolve_device, seed_everything
 from .training.rundir import create_run_dir, write_text_atomic
 from .training.threads import apply_threads
+from .training.tracking import Tracking, check_tracking, flatten
 
 
 @dataclass
@@ -99,12 +100,14 @@ def _api_config(command: str, model: nn.Module, teacher: Any, method: str, optio
     """The Python API's keyword arguments as the same resolved run description a YAML config gives."""
     train_keys = set(TrainConfig.model_fields)
     train = {k: v for k, v in options.items() if k in train_keys}
-    method_options = {k: v for k, v in options.items() if k not in train_keys}
+    method_options = {k: v for k, v in options.items() if k not in train_keys and k != "tracking"}
     if command == "train" and method_options:
         raise KdkitError(f"train(): unknown option {next(iter(method_options))!r}; "
                          f"allowed: {', '.join(TrainConfig.model_fields)}")
     raw: Dict[str, Any] = {"seed": seed, "device": device, "out_dir": None if out_dir is None else str(out_dir),
                            "data": {"name": PYTHON, "batch_size": batch_size}, "train": train}
+    if "tracking" in options:  # tracking="mlflow" or a dict, as in a config's tracking section
+        raw["tracking"] = options["tracking"]
     if command == "train":
         raw["model"] = {"name": _python_name(model)}
     else:
@@ -127,7 +130,8 @@ def train(model: nn.Module, train_data, val_data=None, *, test_data=None, out_di
           device: str = "auto", batch_size: int = 128, resume: bool = False, **train_options: Any) -> Run:
     """Plain supervised training (cross-entropy, or MSE for float targets): teachers and baselines.
 
-    ``train_options`` are :class:`kdkit.config.TrainConfig` fields (epochs, optimizer, lr, schedule, ...).
+    ``train_options`` are :class:`kdkit.config.TrainConfig` fields (epochs, optimizer, lr, schedule, ...),
+    and ``tracking`` (``"mlflow"`` or a dict, as a config's ``tracking:`` section).
     The run is described, validated, seeded and saved exactly as ``kdkit train CONFIG`` does; with
     ``out_dir`` it writes ``config.yaml`` and ``resume=True`` continues it.
     """
@@ -142,7 +146,8 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *
     """Distil ``teacher`` (a module, a :class:`Teacher`, or a list of them: an ensemble) into ``student``.
 
     ``options`` mix training settings (:class:`kdkit.config.TrainConfig` fields such as ``epochs``, ``lr``)
-    and the method's own (for ``kd``: ``temperature``, ``alpha``); unknown keys are an error.
+    and the method's own (for ``kd``: ``temperature``, ``alpha``); unknown keys are an error. ``tracking``
+    is a config's ``tracking:`` section (``"mlflow"`` or a dict).
     """
     cfg = _api_config("distill", student, teacher, method, options, seed=seed, device=device,
                       batch_size=batch_size, out_dir=out_dir)
@@ -169,20 +174,26 @@ def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[
     seed_everything(cfg.seed)  # before any model, connector, head or subset is built
     parts = given if given is not None else build_parts(cfg, command)
     method = _build_run_method(cfg, command, parts)
-    rank = dist_env()[0]  # under torchrun only rank 0 writes the run directory
+    rank = dist_env()[0]  # under torchrun only rank 0 writes the run directory (and tracks)
+    tracking = Tracking.from_config(cfg.tracking, enabled=rank == 0)
     run_dir = None
     if cfg.out_dir is not None:
         run_dir = create_run_dir(cfg.out_dir, resume) if rank == 0 else Path(cfg.out_dir)
         if not resume and rank == 0:
             write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
     splits = parts.splits
-    history = fit(method, splits.train, splits.val, cfg.train, run_dir=run_dir, seed=cfg.seed, device=cfg.device,
-                  batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-                  num_workers=cfg.data.num_workers, resume=resume, name="model" if command == "train" else "student")
-    if rank != 0:
-        return Run(student=method.student, metrics={}, history=history.epochs, dir=None, config=cfg)
-    title = f"kdkit {command}: {cfg.data.name}" + (f", {cfg.method.name}" if command == "distill" else "")
-    return _finish(cfg, method, history, run_dir, splits, parts.teacher, title)
+    with tracking.session(run_dir if rank == 0 else None, flatten(cfg.model_dump(mode="json")), resume):
+        history = fit(method, splits.train, splits.val, cfg.train, run_dir=run_dir, seed=cfg.seed, device=cfg.device,
+                      batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                      num_workers=cfg.data.num_workers, resume=resume,
+                      name="model" if command == "train" else "student", tracking=tracking)
+        if rank != 0:
+            return Run(student=method.student, metrics={}, history=history.epochs, dir=None, config=cfg)
+        title = f"kdkit {command}: {cfg.data.name}" + (f", {cfg.method.name}" if command == "distill" else "")
+        run = _finish(cfg, method, history, run_dir, splits, parts.teacher, title)
+        if run_dir is not None:
+            tracking.log_results(run_dir, run.metrics)
+    return run
 
 
 def _check_resume(cfg: RunConfig) -> None:
@@ -402,6 +413,7 @@ def validate(cfg: RunConfig, command: str, from_python: bool = False) -> RunConf
                                      "teachers": teachers})
     if cfg.out_dir is None and not from_python:
         raise KdkitError("config: out_dir is required (where the run directory goes)")
+    check_tracking(cfg.tracking, cfg.out_dir)
     resolve_device(cfg.device)
     return cfg
 

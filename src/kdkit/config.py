@@ -262,6 +262,31 @@ def parse_compress_steps(raw: Sequence[Any]) -> List[_Step]:
     return steps
 
 
+TrackingBackend = Literal["tensorboard", "mlflow", "none"]
+
+
+class TrackingConfig(_Strict):
+    """``tracking:`` where per-epoch metrics go (see :mod:`kdkit.training.tracking`).
+
+    Written as a backend name (``tracking: mlflow``), a list (``tracking: [tensorboard, mlflow]``) or a
+    section (``tracking: {backend: mlflow, uri: ..., experiment: ...}``).
+    """
+
+    backend: Union[TrackingBackend, List[TrackingBackend]] = Field(
+        "tensorboard", description="tensorboard (written when the package is installed), mlflow, none, or a list")
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite:///<run's parent>/mlflow.db)")
+    experiment: str = Field("kdkit", min_length=1, description="MLflow experiment name")
+    run_name: Optional[str] = Field(None, description="MLflow run name (default: the run directory's name)")
+    artifact_location: Optional[str] = Field(None, description="artifact root of a new MLflow experiment")
+    parent_run_id: Optional[str] = Field(None, description="MLflow run this run is a child of (sweeps)")
+    tags: Dict[str, str] = Field(default_factory=dict, description="MLflow tags of the run")
+
+    def backends(self) -> List[str]:
+        """The backends asked for, without ``none``."""
+        names = [self.backend] if isinstance(self.backend, str) else list(self.backend)
+        return [n for n in dict.fromkeys(names) if n != "none"]
+
+
 class RunConfig(_Strict):
     """The whole experiment."""
 
@@ -278,6 +303,13 @@ class RunConfig(_Strict):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     compress: List[Dict[str, Any]] = Field(default_factory=list, description="`kdkit compress` steps, in order")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracking_shorthand(cls, value: Any) -> Any:
+        # `tracking: mlflow` / `tracking: [tensorboard, mlflow]` stand for {backend: ...}
+        return {"backend": value} if isinstance(value, (str, list)) else value
 
     @field_validator("compress")
     @classmethod

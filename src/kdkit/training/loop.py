@@ -6,8 +6,8 @@
 
 It knows nothing about methods. :func:`fit` reads top to bottom: ``_setup`` (device, DDP, teacher
 cache, loader, optimiser), ``_resume``, then per epoch ``_train_epoch`` (the steps), ``_validate``,
-``_keep`` (which epoch's weights are kept) and ``_save_epoch`` (metrics.jsonl, TensorBoard,
-checkpoints). Each helper does one thing.
+``_keep`` (which epoch's weights are kept) and ``_save_epoch`` (metrics.jsonl, checkpoints, then the
+tracking backends: TensorBoard, MLflow, see :mod:`kdkit.training.tracking`). Each helper does one thing.
 
 Checkpoints (``run_dir/checkpoints``): ``best.safetensors`` holds the kept weights (the rule is
 ``train.keep``, see :class:`Keeper`), ``last.safetensors`` the last epoch's, ``state.safetensors``
@@ -61,6 +61,7 @@ from .checkpoint import STATE_FILE, load_training_state, non_finite, save_traini
 from .distributed import init_distributed
 from .progress import progress_for
 from .tracker import Tracker
+from .tracking import TensorBoardBackend, Tracking
 
 
 def seed_everything(seed: int) -> None:
@@ -184,7 +185,7 @@ class _Loop:
     ckpt: Optional[Path]
     metrics_path: Optional[Path]
     val_teacher_outputs: Optional[torch.Tensor] = None
-    tensorboard: Any = None
+    tracking: Optional[Tracking] = None
 
     @property
     def main(self) -> bool:
@@ -286,6 +287,7 @@ def _resume(loop: _Loop, history: History) -> int:
             raise KdkitError(f"cannot resume: {loop.metrics_path} is damaged before epoch {start}") from None
     if loop.main:
         loop.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        loop.tracking.catch_up(records)  # epochs saved but not yet sent before the interruption
     history.epochs = records
     return start
 
@@ -391,7 +393,9 @@ def _validate(loop: _Loop, val_data, batch_size: int) -> Dict[str, float]:
 
 def _save_epoch(loop: _Loop, record: Dict[str, Any], history: History, keeper: Keeper, improved: bool,
                 epoch: int) -> None:
-    """After a good epoch: the kept weights, the metrics line, TensorBoard, last weights, resume state."""
+    """After a good epoch: the kept weights, the metrics line, last weights, resume state, then tracking.
+
+    Tracking comes last, once the epoch is committed (a resumed run redoes no epoch it has sent)."""
     student = loop.method.student
     bad = non_finite(student.state_dict())
     if bad is not None:
@@ -410,36 +414,18 @@ def _save_epoch(loop: _Loop, record: Dict[str, Any], history: History, keeper: K
         fh.write(json.dumps(record) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    _log_tensorboard(loop, record, epoch)
     save_weights(student, loop.ckpt / "last.safetensors")
     save_training_state(loop.ckpt / STATE_FILE, loop.method, loop.optimizer, loop.scheduler,
                         {"epoch": epoch, "best_score": keeper.best, "best_epoch": keeper.epoch})
-
-
-def _log_tensorboard(loop: _Loop, record: Dict[str, Any], epoch: int) -> None:
-    if loop.tensorboard is None:
-        loop.tensorboard = _tensorboard(loop.ckpt.parent) or False
-    if loop.tensorboard:
-        for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                loop.tensorboard.add_scalar(key, value, epoch + 1)
-        loop.tensorboard.flush()
-
-
-def _tensorboard(run_dir: Path):
-    """A SummaryWriter on ``run_dir/tensorboard`` when the tensorboard package is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    loop.tracking.log_epoch(record)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig] = None, *,
         run_dir: Optional[Path] = None, seed: int = 0, device: str = "auto", batch_size: int = 128,
-        eval_batch_size: int = 512, num_workers: int = 0, resume: bool = False, name: str = "student") -> History:
+        eval_batch_size: int = 512, num_workers: int = 0, resume: bool = False, name: str = "student",
+        tracking: Optional[Tracking] = None) -> History:
     """Train ``method`` (its student and trainable extras) on ``train_data``.
 
     Args:
@@ -451,6 +437,8 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
         batch_size: the global batch size (each of ``world_size`` processes takes ``batch_size / world_size``).
         resume: continue from ``run_dir/checkpoints/state.safetensors`` (from epoch 1 if none was saved).
         name: label of this model in progress bars and logs.
+        tracking: started backends to send each epoch to (:mod:`kdkit.training.tracking`; the caller ends
+            them). None: TensorBoard in ``run_dir/tensorboard`` when the package is installed, ended here.
 
     Returns:
         The :class:`History`. ``method.student`` holds the last epoch's weights; the kept ones are in
@@ -460,6 +448,10 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
     history = History(keep=cfg.keep)
     loop = _setup(method, train_data, cfg, run_dir=run_dir, seed=seed, device=device, batch_size=batch_size,
                   eval_batch_size=eval_batch_size, num_workers=num_workers, name=name, history=history)
+    own_tracking = tracking is None
+    loop.tracking = tracking if tracking is not None else Tracking([TensorBoardBackend()] if loop.ckpt else [])
+    if own_tracking and loop.main and loop.ckpt is not None:
+        loop.tracking.start(loop.ckpt.parent, {}, resume)
     start = _resume(loop, history) if resume else 0
     keeper = Keeper(cfg.keep, history.best_score, history.best_epoch)
     out = progress_for(cfg, loop.main)
@@ -482,8 +474,8 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
             rule = "best validation score" if cfg.keep == "best" and val_data is not None else "last epoch"
             out.line(f"{name}: keeping the weights of epoch {keeper.epoch} of {cfg.epochs} ({rule})")
     finally:
-        if loop.tensorboard:
-            loop.tensorboard.close()
+        if own_tracking:
+            loop.tracking.end()
         if loop.cache is not None:
             loop.teacher.use_cache(None)
             history.teacher_cache = f"{loop.cache.describe()}; {history.teacher_cache}"
