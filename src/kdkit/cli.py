@@ -11,6 +11,7 @@
     kdkit export RUN_DIR --format onnx|torchscript [--int8]   # export with a parity check on real inputs
     kdkit inspect MODEL [--input-shape 1,28,28 | --dataset digits]   # module names + output shapes
     kdkit born-again CONFIG --generations N     # born-again networks, one run directory per generation
+    kdkit compare RUN_DIR RUN_DIR ... [--out compare.html] [--force]   # runs side by side: table + HTML page
     kdkit --plugin my_models train CONFIG       # your own models: import a plugin first (or KDKIT_PLUGINS)
 
 Global options (before or after the command): ``--quiet`` (no per-epoch lines: results and errors only),
@@ -63,8 +64,16 @@ def _global_options(parser: argparse.ArgumentParser, in_command: bool) -> None:
                    help="torch CPU threads (overrides train.threads; default auto, see the README)")
 
 
+def _command(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` starts with a one-line description and ends with an example."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog="example:\n  " + example.replace("\n", "\n  "),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation: teacher -> small student, measured.")
+    p = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation: teacher -> small student, measured.",
+                                epilog="`kdkit COMMAND --help` describes a command, with an example.")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import your own code first (a module name or ./file.py; repeatable): the models it "
                         "registers and its module:factory names become usable in configs (nothing else is imported)")
@@ -72,50 +81,68 @@ def _parser() -> argparse.ArgumentParser:
     _global_options(p, in_command=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="teacher, scratch student and distilled student on embedded digits")
+    d = _command(sub, "demo", "teacher, scratch student and distilled student on embedded digits",
+                 "kdkit demo --epochs 10 --out runs/demo")
     d.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-N if taken)")
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
 
-    for name, text in (("train", "train a model on labels (teachers, baselines)"),
-                       ("distill", "distil a teacher into a student")):
-        c = sub.add_parser(name, help=text)
+    for name, text, example in (
+            ("train", "train a model on labels (teachers, baselines)",
+             "kdkit train configs/digits_teacher.yaml train.epochs=5\nkdkit train --resume runs/digits-teacher"),
+            ("distill", "distil a teacher into a student",
+             "kdkit distill configs/digits_kd.yaml method.temperature=2 out_dir=runs/kd-t2\n"
+             "kdkit distill configs/digits_kd.yaml tracking=mlflow   # also log to MLflow")):
+        c = _command(sub, name, text, example)
         c.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
         c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.temperature=2 train.epochs=3")
         c.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
 
-    k = sub.add_parser("cache", help="precompute a distillation config's teacher outputs (resumable)")
+    k = _command(sub, "cache", "precompute a distillation config's teacher outputs (resumable)",
+                 "kdkit cache configs/fashion_mnist_kd.yaml train.cache_dtype=float16")
     k.add_argument("config", help="the distillation YAML config")
     k.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.cache_dtype=float16")
 
-    e = sub.add_parser("evaluate", help="re-evaluate a run directory's best checkpoint")
+    e = _command(sub, "evaluate", "re-evaluate a run directory's kept checkpoint on the test or validation split",
+                 "kdkit evaluate runs/digits-kd --split val --json")
     e.add_argument("run_dir")
     e.add_argument("--split", default="test", choices=["test", "val"])
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    sub.add_parser("ls", help="list registered models, methods and datasets")
+    _command(sub, "ls", "list registered models, methods and datasets", "kdkit ls")
 
-    cp = sub.add_parser("compress", help="chain compression steps with recovery distillation; write the ladder report")
+    cp = _command(sub, "compress", "chain compression steps with recovery distillation; write the ladder report",
+                  "kdkit compress configs/digits_compress.yaml out_dir=runs/c2")
     cp.add_argument("config", help="YAML config with teacher, compress steps (and optionally student, method, train)")
     cp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.001 out_dir=runs/c2")
 
-    ex = sub.add_parser("export", help="export a run's model to ONNX or TorchScript and check it against PyTorch")
+    ex = _command(sub, "export", "export a run's model to ONNX or TorchScript and check it against PyTorch",
+                  "kdkit export runs/digits-kd --format onnx --int8")
     ex.add_argument("run_dir")
     ex.add_argument("--format", default="onnx", help="onnx or torchscript")
     ex.add_argument("--int8", action="store_true", help="ONNX only: int8 quantisation with onnxruntime (calibrated)")
     ex.add_argument("--out", default=None, help="output file (default RUN_DIR/export/model[-int8].onnx or model.pt)")
     ex.add_argument("--samples", type=int, default=256, help="test inputs used for the parity check")
 
-    i = sub.add_parser("inspect", help="print a model's module names with output shapes (to pick feature layers)")
+    i = _command(sub, "inspect", "print a model's module names with output shapes (to pick feature layers)",
+                 "kdkit inspect cnn_small --dataset digits")
     i.add_argument("model", help="registered model name or package.module:factory")
     i.add_argument("--input-shape", help="one sample's shape, e.g. 1,28,28 (default: the dataset's)")
     i.add_argument("--dataset", default=None, help="take input shape and classes from this dataset (e.g. digits)")
     i.add_argument("--num-classes", type=int, default=None, help="outputs of the model (default: the dataset's, or 10)")
 
-    b = sub.add_parser("born-again", help="born-again networks: N generations, each distilled from the previous")
+    b = _command(sub, "born-again", "born-again networks: N generations, each distilled from the previous",
+                 "kdkit born-again configs/digits_kd.yaml out_dir=runs/ban --generations 3")
     b.add_argument("config", help="YAML config (teacher.checkpoint = generation 0, or a student section to train it)")
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     b.add_argument("--generations", type=int, default=2)
+
+    cm = _command(sub, "compare", "compare run directories: a table of metrics, and one HTML page with the "
+                  "configs that differ and the curves overlaid",
+                  "kdkit compare runs/digits-kd runs/digits-scratch --out kd-vs-scratch.html")
+    cm.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each holds config.yaml)")
+    cm.add_argument("--out", default="compare.html", help="the HTML page to write (default: compare.html here)")
+    cm.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     for command_parser in sub.choices.values():
         _global_options(command_parser, in_command=True)
         # --plugin after the command too; a separate dest, because a command's parser starts an empty list
@@ -290,6 +317,17 @@ def _cmd_born_again(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluation.compare import compare_runs
+
+    result = compare_runs(args.run_dirs, out=args.out, force=args.force)
+    print(result.table)
+    if result.differing:
+        print(f"config keys that differ: {', '.join(result.differing)}")
+    print(f"wrote {result.html_path}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from . import api
     from .evaluation.report import format_table
@@ -301,7 +339,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 COMMANDS = {"inspect": _cmd_inspect, "ls": _cmd_ls, "compress": _cmd_compress, "export": _cmd_export,
             "demo": _cmd_demo, "train": _cmd_train_or_distill, "distill": _cmd_train_or_distill,
-            "cache": _cmd_cache, "born-again": _cmd_born_again, "evaluate": _cmd_evaluate}
+            "cache": _cmd_cache, "born-again": _cmd_born_again, "evaluate": _cmd_evaluate, "compare": _cmd_compare}
 
 
 def run(argv: Optional[List[str]] = None) -> int:
