@@ -328,14 +328,9 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataSplits:
         splits.train = splits.train.without_labels()
     elif cfg.labelled_fraction < 1.0 and isinstance(splits.train, ArrayData):
         splits.train = hide_labels(splits.train, cfg.labelled_fraction, seed=seed)
-    if cfg.augment == "crop_flip":
-        from .teacher.augment import AugmentedData, CropFlip
+    from .teacher.augment import augment_train
 
-        if not isinstance(splits.train, ArrayData) or splits.train.x.dim() != 4:
-            raise KdkitError(f"data.augment=crop_flip needs an in-memory image dataset (N, C, H, W); "
-                             f"dataset {cfg.name!r} is not one")
-        splits.train = AugmentedData(splits.train.x, splits.train.y,
-                                     CropFlip(cfg.augment_pad, True, cfg.augment_views, seed))
+    splits.train = augment_train(splits.train, cfg, seed, cfg.name)  # crop/flip, mixup/cutmix (function matching)
     return splits
 
 

@@ -21,7 +21,8 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     """Decide what ``train.teacher_cache`` means for this run: ``("off"|"memory"|"disk", reason)``.
 
     ``auto`` caches only when it is correct (a frozen :class:`~kdkit.teacher.Teacher`, an in-memory or
-    indexable dataset without random augmentation, a method that reads only the teacher's outputs) and
+    indexable dataset without random augmentation or with a finite set of replayable views (crop/flip, not
+    mixup/CutMix), a method that reads only the teacher's outputs) and
     picks memory when the cache fits ``cache_memory_mb`` (disk under DDP, shared by the ranks).
     An explicit ``memory``/``disk`` that would be wrong is an error.
 
@@ -48,6 +49,8 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
                   f"of its outputs does not hold")
     elif isinstance(train_data, DataLoader) or not hasattr(train_data, "__getitem__"):
         reason = "the training data is a DataLoader/iterable whose sample indices and transforms kdkit cannot see"
+    elif getattr(getattr(train_data, "augment", None), "not_cacheable", None):  # kdkit.teacher.augment.Mix
+        reason = train_data.augment.not_cacheable
     elif is_augmented(train_data) and not hasattr(getattr(train_data, "augment", None), "views"):
         reason = ("the training data is randomly augmented in a way kdkit cannot replay, so the teacher sees a "
                   "new view every epoch (data.augment: crop_flip has replayable views)")

@@ -306,7 +306,7 @@ def _train_epoch(loop: _Loop, epoch: int, bar) -> Dict[str, Any]:
     loop.optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(it):
         if loop.augment is not None:
-            batch = loop.augment.batch(batch, epoch)  # the epoch's view of each sample, for student and teacher
+            batch = loop.augment.batch(batch, epoch, step)  # this step's view of each sample, for student and teacher
         batch = _prepare(batch, loop.device, loop.cfg.channels_last)
         out = _step(loop, batch, step, micro_steps)
         stats.add(step, out, batch)
