@@ -61,7 +61,7 @@ class DataConfig(_Named):
     augment_pad: int = Field(2, ge=0, description="crop_flip: shift of up to this many pixels")
     augment_views: int = Field(8, gt=0, description="crop_flip: distinct views per image (teacher cache rows)")
     mixup: float = Field(0.0, ge=0, description="mixup of training images, Beta(a, a) weights; 0: off (function "
-                                                "matching: 1.0 with crop_flip; labels are dropped, the teacher runs live)")
+                                                "matching: 1.0 with crop_flip; labels dropped, teacher runs live)")
     cutmix: float = Field(0.0, ge=0, description="CutMix of training images, Beta(a, a) areas; 0: off (with mixup: "
                                                  "half the samples each)")
 

@@ -215,7 +215,8 @@ def augment_train(train, cfg, seed: int, dataset: str):
     if cfg.augment is None and not mixing:
         return train
     asked = ", ".join([f"data.augment={cfg.augment}"] * (cfg.augment is not None)
-                      + [f"data.mixup={cfg.mixup:g}"] * (cfg.mixup > 0) + [f"data.cutmix={cfg.cutmix:g}"] * (cfg.cutmix > 0))
+                      + [f"data.mixup={cfg.mixup:g}"] * (cfg.mixup > 0)
+                      + [f"data.cutmix={cfg.cutmix:g}"] * (cfg.cutmix > 0))
     if not isinstance(train, ArrayData) or train.x.dim() != 4:
         raise KdkitError(f"{asked} needs an in-memory image dataset (N, C, H, W); dataset {dataset!r} is not one")
     crop = CropFlip(cfg.augment_pad, True, cfg.augment_views, seed) if cfg.augment == "crop_flip" else None
