@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", default="digits,fashion_mnist")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--fashion-subset", type=int, default=SETTINGS["fashion_mnist"]["subset"])
+    p.add_argument("--epochs", default=None, help="schedule lengths, e.g. 20,60 (default: per dataset)")
     p.add_argument("--quick", action="store_true", help="tiny schedules and one seed: checks that every part runs")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
         "seeds": seeds, "datasets": {}}
     for name in args.datasets.split(","):
         s = dict(SETTINGS[name])
+        if args.epochs:
+            s["epochs"] = [int(e) for e in args.epochs.split(",")]
         if args.quick:
             s.update(epochs=[1, 2], teacher_epochs=1)
         splits = _data(name, args)

@@ -11,6 +11,7 @@ tensors or arrays, or a tensor of inputs alone (an unlabelled transfer set).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -23,7 +24,7 @@ from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
 from .data.core import check_targets, first_sample
 from .errors import KdkitError
 from .evaluation.metrics import evaluate
-from .evaluation.report import format_table, write_report
+from .evaluation.report import format_table, run_info, write_report
 from .methods import METHODS, Method
 from .methods.build import INJECTED_METHOD_ARGS, build_method, example_batch_of, method_temperature
 from .models import create_model, resolve_factory
@@ -167,6 +168,7 @@ def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[
     method (every value checked) -> create the run directory, write config.yaml -> fit -> evaluate, report.
     Nothing is written before everything that can be checked without training has been.
     """
+    started = time.perf_counter()
     cfg = validate(cfg, command, from_python=given is not None)
     if resume:
         _check_resume(cfg)
@@ -190,7 +192,8 @@ def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[
         if rank != 0:
             return Run(student=method.student, metrics={}, history=history.epochs, dir=None, config=cfg)
         title = f"kdkit {command}: {cfg.data.name}" + (f", {cfg.method.name}" if command == "distill" else "")
-        run = _finish(cfg, method, history, run_dir, splits, parts.teacher, title)
+        wall = time.perf_counter() - started
+        run = _finish(cfg, method, history, run_dir, splits, parts.teacher, title, command=command, wall=wall)
         if run_dir is not None:
             tracking.log_results(run_dir, run.metrics)
     return run
@@ -253,9 +256,10 @@ def _check_labels_fit(model: nn.Module, splits: DataSplits) -> None:
 
 
 def _finish(cfg: RunConfig, method: Method, history: History, run_dir: Optional[Path], splits: DataSplits,
-            teacher: Optional[Teacher], title: str) -> Run:
+            teacher: Optional[Teacher], title: str, command: str = "distill", wall: Optional[float] = None) -> Run:
     """Load the kept weights, evaluate on the test split (else validation), write the report."""
     student = method.student
+    device = next(student.parameters()).device if any(True for _ in student.parameters()) else None
     if run_dir is not None and (run_dir / "checkpoints" / "best.safetensors").exists():
         load_weights(student, run_dir / "checkpoints" / "best.safetensors")
     elif history.kept_state is not None:
@@ -272,9 +276,25 @@ def _finish(cfg: RunConfig, method: Method, history: History, run_dir: Optional[
     if run_dir is not None:
         extra = {"split": "test" if splits.test is not None else "val", "dataset": cfg.data.name,
                  "data_info": splits.info, "teacher_cache": history.teacher_cache,
-                 "kept_epoch": history.best_epoch, "epochs": cfg.train.epochs, "keep": cfg.train.keep}
+                 "kept_epoch": history.best_epoch, "epochs": cfg.train.epochs, "keep": cfg.train.keep,
+                 "run": run_info(cfg, student=student, teacher=teacher, splits=splits, device=device,
+                                 wall_seconds=wall, command=command,
+                                 teacher_val_accuracy=_teacher_val_accuracy(teacher, splits.val))}
         write_report(run_dir, metrics, {"student": history.epochs}, title=title, extra=extra)
     return Run(student=student, metrics=metrics, history=history.epochs, dir=run_dir, config=cfg)
+
+
+def _teacher_val_accuracy(teacher: Optional[Teacher], val) -> Optional[float]:
+    """The teacher's validation accuracy: the reference line of the report's accuracy curves."""
+    if teacher is None or val is None or not hasattr(teacher, "model"):
+        return None
+    from .evaluation.metrics import predict, quality
+
+    try:
+        pred = predict(teacher.model, val, 512)
+    except (RuntimeError, TypeError, ValueError):  # a user loader kdkit cannot batch again: no reference line
+        return None
+    return quality(pred["outputs"], pred.get("y")).get("accuracy") if pred.get("y") is not None else None
 
 
 # ----------------------------------------------------------------------------- config-driven runs

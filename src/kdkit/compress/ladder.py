@@ -34,11 +34,9 @@ only in the int8 model).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 import html
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,31 +133,9 @@ def single_thread() -> Iterator[None]:
 
 
 def _plot(rows: Dict[str, Dict[str, Any]]) -> str:
-    import matplotlib
+    from ..evaluation.plots import ladder_html  # one marker per step, named in a legend: no overlapping labels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = [n for n, r in rows.items() if "accuracy" in r]
-    for ax, key, label in ((axes[0], "latency_ms_b1", "CPU latency, batch 1 (ms)"),
-                           (axes[1], "bytes", "bytes on disk")):
-        xs = [rows[n].get(key) for n in names]
-        ys = [100 * rows[n]["accuracy"] for n in names]
-        pts = [(x, y, n) for x, y, n in zip(xs, ys, names) if x is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", alpha=0.7)
-        for x, y, n in pts:
-            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set(xlabel=label, ylabel="test accuracy (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle("Compression ladder: accuracy against latency and size")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    img = base64.b64encode(buf.getvalue()).decode()
-    return f'<h2>Compression ladder</h2><img alt="accuracy against latency and size" src="data:image/png;base64,{img}">'
+    return ladder_html(rows)
 
 
 @dataclass

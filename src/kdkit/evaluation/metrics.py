@@ -143,7 +143,11 @@ def size(model: nn.Module) -> Dict[str, int]:
 @torch.inference_mode()
 def latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 256),
             repeats: int = 30, warmup: int = 5) -> Dict[str, float]:
-    """Median CPU wall time per batch (milliseconds) after warm-up, for each batch size."""
+    """Median CPU wall time per batch (milliseconds) after warm-up, for each batch size, with its spread.
+
+    Returns ``latency_ms_b{bs}`` (median), ``latency_ms_b{bs}_q1`` / ``_q3`` (quartiles of the ``repeats``
+    timings), and ``latency_threads`` (torch's CPU threads while timing) and ``latency_repeats``.
+    """
     model = model.eval()
     device = model_device(model)
     result = {}
@@ -159,6 +163,10 @@ def latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         result[f"latency_ms_b{bs}"] = 1000 * statistics.median(times)
+        q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+        result[f"latency_ms_b{bs}_q1"], result[f"latency_ms_b{bs}_q3"] = 1000 * q1, 1000 * q3
+    result["latency_threads"] = torch.get_num_threads()
+    result["latency_repeats"] = repeats
     return result
 
 

@@ -1,14 +1,24 @@
-"""Reports: ``report.json`` (numbers) and ``report.html`` (comparison table + training curves), and a console table."""
+"""Reports: ``report.json`` (numbers) and ``report.html`` (what was run, comparison table, training curves), and a
+console table.
+
+A run's ``report.json`` holds a ``run`` block (:func:`run_info`: models, data sizes, method, optimiser, schedule,
+seed, device, threads, versions, wall time) recorded while the run happens, so the page can say what was run.
+:func:`render_report` rewrites ``report.html`` from ``report.json`` and ``metrics.jsonl`` alone; run directories
+written before the ``run`` block existed render too, their missing fields shown as "unknown".
+"""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
+import json
+import platform
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ..training.rundir import write_json
+from .plots import curve_data, curves_png
+
+UNKNOWN = "unknown"
 
 # Columns of the comparison table: (metric key, header, format).
 COLUMNS = [
@@ -56,33 +66,204 @@ def format_table(models: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _curves_png(histories: Dict[str, Sequence[Dict[str, Any]]]) -> str:
-    import matplotlib
+def _table_html(models: Dict[str, Dict[str, Any]]) -> str:
+    """The comparison table; latency cells add their quartiles when the run measured them."""
+    rows = table_rows(models)
+    cols = [c for c in COLUMNS if any(c[0] in m for m in models.values())]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = []
+    for (name, m), row in zip(models.items(), rows[1:]):
+        cells = [html.escape(row[0])]
+        for (key, _, fmt), text in zip(cols, row[1:]):
+            q1, q3 = m.get(f"{key}_q1"), m.get(f"{key}_q3")
+            spread = f' <small>({_cell(q1, fmt)}&ndash;{_cell(q3, fmt)})</small>' if q1 is not None else ""
+            cells.append(html.escape(text) + spread)
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (name, hist) in enumerate(histories.items()):
-        color = f"C{i % 10}"  # one colour per model: solid validation, dotted training
-        epochs = [r["epoch"] for r in hist]
-        if any("train_loss" in r for r in hist):
-            ax_loss.plot(epochs, [r.get("train_loss") for r in hist], color=color, label=f"{name} train loss")
-        for key, style in (("val_accuracy", "-"), ("train_accuracy", ":")):
-            if any(key in r for r in hist):
-                ax_acc.plot(epochs, [r.get(key) for r in hist], style, color=color,
-                            label=f"{name} {key.replace('_', ' ')}")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+def _latency_note(models: Dict[str, Dict[str, Any]]) -> str:
+    threads = sorted({m["latency_threads"] for m in models.values() if m.get("latency_threads") is not None})
+    repeats = sorted({m["latency_repeats"] for m in models.values() if m.get("latency_repeats") is not None})
+    how = (f"median of {'/'.join(map(str, repeats))} timed runs after warm-up, quartiles in brackets"
+           if repeats else "median CPU wall time per batch after warm-up")
+    return (f"Latency: {how}; torch CPU threads while timing: "
+            f"<span id=\"latency-threads\">{'/'.join(map(str, threads)) if threads else UNKNOWN}</span>.")
+
+
+def run_info(cfg, *, student, teacher=None, splits=None, device=None, wall_seconds: Optional[float] = None,
+             teacher_val_accuracy: Optional[float] = None, command: str = "distill") -> Dict[str, Any]:
+    """The ``run`` block of ``report.json``: everything the report names about how the run was made.
+
+    Args:
+        cfg: the resolved :class:`kdkit.config.RunConfig`.
+        student: the trained model; teacher: a :class:`kdkit.teacher.Teacher` (or ensemble) or None.
+        splits: the :class:`kdkit.data.DataSplits` trained on (sizes, labelled share, augmentation).
+        device: where it trained; wall_seconds: set-up to the end of training.
+    """
+    import torch
+
+    from .. import __version__
+
+    def model(m, spec) -> Dict[str, Any]:
+        nets = [m] if isinstance(m, torch.nn.Module) else list(getattr(m, "models", None) or [m.model])
+        return {"name": getattr(spec, "name", None) if spec is not None else None,
+                "class": " + ".join(type(n).__name__ for n in nets),
+                "parameters": sum(p.numel() for n in nets for p in n.parameters())}
+
+    tr = cfg.train
+    info: Dict[str, Any] = {
+        "command": command, "seed": cfg.seed, "device": str(device) if device is not None else cfg.device,
+        "threads": torch.get_num_threads(), "kdkit": __version__, "torch": torch.__version__,
+        "python": platform.python_version(), "wall_seconds": wall_seconds,
+        "student": model(student, cfg.model if command == "train" else cfg.student),
+        "teacher": model(teacher, cfg.teacher) if teacher is not None else None,
+        "teacher_val_accuracy": teacher_val_accuracy,
+        "method": {"name": "supervised" if command == "train" else cfg.method.name,
+                   "options": {} if command == "train" else cfg.method.options()},
+        "optimizer": {"name": tr.optimizer, "lr": tr.lr, "weight_decay": tr.weight_decay,
+                      **({"momentum": tr.momentum} if tr.optimizer == "sgd" else {})},
+        "schedule": {"name": tr.schedule, "epochs": tr.epochs, "warmup_epochs": tr.warmup_epochs,
+                     **({"step_size": tr.step_size, "gamma": tr.gamma} if tr.schedule == "step" else {})},
+        "batch_size": cfg.data.batch_size,
+        "data": {"name": cfg.data.name, "labelled_fraction_asked": cfg.data.labelled_fraction},
+    }
+    if splits is not None:
+        from ..teacher.cache import transform_description
+
+        info["data"]["splits"] = {k: len(getattr(splits, k)) for k in ("train", "val", "test")
+                                  if getattr(splits, k) is not None and hasattr(getattr(splits, k), "__len__")}
+        y = getattr(splits.train, "y", None)
+        if y is not None and hasattr(splits.train, "__len__") and len(splits.train):
+            known = (y >= 0) if not y.is_floating_point() else torch.isfinite(y.reshape(len(y), -1)).all(1)
+            info["data"]["labelled_train"] = int(known.sum())
+            info["data"]["labelled_fraction"] = int(known.sum()) / len(splits.train)
+        elif hasattr(splits.train, "__len__"):
+            info["data"]["labelled_train"], info["data"]["labelled_fraction"] = 0, 0.0
+        desc = transform_description(splits.train)
+        info["data"]["augment"] = None if desc in ("", "none") else desc
+    return info
+
+
+def _get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, Mapping) or d.get(p) is None:
+            return None
+        d = d[p]
+    return d
+
+
+def _fmt_model(m: Any) -> Optional[str]:
+    if not isinstance(m, Mapping):
+        return None
+    name = f"{m['name']} " if m.get("name") else ""
+    params = f", {m['parameters']:,} parameters" if isinstance(m.get("parameters"), int) else ""
+    return f"{name}({m.get('class', UNKNOWN)}{params})"
+
+
+def _fmt_data(report: Mapping[str, Any]) -> Optional[str]:
+    d = _get(report, "run", "data")
+    name = (d or {}).get("name") or report.get("dataset")
+    if name is None:
+        return None
+    parts = [str(name)]
+    splits = (d or {}).get("splits")
+    parts.append(", ".join(f"{k} {v:,}" for k, v in splits.items()) if splits else f"splits {UNKNOWN}")
+    frac = (d or {}).get("labelled_fraction")
+    parts.append(f"labelled {d['labelled_train']:,} of the training samples ({frac:.1%})" if frac is not None
+                 else f"labelled fraction {UNKNOWN}")
+    if (d or {}).get("augment"):
+        parts.append(f"augmentation {d['augment']}")
+    return "; ".join(parts)
+
+
+def _fmt_opts(d: Any, skip: Sequence[str] = ("name",)) -> Optional[str]:
+    if not isinstance(d, Mapping):
+        return None
+    opts = ", ".join(f"{k}={v}" for k, v in d.items() if k not in skip)
+    return f"{d.get('name', '')}" + (f" ({opts})" if opts else "")
+
+
+def run_rows(report: Mapping[str, Any], run_dir: Optional[Path] = None) -> List[tuple]:
+    """The "What was run" table: ``(id, label, text or None, raw html or None)``; None text means unknown."""
+    run = report.get("run") or {}
+    method = run.get("method")
+    method_text = None
+    if isinstance(method, Mapping):
+        opts = ", ".join(f"{k}={v}" for k, v in (method.get("options") or {}).items())
+        method_text = f"{method.get('name')}" + (f" ({opts})" if opts else "")
+    versions = (f"kdkit {run['kdkit']}, torch {run['torch']}, Python {run.get('python', UNKNOWN)}"
+                if run.get("kdkit") and run.get("torch") else None)
+    wall = f"{run['wall_seconds']:.1f} s" if isinstance(run.get("wall_seconds"), (int, float)) else None
+    kept = report.get("kept_epoch")
+    kept_text = (f"{kept} of {report.get('epochs', UNKNOWN)} ({report.get('keep', UNKNOWN)})" if kept is not None
+                 else None)
+    teacher = _fmt_model(run.get("teacher")) if run.get("teacher") else (
+        "none" if run.get("command") == "train" or (run and "teacher" in run) else None)
+    links = " ".join(f'<a href="{f}">{f}</a>' for f in ("config.yaml", "metrics.jsonl")
+                     if run_dir is None or (Path(run_dir) / f).exists())
+    return [
+        ("teacher", "Teacher", teacher, None),
+        ("student", "Student" if run.get("command") != "train" else "Model", _fmt_model(run.get("student")), None),
+        ("data", "Data", _fmt_data(report), None),
+        ("method", "Method", method_text, None),
+        ("optimizer", "Optimiser", _fmt_opts(run.get("optimizer")), None),
+        ("schedule", "Schedule", _fmt_opts(run.get("schedule")), None),
+        ("batch_size", "Batch size", None if run.get("batch_size") is None else str(run["batch_size"]), None),
+        ("seed", "Seed", None if run.get("seed") is None else str(run["seed"]), None),
+        ("device", "Device", run.get("device"), None),
+        ("threads", "Threads (training)", None if run.get("threads") is None else str(run["threads"]), None),
+        ("versions", "Versions", versions, None),
+        ("wall_time", "Wall time", wall, None),
+        ("kept_epoch", "Kept epoch", kept_text, None),
+        ("files", "Files", None, links or None),
+    ]
+
+
+def _run_html(report: Mapping[str, Any], run_dir: Optional[Path]) -> str:
+    cells = []
+    for key, label, text, raw in run_rows(report, run_dir):
+        value = raw if raw is not None else html.escape(text) if text is not None else f"<em>{UNKNOWN}</em>"
+        cells.append(f'<tr><th>{html.escape(label)}</th><td id="run-{key}">{value}</td></tr>')
+    return f'<h2>What was run</h2><table class="run">{"".join(cells)}</table>'
+
+
+def _curves_html(report: Mapping[str, Any], histories: Dict[str, Sequence[Dict[str, Any]]]) -> str:
+    if not any(histories.values()):
+        return ""
+    kept = {"student": report.get("kept_epoch")} if "student" in histories else {}
+    if "model" in histories:
+        kept = {"model": report.get("kept_epoch")}
+    t_acc, label = _get(report, "run", "teacher_val_accuracy"), "teacher (validation)"
+    if t_acc is None and _get(report, "models", "teacher", "accuracy") is not None:
+        t_acc, label = report["models"]["teacher"]["accuracy"], f"teacher ({report.get('split', 'test')})"
+    data = curve_data(histories, kept, t_acc, label)
+    blob = json.dumps(data).replace("</", "<\\/")
+    return (f'<h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{curves_png(data)}">'
+            f'<script type="application/json" id="plot-data">{blob}</script>')
+
+
+def render_html(report: Mapping[str, Any], histories: Dict[str, Sequence[Dict[str, Any]]],
+                run_dir: Optional[Path] = None, extra_html: str = "") -> str:
+    """The report page of ``report`` (the content of ``report.json``) and its training ``histories``."""
+    title = str(report.get("title", "kdkit report"))
+    models = report.get("models") or {}
+    split = report.get("split")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+th{{background:#f3f3f3}}table.run td{{text-align:left}}img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{_run_html(report, run_dir)}
+<h2>Results</h2>
+<p>{html.escape((split or "test").capitalize())}-split metrics. Agreement: share of inputs where the model's arg-max
+equals the teacher's. {_latency_note(models)}</p>
+{_table_html(models)}
+{_curves_html(report, histories)}
+{extra_html}
+</body></html>
+"""
 
 
 def samples_html(models: Dict[str, Dict[str, Any]]) -> str:
@@ -105,34 +286,47 @@ def write_report(run_dir, models: Dict[str, Dict[str, Any]], histories: Dict[str
                  title: str = "kdkit report", extra: Dict[str, Any] = None, extra_html: str = "") -> Dict[str, Any]:
     """Write ``report.json`` and ``report.html`` into ``run_dir``; returns the JSON content.
 
-    ``extra_html`` (already escaped HTML: more tables, plots) goes after the training curves.
+    ``extra`` (``run``: :func:`run_info`, ``kept_epoch``, ``split``, ...) goes into ``report.json`` beside
+    ``models``; ``extra_html`` (already escaped HTML: more tables, plots) goes after the training curves.
     """
     run_dir = Path(run_dir)
     report = {"title": title, "models": models, **(extra or {})}
     extra_html = samples_html(models) + extra_html
     write_json(run_dir / "report.json", report)
-    rows = table_rows(models)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-    img = ""
-    if any(histories.values()):
-        img = (f'<h2>Training curves</h2>'
-               f'<img alt="training curves" src="data:image/png;base64,{_curves_png(histories)}">')
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
-th{{background:#f3f3f3}}img{{max-width:100%}}</style></head>
-<body><h1>{html.escape(title)}</h1>
-<p>Test-split metrics. Agreement: share of test inputs where the model's arg-max equals the teacher's.
-Latency: median CPU wall time per batch after warm-up.</p>
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-{img}
-{extra_html}
-</body></html>
-"""
-    (run_dir / "report.html").write_text(page)
+    (run_dir / "report.html").write_text(render_html(report, histories, run_dir, extra_html))
     return report
+
+
+def render_report(run_dir) -> Path:
+    """Rewrite ``RUN_DIR/report.html`` from ``report.json`` and ``metrics.jsonl`` (any kdkit version's run
+    directory: fields it did not record are shown as unknown). Returns the page's path.
+
+    Raises:
+        KdkitError: no readable ``report.json`` in ``run_dir``.
+    """
+    from ..errors import KdkitError
+    from ..training.rundir import read_json
+
+    run_dir = Path(run_dir)
+    try:
+        report = read_json(run_dir / "report.json")
+    except (ValueError, OSError):
+        report = None
+    if not isinstance(report, dict):
+        raise KdkitError(f"{run_dir} has no readable report.json; expected a finished kdkit run directory")
+    history: List[Dict[str, Any]] = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                history.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a half-written last line
+    name = "model" if _get(report, "run", "command") == "train" or "model" in (report.get("models") or {}) \
+        else "student"
+    page = run_dir / "report.html"
+    page.write_text(render_html(report, {name: history} if history else {}, run_dir))
+    return page
 
 
 def append_report(run_dir, key: str, value: Any, html_section: str = "") -> None:

@@ -335,7 +335,8 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
     """``kdkit export``: export a run directory's model, check parity on test inputs, add it to the report.
 
     The file goes to ``out`` or ``RUN_DIR/export/model[-int8].onnx`` / ``model.pt``; ``export.json`` (or
-    ``<file>.json``) beside it holds the numbers, which are also appended to the run's report.
+    ``<file>.json``) beside it holds the numbers, which are also appended to the run's report, and
+    ``MODEL_CARD.md`` beside it describes the model (:mod:`kdkit.export.card`).
     """
     if fmt not in FORMATS:
         raise KdkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -360,6 +361,9 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
             calibration = model.raw(calibration) if calibration is not None else None
     suffix = ".onnx" if fmt == "onnx" else ".pt"
     path = Path(out) if out is not None else run_dir / "export" / (("model-int8" if int8 else "model") + suffix)
+    from .card import card_path, check_card_writable, write_model_card
+
+    check_card_writable(card_path(path))  # before anything is written: an edited or foreign card stops the export
     result = export_model(model, inputs, path, fmt, int8=int8, calibration=calibration)
     if preprocess is not None:
         columns = splits.info.get("features")
@@ -375,6 +379,7 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
                                    f"{cfg.data.name!r} produces them")
     from ..training.rundir import write_json
 
+    result["model_card"] = str(write_model_card(run_dir, cfg, result))
     write_json(path.with_suffix(".json"), result)
     from ..evaluation.report import append_report, format_table
 
