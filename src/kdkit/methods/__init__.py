@@ -18,6 +18,7 @@ from . import (  # noqa: F401
     fitnets,
     kd,
     kd_ls,
+    lm_kd,
     nst,
     pkt,
     rkd,

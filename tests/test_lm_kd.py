@@ -1,0 +1,135 @@
+"""The lm_kd method: its loss against an independent formula, runs through the API and YAML, top-k offline."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+import kdkit  # noqa: E402
+from kdkit.errors import KdkitError  # noqa: E402
+from kdkit.lm.evaluate import lm_quality  # noqa: E402
+from kdkit.methods.build import build_method  # noqa: E402
+from kdkit.teacher import Teacher  # noqa: E402
+
+WORDS = "the cat dog runs sleeps on a mat under tree red blue big small program bug fixes code user".split()
+
+
+def _corpus_file(path, n=60, seed=0):
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for _ in range(n)]
+    path.write_text("\n%\n".join(docs) + "\n")
+    return path
+
+
+@pytest.fixture()
+def splits(tmp_path):
+    f = _corpus_file(tmp_path / "quotes")
+    return kdkit.DATASETS.get("text_lm")(path=str(f), vocab_size=300, max_length=16, val_fraction=0.1,
+                                         test_fraction=0.1, cache_dir=str(tmp_path / "tok"))
+
+
+def _pair(vocab, seed=0, t_layers=2, s_hidden=16):
+    torch.manual_seed(seed)
+    teacher = kdkit.lm.tiny_gpt2(vocab, layers=t_layers, hidden=32, max_positions=16)
+    student = kdkit.lm.tiny_gpt2(vocab, layers=1, hidden=s_hidden, heads=2, max_positions=16)
+    return teacher, student
+
+
+def test_loss_matches_forward_kl_and_cross_entropy_by_hand(splits):
+    teacher, student = _pair(splits.num_classes)
+    method = build_method("lm_kd", student, Teacher(teacher), {"alpha": 0.3, "temperature": 2.0},
+                          train_data=splits.train)
+    batch = {"x": splits.train.x[:6], "y": splits.train.y[:6], "index": torch.arange(6)}
+    out = method(batch)
+    with torch.no_grad():
+        s, t = student(batch["x"]), teacher.eval()(batch["x"])
+        y = batch["y"][:, :s.shape[1]]
+        keep = y != -100
+        p = F.softmax(t[keep] / 2.0, -1)
+        log_q = F.log_softmax(s[keep] / 2.0, -1)
+        kl = (p * (p.log() - log_q)).sum(-1).mean() * 4.0  # T² · KL(p ‖ q) per token
+        ce = F.cross_entropy(s[keep], y[keep])
+    assert float(out["forward_kl"]) == pytest.approx(float(kl), rel=1e-4)
+    assert float(out["ce"]) == pytest.approx(float(ce), rel=1e-4)
+    assert float(out["loss"].detach()) == pytest.approx(float(0.3 * kl + 0.7 * ce), rel=1e-4)
+    out["loss"].backward()
+    assert student.hf.transformer.wte.weight.grad is not None
+
+
+def test_vocabulary_mismatch_is_an_error(splits):
+    torch.manual_seed(0)
+    teacher = kdkit.lm.tiny_gpt2(splits.num_classes + 4, max_positions=16)
+    student = kdkit.lm.tiny_gpt2(splits.num_classes, max_positions=16)
+    with pytest.raises(KdkitError, match="vocabulary.*not supported"):
+        kdkit.distill(teacher, student, splits.train, splits.val, method="lm_kd", epochs=1)
+
+
+def test_dense_teacher_cache_is_refused_with_a_reason(splits):
+    teacher, student = _pair(splits.num_classes)
+    with pytest.raises(KdkitError, match="teacher_topk"):
+        kdkit.distill(teacher, student, splits.train, splits.val, method="lm_kd", epochs=1,
+                      teacher_cache="memory")
+
+
+def _kl_to_teacher(student, teacher, data):
+    """Mean per-token KL(teacher ‖ student) on ``data``, computed directly (one batch, no chunks)."""
+    with torch.no_grad():
+        s, t = student.eval()(data.x), teacher.eval()(data.x)
+        keep = data.y[:, :s.shape[1]] != -100
+        log_p, log_q = F.log_softmax(t[keep], -1), F.log_softmax(s[keep], -1)
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def test_distill_through_the_api_moves_the_student_to_the_teacher(splits, tmp_path):
+    teacher, student = _pair(splits.num_classes)
+    kdkit.train(teacher, splits.train, splits.val, epochs=3, lr=1e-2, batch_size=16, threads=1, progress=False,
+                quiet=True)
+    data_alone = copy.deepcopy(student)
+    common = dict(epochs=3, lr=1e-2, batch_size=16, threads=1, progress=False, quiet=True)
+    run = kdkit.distill(teacher, student, splits.train, splits.val, test_data=splits.test, method="lm_kd",
+                        divergence="jsd", beta=0.5, alpha=1.0, out_dir=tmp_path / "kd", **common)
+    # the same student, the same budget, the data's cross-entropy alone (alpha = 0)
+    base = kdkit.distill(teacher, data_alone, splits.train, splits.val, method="lm_kd", alpha=0.0, **common)
+    assert _kl_to_teacher(run.student, teacher, splits.test) < _kl_to_teacher(base.student, teacher, splits.test)
+    report = json.loads((tmp_path / "kd" / "report.json").read_text())
+    s, t = report["models"]["student"], report["models"]["teacher"]
+    direct, _ = lm_quality(run.student, splits.test, 16, teacher=teacher)
+    assert s["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    assert s["agreement"] == pytest.approx(direct["agreement"])
+    assert t["perplexity"] > 1 and "samples" in s and len(s["samples"]) == len(t["samples"])
+    assert "lm_kd compares full next-token distributions" in report["teacher_cache"]
+    hist = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_jsd", "train_ce", "val_perplexity", "val_agreement"} <= set(hist[-1])
+    assert "Generated samples" in (tmp_path / "kd" / "report.html").read_text()
+
+
+def test_yaml_teacher_then_distill_with_offline_topk(tmp_path, monkeypatch):
+    pytest.importorskip("kdkit.lm.topk")
+    f = _corpus_file(tmp_path / "quotes")
+    monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    data = {"name": "text_lm", "path": str(f), "vocab_size": 300, "max_length": 16, "batch_size": 16,
+            "eval_batch_size": 32}
+    train = {"epochs": 2, "lr": 0.01, "threads": 1, "progress": False, "quiet": True}
+    kdkit.run_config(kdkit.load_config({"out_dir": str(tmp_path / "t"), "data": data, "train": train,
+                                        "model": {"name": "causal_lm", "layers": 2, "hidden": 32}}), "train")
+    cfg = {"out_dir": str(tmp_path / "kd"), "data": data, "train": train,
+           "teacher": {"checkpoint": str(tmp_path / "t")},
+           "student": {"name": "causal_lm", "layers": 1, "hidden": 16},
+           "method": {"name": "lm_kd", "teacher_topk": 8, "alpha": 0.5}}
+    run = kdkit.run_config(kdkit.load_config(cfg), "distill")
+    report = json.loads((tmp_path / "kd" / "report.json").read_text())
+    assert report["models"]["student"]["perplexity"] == pytest.approx(run.metrics["student"]["perplexity"])
+    assert "top-8" in report["teacher_cache"] and "per million tokens" in report["teacher_cache"]
+    # a second run reuses the stored top-k (same teacher, data and k)
+    cfg["out_dir"] = str(tmp_path / "kd2")
+    run2 = kdkit.run_config(kdkit.load_config(cfg), "distill")
+    assert "reusing" in json.loads((tmp_path / "kd2" / "report.json").read_text())["teacher_cache"]
+    assert run2.metrics["student"]["perplexity"] == pytest.approx(run.metrics["student"]["perplexity"])
