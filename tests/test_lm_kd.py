@@ -64,6 +64,35 @@ def test_loss_matches_forward_kl_and_cross_entropy_by_hand(splits):
     assert student.hf.transformer.wte.weight.grad is not None
 
 
+def test_one_training_step_of_lm_kd(splits):
+    """The smoke step of tests/test_method_smoke.py on token data: finite loss and parts, (B, L', V) logits, the
+    student changes in one step, the teacher does not."""
+    teacher, student = _pair(splits.num_classes)
+    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before_s = [p.detach().clone() for p in student.parameters()]
+    method = build_method("lm_kd", student, Teacher(teacher), {"divergence": "skew_kl"}, train_data=splits.train)
+    batch = {"x": splits.train.x[:8], "y": splits.train.y[:8], "index": torch.arange(8)}
+    out = method(batch)
+    longest = int((batch["x"] != 0).sum(1).max())
+    assert out["logits"].shape == (8, longest, splits.num_classes)
+    assert all(torch.isfinite(v) for k, v in out.items() if k != "logits")
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    out["loss"].backward()
+    opt.step()
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before_s, student.parameters()))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before_t.items())
+
+
+def test_lm_kd_on_image_data_says_what_it_needs():
+    from kdkit.models import create_model
+
+    student = create_model("mlp", num_classes=3, input_shape=(4,))
+    batch = {"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 2, 0]), "index": torch.arange(4)}
+    with pytest.raises(KdkitError, match="lm_kd distils causal language models"):
+        build_method("lm_kd", student, Teacher(create_model("mlp", num_classes=3, input_shape=(4,))), {},
+                     example_batch=batch)
+
+
 def test_vocabulary_mismatch_is_an_error(splits):
     torch.manual_seed(0)
     teacher = kdkit.lm.tiny_gpt2(splits.num_classes + 4, max_positions=16)

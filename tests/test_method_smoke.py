@@ -37,7 +37,9 @@ EXTRA_OPTIONS: Dict[str, Dict[str, Any]] = {
 SPECIAL_SETUPS: Dict[str, Callable[[nn.Module, nn.Module, Dict[str, torch.Tensor]], Method]] = {}
 
 # name -> reason naming the test that covers it.
-SKIPPED: Dict[str, str] = {}
+SKIPPED: Dict[str, str] = {
+    "lm_kd": "causal LMs on token batches: tests/test_lm_kd.py::test_one_training_step_of_lm_kd runs this step",
+}
 
 
 def tiny_student() -> nn.Module:

@@ -52,12 +52,20 @@ class LMKD(Method):
         chunk_size: predicted tokens per chunk of the loss (0: about 2**22 logits per chunk).
         teacher_topk: train against the teacher's offline top-k (k >= 1); None: the live teacher.
         topk_dir: folder of the top-k stores (default ``$KDKIT_CACHE_DIR/lm_topk`` or ``~/.cache/kdkit/lm_topk``).
+        example_batch: supplied by kdkit: checked to hold token data.
     """
 
     def __init__(self, student: nn.Module, teacher, divergence: str = "forward_kl", beta: float = 0.5,
                  skew: float = 0.1, temperature: float = 1.0, alpha: float = 1.0, chunk_size: int = 0,
-                 teacher_topk: Optional[int] = None, topk_dir: Optional[str] = None):
+                 teacher_topk: Optional[int] = None, topk_dir: Optional[str] = None,
+                 example_batch: Optional[Batch] = None):
         super().__init__(student, teacher)
+        if example_batch is not None:
+            x, y = example_batch.get("x"), example_batch.get("y")
+            if x.dim() != 2 or x.is_floating_point() or y is None or y.shape != x.shape:
+                raise KdkitError(f"method lm_kd distils causal language models: it needs token ids x (N, L) with "
+                                 f"next-token targets y (N, L) (e.g. dataset fortunes_lm or text_lm); got x of shape "
+                                 f"{tuple(x.shape)} and {'no y' if y is None else f'y of shape {tuple(y.shape)}'}")
         from ..lm.losses import check_options
 
         check_options(divergence, temperature, alpha, beta, skew)
