@@ -61,7 +61,7 @@ from ..errors import KdkitError
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
-# "auto" chunk size: about 2**22 logits (16 MiB in float32) per chunk, so 128 tokens at V = 32,000.
+# "auto" chunk size: about 2**22 logits (16 MiB in float32) per chunk, so 131 tokens at V = 32,000.
 _AUTO_CHUNK_ELEMENTS = 2 ** 22
 
 ChunkSize = Union[int, str, None]
@@ -292,7 +292,7 @@ def lm_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         alpha: weight of the distillation term in [0, 1]; 1 (default) is pure distillation.
         beta: JSD's β in (0, 1) (``jsd`` only).
         skew: DistiLLM's skew α in [0, 1) (``skew_kl`` and ``skew_reverse_kl`` only).
-        chunk_size: predicted tokens per chunk, "auto" (about 2**22 logits per chunk: 128 tokens at V = 32,000),
+        chunk_size: predicted tokens per chunk, "auto" (about 2**22 logits per chunk: 131 tokens at V = 32,000),
             or None for the unchunked reference computation.
         ignore_index: the label of positions that predict nothing.
 
