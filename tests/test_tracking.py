@@ -153,7 +153,7 @@ def test_tracking_config_forms():
     assert load_config({"tracking": "none"}).tracking.backends() == []
     cfg = load_config({"tracking": {"backend": "mlflow", "uri": "http://x:5000", "experiment": "e"}})
     assert (cfg.tracking.uri, cfg.tracking.experiment) == ("http://x:5000", "e")
-    with pytest.raises(KdkitError, match="tracking.backend"):
+    with pytest.raises(KdkitError, match="tracking.backend: expected one of tensorboard, mlflow, none"):
         load_config({"tracking": "mlfow"})
     with pytest.raises(KdkitError, match="unknown key 'tracking.url'"):
         load_config({"tracking": {"backend": "mlflow", "url": "x"}})

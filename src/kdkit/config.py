@@ -266,7 +266,7 @@ def parse_compress_steps(raw: Sequence[Any]) -> List[_Step]:
     return steps
 
 
-TrackingBackend = Literal["tensorboard", "mlflow", "none"]
+TRACKING_BACKENDS = ("tensorboard", "mlflow", "none")
 
 
 class TrackingConfig(_Strict):
@@ -276,7 +276,7 @@ class TrackingConfig(_Strict):
     section (``tracking: {backend: mlflow, uri: ..., experiment: ...}``).
     """
 
-    backend: Union[TrackingBackend, List[TrackingBackend]] = Field(
+    backend: Union[str, List[str]] = Field(
         "tensorboard", description="tensorboard (written when the package is installed), mlflow, none, or a list")
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite:///<run's parent>/mlflow.db)")
     experiment: str = Field("kdkit", min_length=1, description="MLflow experiment name")
@@ -284,6 +284,15 @@ class TrackingConfig(_Strict):
     artifact_location: Optional[str] = Field(None, description="artifact root of a new MLflow experiment")
     parent_run_id: Optional[str] = Field(None, description="MLflow run this run is a child of (sweeps)")
     tags: Dict[str, str] = Field(default_factory=dict, description="MLflow tags of the run")
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else value
+        bad = [n for n in names if n not in TRACKING_BACKENDS]
+        if bad or not names:
+            raise ValueError(f"expected one of {', '.join(TRACKING_BACKENDS)} or a list of them")
+        return value
 
     def backends(self) -> List[str]:
         """The backends asked for, without ``none``."""
