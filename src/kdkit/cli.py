@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--num-classes", type=int, default=None, help="outputs of the model (default: the dataset's, or 10)")
 
     b = _command(sub, "born-again", "born-again networks: N generations, each distilled from the previous",
-                 "kdkit born-again configs/digits_kd.yaml out_dir=runs/ban --generations 3")
+                 "kdkit born-again configs/digits_scratch.yaml out_dir=runs/ban --generations 3")
     b.add_argument("config", help="YAML config (teacher.checkpoint = generation 0, or a student section to train it)")
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     b.add_argument("--generations", type=int, default=2)

@@ -2,7 +2,7 @@
 
 The table (printed, and at the top of the page) has each run's key test numbers from ``report.json``
 (the student's, or the model's for ``kdkit train``), the epoch whose weights were kept and the
-training time. The page adds the config keys whose values differ between the runs (``config.yaml``
+wall time (``run.wall_seconds``, or the sum of ``epoch_seconds`` for runs that predate it). The page adds the config keys whose values differ between the runs (``config.yaml``
 flattened to ``train.lr``, ``method.temperature``, ...; ``out_dir`` left out) and the validation curves
 of every run overlaid (accuracy in %, NLL), drawn with matplotlib and embedded as a PNG: the page is
 one self-contained file.
@@ -32,7 +32,7 @@ COLUMNS: List[Tuple[str, str, str]] = [
     ("parameters", "params", "{:,}"),
     ("teacher_accuracy", "teacher acc.", "{:.2%}"),
     ("kept_epoch", "kept epoch", "{}"),
-    ("wall_seconds", "train s", "{:.1f}"),
+    ("wall_seconds", "wall s", "{:.1f}"),
 ]
 #: Config keys that differ between runs by construction and say nothing about the recipe.
 IGNORED_KEYS = ("out_dir",)
@@ -224,7 +224,8 @@ th{{background:#f3f3f3}}img{{max-width:100%}}</style></head>
 <body><h1>kdkit compare: {len(runs)} run(s)</h1>
 <h2>Metrics</h2>
 <p>From each run's report.json (test split, or validation where there is none): the student, or the model of
-kdkit train. Kept epoch: the epoch whose weights were kept, of the epochs run. Train s: training wall time.</p>
+kdkit train. Kept epoch: the epoch whose weights were kept, of the epochs run. Wall s: seconds from set-up to the
+end of training (report.json's run.wall_seconds; the sum of the epochs' seconds for older runs).</p>
 {metrics}
 <h2>Config keys that differ</h2>
 {config}
