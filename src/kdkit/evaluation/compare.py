@@ -1,11 +1,12 @@
 """``kdkit compare RUN_DIR ...``: several run directories side by side, as a table and one HTML page.
 
 The table (printed, and at the top of the page) has each run's key test numbers from ``report.json``
-(the student's, or the model's for ``kdkit train``), the epoch whose weights were kept and the
-wall time (``run.wall_seconds``, or the sum of ``epoch_seconds`` for runs that predate it). The page adds the config keys whose values differ between the runs (``config.yaml``
-flattened to ``train.lr``, ``method.temperature``, ...; ``out_dir`` left out) and the validation curves
-of every run overlaid (accuracy in %, NLL), drawn with matplotlib and embedded as a PNG: the page is
-one self-contained file.
+(the student's, or the model's for ``kdkit train``), the epoch whose weights were kept and the wall
+time (``run.wall_seconds``, or the sum of ``epoch_seconds`` for runs that predate it). The page adds the
+config keys whose values differ between the runs (``config.yaml`` flattened to ``train.lr``,
+``method.temperature``, ...; ``out_dir`` left out) and the curves of every run overlaid (validation
+accuracy in %, validation NLL, training loss), drawn with matplotlib and embedded as a PNG: the page
+is one self-contained file.
 """
 
 from __future__ import annotations
