@@ -13,7 +13,7 @@ import pytest
 import kdkit
 from kdkit.cli import main
 from kdkit.config import load_config
-from kdkit.evaluation.compare import compare_runs, curve_series
+from kdkit.evaluation.compare import RunSummary, compare_runs, curve_series, differing_keys
 from tests.conftest import tiny_config
 
 
@@ -127,3 +127,10 @@ def test_same_configs_and_no_page(two_runs):
     result = compare_runs([two_runs[0], two_runs[0]])
     assert result.differing == {} and result.html_path is None
     assert result.table.count(str(two_runs[0])) == 2
+
+
+def test_absent_section_is_not_a_difference():
+    """A distill config has `model: null`, a train config `model.name`: only the keys with values differ."""
+    a = RunSummary("a", None, {}, {"model": None, "student.name": "mlp", "seed": 0, "out_dir": "a"})
+    b = RunSummary("b", None, {}, {"model.name": "mlp", "student": None, "seed": 0, "out_dir": "b"})
+    assert differing_keys([a, b]) == {"model.name": ["-", "mlp"], "student.name": ["mlp", "-"]}

@@ -121,11 +121,14 @@ def check_run_dirs(paths: Sequence) -> List[Path]:
 
 
 def differing_keys(runs: Sequence[RunSummary]) -> Dict[str, List[Any]]:
-    """Config keys whose values are not the same in every run (a key some runs lack counts as differing)."""
+    """Config keys whose values are not the same in every run. A key some runs lack counts as differing,
+    unless every run either lacks it or has it null (an absent section: ``model: null`` beside ``model.name``)."""
     keys = sorted({k for r in runs for k in r.config} - set(IGNORED_KEYS))
     out = {}
     for k in keys:
         values = [r.config.get(k, MISSING) for r in runs]
+        if all(v is None or v == MISSING for v in values):
+            continue
         if any(json.dumps(v, sort_keys=True, default=str) != json.dumps(values[0], sort_keys=True, default=str)
                for v in values[1:]):
             out[k] = values
@@ -176,6 +179,7 @@ def _curves_png(series: Dict[str, Dict[str, Tuple[List[int], List[float]]]], lab
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4), squeeze=False)
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per run in every panel
@@ -183,6 +187,7 @@ def _curves_png(series: Dict[str, Dict[str, Tuple[List[int], List[float]]]], lab
         for label, (xs, ys) in by_run.items():
             ax.plot(xs, ys, marker="o", markersize=3, color=colors[label], label=label)
         ax.set(xlabel="epoch", title=panel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
