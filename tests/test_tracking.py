@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -185,3 +186,29 @@ def test_tensorboard_default_writes_scalars(tmp_path):
     acc.Reload()
     values = [e.value for e in acc.Scalars("train_loss")]
     assert values == pytest.approx([r["train_loss"] for r in _metrics(out)], rel=1e-6)
+
+
+class _Recorder(tr.Backend):
+    def __init__(self):
+        self.calls = []
+
+    def start(self, run_dir, params, resume):
+        self.calls.append(("start", resume))
+
+    def end(self, status):
+        self.calls.append(("end", status))
+
+
+class TrialPruned(Exception):  # what Optuna raises to stop a poor trial (matched by name: no optuna import)
+    pass
+
+
+@pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"),
+                                            (TrialPruned, "KILLED"), (KdkitError, "FAILED")])
+def test_session_ends_with_the_runs_status(tmp_path, raised, status):
+    rec = _Recorder()
+    with contextlib.suppress(BaseException):
+        with tr.Tracking([rec]).session(tmp_path, {}, resume=True):
+            if raised is not None:
+                raise raised("stop")
+    assert rec.calls == [("start", True), ("end", status)]

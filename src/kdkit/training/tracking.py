@@ -324,16 +324,15 @@ class Tracking:
     @contextlib.contextmanager
     def session(self, run_dir: Optional[Path], params: Dict[str, Any], resume: bool = False) -> Iterator["Tracking"]:
         """Start the backends on ``run_dir`` (nothing without one) and end them with the run's status:
-        FINISHED, FAILED on an error, KILLED on Ctrl-C."""
+        FINISHED; KILLED on Ctrl-C or when a sweep prunes the run (Optuna's ``TrialPruned``); FAILED on any
+        other error."""
         if run_dir is not None:
             self.start(run_dir, params, resume)
         try:
             yield self
-        except KeyboardInterrupt:
-            self.end("KILLED")
-            raise
-        except BaseException:
-            self.end("FAILED")
+        except BaseException as e:
+            stopped = isinstance(e, KeyboardInterrupt) or type(e).__name__ == "TrialPruned"
+            self.end("KILLED" if stopped else "FAILED")
             raise
         self.end("FINISHED")
 
