@@ -6,7 +6,10 @@
     run.student   # the trained student (best validation weights)
 
 Data may be a ``torch.utils.data.Dataset``, a DataLoader, an ``(x, y)`` tuple of
-tensors or arrays, or a tensor of inputs alone (an unlabelled transfer set).
+tensors or arrays, or a tensor of inputs alone (an unlabelled transfer set). For text models
+with a tokenizer (``kdkit.hf.load``), data may also be raw ``(texts, labels)`` or a list of texts:
+they are tokenised with the student's tokenizer (and the teacher's, when it has another one),
+at most 128 tokens; :func:`kdkit.hf.text.tokenize` gives full control.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from torch import nn
 
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config, load_config
 from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
-from .data.core import check_targets, first_sample
+from .data.core import check_targets, first_sample, teacher_view
 from .errors import KdkitError
 from .evaluation.metrics import evaluate
 from .evaluation.report import format_table, run_info, write_report
 from .methods import METHODS, Method
 from .methods.build import INJECTED_METHOD_ARGS, build_method, example_batch_of, method_temperature
-from .models import create_model, resolve_factory
+from .models import INJECTED_MODEL_ARGS, create_model, resolve_factory
 from .registry import call_checked, check_kwargs
 from .teacher import Teacher, as_teacher
 from .training.checkpoint import load_weights, weights_path
@@ -59,14 +62,16 @@ class Run:
     config: Optional[RunConfig] = None
 
 
-def check_outputs_match(teacher: nn.Module, student: nn.Module, sample: torch.Tensor) -> None:
-    """Raise a clear error when teacher and student disagree on the output size (one forward on one sample)."""
+def check_outputs_match(teacher: nn.Module, student: nn.Module, sample: torch.Tensor,
+                        teacher_sample: Optional[torch.Tensor] = None) -> None:
+    """Raise a clear error when teacher and student disagree on the output size (one forward on one sample;
+    ``teacher_sample``: the same sample in the teacher's own token ids, when it has its own tokenizer)."""
     with torch.inference_mode():
         was = teacher.training, student.training
         teacher.eval(), student.eval()
         t_dev = next(teacher.parameters()).device
         s_dev = next(student.parameters()).device
-        t = teacher(sample.to(t_dev))
+        t = teacher((sample if teacher_sample is None else teacher_sample).to(t_dev))
         s = student(sample.to(s_dev))
         teacher.train(was[0]), student.train(was[1])
     if t.dim() == 3 and s.dim() == 3 and t.shape[-1] != s.shape[-1]:  # causal LMs: (B, L, V) next-token logits
@@ -121,7 +126,34 @@ def _api_config(command: str, model: nn.Module, teacher: Any, method: str, optio
     return load_config(raw)
 
 
-def _api_splits(train_data, val_data, test_data) -> DataSplits:
+def _is_raw_text(data: Any) -> bool:
+    """``(texts, labels)`` or a bare list of texts: raw strings the API tokenises itself."""
+    texts = data[0] if isinstance(data, tuple) and len(data) in (1, 2) else data
+    return isinstance(texts, (list, tuple)) and len(texts) > 0 and all(isinstance(t, str) for t in texts)
+
+
+def _tokenised(data: Any, split: str, student: nn.Module, teacher: Any) -> Any:
+    """Raw texts tokenised with the student's tokenizer (and the teacher's, when it has another one)."""
+    if data is None or not _is_raw_text(data):
+        return data
+    from .hf.text import tokenize
+
+    tok = getattr(student, "tokenizer", None)
+    if tok is None:
+        raise KdkitError(f"{split} data is raw text but the model has no tokenizer (model.tokenizer); tokenise it "
+                         f"first with kdkit.hf.text.tokenize, or use a model from kdkit.hf.load")
+    t_model = getattr(teacher, "model", teacher)
+    t_tok = getattr(t_model, "tokenizer", None) if isinstance(t_model, nn.Module) else None
+    texts, labels = (data[0], data[1] if len(data) == 2 else None) if isinstance(data, tuple) else (data, None)
+    max_length = int(getattr(getattr(getattr(student, "hf", None), "config", None), "max_position_embeddings", 128))
+    return tokenize(list(texts), labels, tok, min(max_length, 128), teacher_tokenizer=t_tok, log=lambda _: None)
+
+
+def _api_splits(train_data, val_data, test_data, model: Optional[nn.Module] = None, teacher: Any = None
+                ) -> DataSplits:
+    if model is not None:
+        train_data, val_data, test_data = (_tokenised(d, s, model, teacher) for d, s in
+                                           ((train_data, "train"), (val_data, "val"), (test_data, "test")))
     train = as_dataset(train_data, "train")
     return DataSplits(train=train, val=as_dataset(val_data, "val"), test=as_dataset(test_data, "test"),
                       num_classes=None, input_shape=tuple(first_sample(train).shape))
@@ -138,7 +170,7 @@ def train(model: nn.Module, train_data, val_data=None, *, test_data=None, out_di
     """
     cfg = _api_config("train", model, None, "supervised", train_options, seed=seed, device=device,
                       batch_size=batch_size, out_dir=out_dir)
-    return execute(cfg, "train", resume, Parts(_api_splits(train_data, val_data, test_data), model))
+    return execute(cfg, "train", resume, Parts(_api_splits(train_data, val_data, test_data, model), model))
 
 
 def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *, method: str = "kd",
@@ -158,7 +190,8 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *
         t = TeacherEnsemble(teacher, temperature=method_temperature(method, cfg.method.options()))
     else:
         t = as_teacher(teacher)
-    return execute(cfg, "distill", resume, Parts(_api_splits(train_data, val_data, test_data), student, t))
+    return execute(cfg, "distill", resume,
+                   Parts(_api_splits(train_data, val_data, test_data, student, teacher), student, t))
 
 
 def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[Parts] = None) -> Run:
@@ -229,6 +262,7 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
 def _build_run_method(cfg: RunConfig, command: str, parts: Parts) -> Method:
     """The method of the run (``supervised`` for ``kdkit train``), its options checked."""
     splits = parts.splits
+    _check_text_fit(parts.model, parts.teacher, splits)
     _check_labels_fit(parts.model, splits)
     if command == "train":
         batch = example_batch_of(splits.train)
@@ -237,9 +271,23 @@ def _build_run_method(cfg: RunConfig, command: str, parts: Parts) -> Method:
                              "use kdkit distill with a teacher")
         return METHODS.get("supervised")(parts.model)
     if parts.teacher is not None:
-        check_outputs_match(parts.teacher.model, parts.model, first_sample(splits.train).unsqueeze(0))
+        check_outputs_match(parts.teacher.model, parts.model, first_sample(splits.train).unsqueeze(0),
+                            first_sample(teacher_view(splits.train)).unsqueeze(0))
     return build_method(cfg.method.name, parts.model, parts.teacher, cfg.method.options(), train_data=splits.train,
                         num_classes=splits.num_classes)
+
+
+def _check_text_fit(model: nn.Module, teacher: Optional[Teacher], splits: DataSplits) -> None:
+    """Tokenised text: pad ids, vocabulary and label count of the student and teacher match their data."""
+    from .data.text import check_text_model
+
+    for name in ("train", "val", "test"):
+        data = getattr(splits, name)
+        if data is None:
+            continue
+        check_text_model(model, data, f"{name} split", splits.num_classes)
+        if teacher is not None and hasattr(teacher, "model"):
+            check_text_model(teacher.model, teacher_view(data), f"teacher on the {name} split", splits.num_classes)
 
 
 def _check_labels_fit(model: nn.Module, splits: DataSplits) -> None:
@@ -270,7 +318,7 @@ def _finish(cfg: RunConfig, method: Method, history: History, run_dir: Optional[
         student_cpu = student.to("cpu")
         if teacher is not None:
             teacher.to("cpu")
-            metrics["teacher"] = evaluate(teacher.model, data)
+            metrics["teacher"] = evaluate(teacher.model, teacher_view(data))
         metrics["student"] = evaluate(student_cpu, data, teacher=teacher)
         metrics["student"]["kept_epoch"] = history.best_epoch
     if run_dir is not None:
@@ -325,17 +373,29 @@ def resolve_model_spec(spec: ModelConfig, where: str) -> ModelConfig:
         else:
             raise KdkitError(f"{where}.name is required (a model name, or a run directory as {where}.checkpoint)")
     check_kwargs(resolve_factory(spec.name), spec.options(), f"{where} {spec.name!r}",
-                 reserved=["num_classes", "input_shape"])
+                 reserved=list(INJECTED_MODEL_ARGS))
     if spec.checkpoint is not None:
         weights_path(spec.checkpoint)  # fails early if missing
     return spec
 
 
-def build_model(spec: ModelConfig, splits: DataSplits) -> nn.Module:
+def _text_context(splits: DataSplits, teacher: bool) -> Dict[str, Any]:
+    """``vocab_size`` and ``pad_token_id`` of a tokenised dataset (the teacher's own when it has a tokenizer of
+    its own), for text model factories; empty for other data."""
+    text = splits.info.get("text") if isinstance(splits.info, dict) else None
+    if not isinstance(text, dict):
+        return {}
+    prefix = "teacher_" if teacher and "teacher_vocab_size" in text else ""
+    return {"vocab_size": text[prefix + "vocab_size"], "pad_token_id": text[prefix + "pad_token_id"]}
+
+
+def build_model(spec: ModelConfig, splits: DataSplits, teacher: bool = False) -> nn.Module:
+    """The model a config section describes, sized to the data (``teacher``: it reads the teacher's tokens)."""
     num_classes = splits.num_classes
     if num_classes is None:  # regression: one output per target column
         num_classes = getattr(splits, "output_dim", None) or int(splits.train[0]["y"].numel())
-    model = create_model(spec.name, num_classes=num_classes, input_shape=splits.input_shape, **spec.options())
+    model = create_model(spec.name, num_classes=num_classes, input_shape=splits.input_shape,
+                         context=_text_context(splits, teacher), **spec.options())
     if spec.checkpoint is not None:
         load_weights(model, spec.checkpoint)
     return model
@@ -376,12 +436,12 @@ def _validate_teachers(cfg: RunConfig, resolve=None, from_python: bool = False) 
 def build_teacher(cfg: RunConfig, splits: DataSplits) -> Teacher:
     """The frozen teacher of a config: one ``teacher:``, or a :class:`TeacherEnsemble` of ``teachers:``."""
     if not cfg.teachers:
-        return Teacher(build_model(cfg.teacher, splits))
+        return Teacher(build_model(cfg.teacher, splits, teacher=True))
     from .teacher import TeacherEnsemble
 
     e = cfg.ensemble
-    members = [build_model(spec, splits) for spec in cfg.teachers]
-    sample = first_sample(splits.train).unsqueeze(0)
+    members = [build_model(spec, splits, teacher=True) for spec in cfg.teachers]
+    sample = first_sample(teacher_view(splits.train)).unsqueeze(0)
     for i, m in enumerate(members[1:], start=1):
         try:
             check_outputs_match(members[0], m, sample)
@@ -494,7 +554,7 @@ def evaluate_run(run_dir, split: str = "test") -> Dict[str, Dict[str, Any]]:
     teacher = None
     if cfg.teacher is not None or cfg.teachers:
         teacher = build_teacher(cfg, splits).model
-        metrics["teacher"] = evaluate(teacher, data)
+        metrics["teacher"] = evaluate(teacher, teacher_view(data))
     if is_compress_run(run_dir):  # pruned, factorised or int8: the config's architecture is not the model's
         return {**metrics, **evaluate_compressed(run_dir, splits, data, teacher)}
     spec = cfg.model or cfg.student

@@ -1,5 +1,6 @@
 """Datasets and batching. See :mod:`kdkit.data.core` for the batch contract."""
 
+from . import text as _text  # noqa: F401  (registers the text datasets)
 from .builtin import DATASETS, read_idx
 from .core import (
     UNLABELLED,

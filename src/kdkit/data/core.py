@@ -35,16 +35,33 @@ class ArrayData(Dataset):
     ``target_scale`` (regression only): ``(mean, std)`` of shape (D,) when ``y`` holds standardised
     targets; a target in the data's own units is ``y * std + mean``. :func:`kdkit.evaluation.metrics.predict`
     uses it to report outputs and targets in those units.
+
+    Tokenised text (see :mod:`kdkit.hf.text`): ``x`` is a LongTensor (N, L) of ids right-padded with
+    ``pad_token_id``. When the teacher has its own tokenizer, ``teacher_x`` (N, L') holds the same texts in
+    the teacher's ids (padded with ``teacher_pad_token_id``); batches carry it as ``batch["teacher_x"]`` and
+    the teacher reads it instead of ``x`` (:func:`teacher_inputs`). ``bucket_by_length``: the training
+    loader puts samples of similar length in the same batch (:class:`TensorLoader`).
     """
 
     def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
-                 target_scale: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+                 target_scale: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, *,
+                 teacher_x: Optional[torch.Tensor] = None, pad_token_id: Optional[int] = None,
+                 teacher_pad_token_id: Optional[int] = None, bucket_by_length: bool = False):
         if y is not None and len(x) != len(y):
             raise KdkitError(f"inputs and targets differ in length: x has {len(x)} samples but y has {len(y)}; "
                              "expected one target per input")
+        if teacher_x is not None and len(teacher_x) != len(x):
+            raise KdkitError(f"teacher inputs differ in length: x has {len(x)} samples but teacher_x has "
+                             f"{len(teacher_x)}; expected the same texts tokenised twice")
+        if bucket_by_length and pad_token_id is None:
+            raise KdkitError("bucket_by_length needs pad_token_id (lengths are the non-pad tokens of x)")
         self.x = x
         self.y = y
         self.target_scale = target_scale
+        self.teacher_x = teacher_x
+        self.pad_token_id = pad_token_id
+        self.teacher_pad_token_id = teacher_pad_token_id
+        self.bucket_by_length = bucket_by_length
 
     def __len__(self) -> int:
         return len(self.x)
@@ -53,13 +70,60 @@ class ArrayData(Dataset):
         item = {"x": self.x[i], "index": torch.tensor(i)}
         if self.y is not None:
             item["y"] = self.y[i]
+        if self.teacher_x is not None:
+            item["teacher_x"] = self.teacher_x[i]
         return item
 
+    def _like(self, x: torch.Tensor, y: Optional[torch.Tensor], teacher_x: Optional[torch.Tensor]) -> "ArrayData":
+        return ArrayData(x, y, self.target_scale, teacher_x=teacher_x, pad_token_id=self.pad_token_id,
+                         teacher_pad_token_id=self.teacher_pad_token_id, bucket_by_length=self.bucket_by_length)
+
     def subset(self, idx: torch.Tensor) -> "ArrayData":
-        return ArrayData(self.x[idx], None if self.y is None else self.y[idx], self.target_scale)
+        return self._like(self.x[idx], None if self.y is None else self.y[idx],
+                          None if self.teacher_x is None else self.teacher_x[idx])
 
     def without_labels(self) -> "ArrayData":
-        return ArrayData(self.x, None, self.target_scale)
+        return self._like(self.x, None, self.teacher_x)
+
+    def with_labels(self, y: Optional[torch.Tensor]) -> "ArrayData":
+        """The same inputs with other targets (``hide_labels``)."""
+        return self._like(self.x, y, self.teacher_x)
+
+
+def teacher_inputs(batch: Dict[str, Any]) -> Any:
+    """What the teacher reads from a batch: ``teacher_x`` when the teacher has its own tokenizer, else ``x``."""
+    t = batch.get("teacher_x")
+    return batch["x"] if t is None else t
+
+
+def teacher_view(data):
+    """``data`` as the teacher sees it: an ArrayData whose ``x`` is ``teacher_x`` when the texts were tokenised
+    for the teacher too (targets kept), else ``data`` itself."""
+    tx = getattr(data, "teacher_x", None)
+    if not isinstance(data, ArrayData) or tx is None:
+        return data
+    return ArrayData(tx, data.y, data.target_scale, pad_token_id=data.teacher_pad_token_id)
+
+
+def bucketed_order(order: torch.Tensor, lengths: torch.Tensor, batch_size: int, seed: int, epoch: int,
+                   pool_batches: int = 50) -> torch.Tensor:
+    """Reorder a shuffled ``order`` so that each batch holds samples of similar length (length bucketing).
+
+    The shuffled order is cut into pools of ``pool_batches * batch_size`` samples; each pool is sorted by
+    length (stable) and cut into batches; the full batches of all pools are shuffled, and the one smaller
+    batch (if any) goes last, so ``drop_last`` drops it. A pure function of (order, lengths, seed, epoch):
+    a resumed run replays it exactly. Padding then costs at most the length spread within a batch.
+    """
+    pool = max(1, pool_batches) * batch_size
+    sorted_pools = []
+    for start in range(0, len(order), pool):
+        chunk = order[start:start + pool]
+        sorted_pools.append(chunk[torch.sort(lengths[chunk], stable=True).indices])
+    flat = torch.cat(sorted_pools) if sorted_pools else order
+    n_full = len(flat) // batch_size
+    full = flat[:n_full * batch_size].view(n_full, batch_size)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
+    return torch.cat([full[torch.randperm(n_full, generator=g)].reshape(-1), flat[n_full * batch_size:]])
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -77,11 +141,13 @@ class TensorLoader:
         shuffle: draw a new order every epoch (call :meth:`set_epoch`).
         seed: base seed of the order.
         drop_last: drop the last, smaller batch.
-        indices: restrict to these positions (used by distributed sharding).
+        rank, world_size: distributed sharding (each rank takes every ``world_size``-th sample).
+        bucket: length-bucketed batches (:func:`bucketed_order`) when shuffling; None takes the data's
+            ``bucket_by_length``. The order stays a pure function of (seed, epoch).
     """
 
     def __init__(self, data: ArrayData, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, bucket: Optional[bool] = None):
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -89,14 +155,28 @@ class TensorLoader:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.bucket = getattr(data, "bucket_by_length", False) if bucket is None else bucket
         self.epoch = 0
+        self._lengths: Optional[torch.Tensor] = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def lengths(self) -> torch.Tensor:
+        """Non-pad tokens per sample (computed once)."""
+        if self._lengths is None:
+            pad = getattr(self.data, "pad_token_id", None)
+            if pad is None:
+                raise KdkitError("length bucketing needs tokenised data with a pad_token_id (kdkit.hf.text)")
+            self._lengths = (self.data.x != pad).sum(1)
+        return self._lengths
+
     def _order(self) -> torch.Tensor:
         n = len(self.data)
         order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
+        if self.shuffle and self.bucket:
+            # Global batches of batch_size * world_size similar lengths; striding gives each rank its share.
+            order = bucketed_order(order, self.lengths(), self.batch_size * self.world_size, self.seed, self.epoch)
         if self.world_size > 1:
             # Same rule as DistributedSampler: pad to a multiple of world_size, then stride.
             total = -(-n // self.world_size) * self.world_size
@@ -111,12 +191,14 @@ class TensorLoader:
         order = self._order()
         n = len(order)
         stop = n - n % self.batch_size if self.drop_last else n
-        x, y = self.data.x, self.data.y
+        x, y, tx = self.data.x, self.data.y, getattr(self.data, "teacher_x", None)
         for start in range(0, stop, self.batch_size):
             idx = order[start:start + self.batch_size]
             batch = {"x": x[idx], "index": idx}
             if y is not None:
                 batch["y"] = y[idx]
+            if tx is not None:
+                batch["teacher_x"] = tx[idx]
             yield batch
 
 
@@ -417,4 +499,4 @@ def hide_labels(data: ArrayData, labelled_fraction: float, seed: int = 0) -> Arr
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 17))
     y = data.y.clone()
     y[perm[keep:]] = float("nan") if y.is_floating_point() else UNLABELLED
-    return ArrayData(data.x, y, data.target_scale)
+    return data.with_labels(y)

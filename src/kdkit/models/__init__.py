@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import KdkitError
 from ..registry import call_checked
+from . import text as _text  # noqa: F401  (registers the text models)
 from .plugins import load_env_plugins, load_plugin, loaded_plugins, trusted_factory
 from .zoo import MODELS
 
@@ -40,15 +41,20 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     return MODELS.get(name)
 
 
+#: What kdkit fills into a model factory from the data when the factory takes it (never a user option).
+INJECTED_MODEL_ARGS = ("num_classes", "input_shape", "vocab_size", "pad_token_id")
+
+
 def create_model(name: str, num_classes: Optional[int] = None, input_shape: Optional[Tuple[int, ...]] = None,
-                 **kwargs: Any) -> nn.Module:
+                 context: Optional[Dict[str, Any]] = None, **kwargs: Any) -> nn.Module:
     """Build a model by registered name or ``package.module:factory``.
 
     ``num_classes`` and ``input_shape`` are passed to the factory when it accepts
-    them; other keyword arguments are the model's own options and are checked.
+    them; so are the entries of ``context`` (tokenised text: ``vocab_size``, ``pad_token_id``);
+    other keyword arguments are the model's own options and are checked.
     """
     factory = resolve_factory(name)
-    injected: Dict[str, Any] = {"num_classes": num_classes, "input_shape": input_shape}
+    injected: Dict[str, Any] = {"num_classes": num_classes, "input_shape": input_shape, **(context or {})}
     try:
         model = call_checked(factory, kwargs, f"model {name!r}", injected)
     except ValueError as e:
@@ -58,5 +64,5 @@ def create_model(name: str, num_classes: Optional[int] = None, input_shape: Opti
     return model
 
 
-__all__ = ["MODELS", "create_model", "list_models", "load_env_plugins", "load_plugin", "loaded_plugins",
-           "register_model", "resolve_factory"]
+__all__ = ["INJECTED_MODEL_ARGS", "MODELS", "create_model", "list_models", "load_env_plugins", "load_plugin",
+           "loaded_plugins", "register_model", "resolve_factory"]

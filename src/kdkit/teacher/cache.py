@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.core import teacher_inputs
 from ..errors import KdkitError
 
 CACHE_VERSION = 1
@@ -138,7 +139,8 @@ def fingerprint_data(data) -> str:
     dataset's type, length and 16 evenly spaced samples; plus the transform description."""
     h = hashlib.blake2b(digest_size=16)
     h.update(transform_description(data).encode())
-    x = getattr(data, "x", None)
+    x = getattr(data, "teacher_x", None)  # the teacher's own token ids when it has its own tokenizer
+    x = getattr(data, "x", None) if x is None else x
     if torch.is_tensor(x):
         def compute() -> str:
             h.update(f"array{tuple(x.shape)}".encode())
@@ -423,7 +425,7 @@ def _probe(model: nn.Module, data, device: torch.device) -> Tuple[int, ...]:
 
     batch = next(iter(make_loader(data, 2)))
     with torch.inference_mode():
-        out = model(batch["x"].to(device))
+        out = model(teacher_inputs(batch).to(device))
     if not torch.is_tensor(out):
         raise KdkitError(f"the teacher returns {type(out).__name__}, not a tensor; only tensor outputs can be cached")
     return tuple(out.shape[1:])
@@ -500,7 +502,7 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
                 idx = batch.get("cache_index", batch["index"])
                 if cache.has(idx):  # done before an interruption
                     continue
-                cache.put(idx, model(batch["x"].to(device)))
+                cache.put(idx, model(teacher_inputs(batch).to(device)))
                 cache.mark_done(idx)
                 if cache.path is not None and i % 20 == 19:
                     cache.flush()
@@ -529,7 +531,8 @@ def _subset_batches(data, todo: torch.Tensor, batch_size: int):
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
         if isinstance(data, ArrayData):
-            yield {"x": data.x[idx], "index": idx}
+            tx = data.teacher_x
+            yield {"x": data.x[idx] if tx is None else tx[idx], "index": idx}  # what the teacher reads
         else:
             wrapped = _Indexed(data)
             items = [wrapped[int(i)] for i in idx]

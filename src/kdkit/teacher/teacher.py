@@ -20,6 +20,8 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
+from ..data.core import teacher_inputs
+
 Batch = Dict[str, torch.Tensor]
 
 
@@ -62,7 +64,8 @@ class Teacher:
         self.cache = cache
 
     def __call__(self, batch: Union[Batch, torch.Tensor]) -> torch.Tensor:
-        x = batch["x"] if isinstance(batch, dict) else batch
+        # A teacher with its own tokenizer reads the batch's teacher_x (kdkit.data.core.teacher_inputs).
+        x = teacher_inputs(batch) if isinstance(batch, dict) else batch
         cache = self.cache
         if cache is not None and isinstance(batch, dict) and "index" in batch:
             self.cache_hits += 1

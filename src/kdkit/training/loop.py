@@ -380,12 +380,13 @@ def _validate(loop: _Loop, val_data, batch_size: int) -> Dict[str, float]:
         return val
     if teacher_model is not None and isinstance(val_data, DataLoader):
         # A user's loader may reshuffle on every pass: student and teacher outputs must come from the same one.
-        pred, t_pred = predict_many([loop.method.student, teacher_model], val_data, batch_size)
+        pred, t_pred = predict_many([loop.method.student, teacher_model], val_data, batch_size,
+                                    teachers=(False, True))
         return quality(pred["outputs"], pred.get("y"), t_pred["outputs"])
     pred = predict(loop.method.student, val_data, batch_size)
     if teacher_model is not None and loop.val_teacher_outputs is None:
         # The teacher is frozen: its validation outputs are the same every epoch, computed once per run.
-        loop.val_teacher_outputs = predict(teacher_model, val_data, batch_size)["outputs"]
+        loop.val_teacher_outputs = predict(teacher_model, val_data, batch_size, teacher=True)["outputs"]
     return quality(pred["outputs"], pred.get("y"), loop.val_teacher_outputs)
 
 
