@@ -8,8 +8,10 @@ Public API (everything a user needs; the rest is importable from submodules):
 - :data:`METHODS`, :func:`register_method`, :class:`Method` — distillation methods.
 - :class:`Teacher` — the frozen teacher wrapper.
 - :class:`KdkitError` — every expected error.
+- :mod:`kdkit.hf` — Hugging Face text classifiers: ``kdkit.hf.load``, ``kdkit.hf.shrink``, ``kdkit.hf.tokenize``.
 """
 
+from . import hf  # noqa: I001  (light: transformers is imported only when a text feature is used)
 from . import lm  # noqa: F401,I001  (registers the language-model datasets and the causal_lm model)
 from .api import Run, distill, evaluate_run, run_config, train
 from .config import RunConfig, load_config
@@ -23,5 +25,5 @@ from .teacher import Teacher
 __version__ = "0.1.0"
 
 __all__ = ["ArrayData", "DATASETS", "KdkitError", "METHODS", "Method", "Run", "RunConfig", "Teacher", "create_model",
-           "distill", "evaluate", "evaluate_run", "list_methods", "list_models", "load_config", "register_method",
+           "distill", "evaluate", "evaluate_run", "hf", "list_methods", "list_models", "load_config", "register_method",
            "register_model", "run_config", "train", "__version__"]

@@ -25,6 +25,7 @@ COLUMNS = [
     ("perplexity", "perplexity", "{:.2f}"),
     ("token_accuracy", "next-token accuracy", "{:.2%}"),
     ("accuracy", "accuracy", "{:.2%}"),
+    ("macro_f1", "macro-F1", "{:.4f}"),
     ("agreement", "agreement w/ teacher", "{:.2%}"),
     ("ece", "ECE", "{:.4f}"),
     ("nll", "NLL", "{:.4f}"),
@@ -33,8 +34,10 @@ COLUMNS = [
     ("nonzero", "non-zero params", "{:,}"),
     ("bytes", "bytes on disk", "{:,}"),
     ("latency_ms_b1", "latency b1 (ms)", "{:.3f}"),
+    ("latency_ms_b32", "latency b32 (ms)", "{:.2f}"),
     ("latency_ms_b256", "latency b256 (ms)", "{:.2f}"),
     ("ort_latency_ms_b1", "onnxruntime b1 (ms)", "{:.3f}"),
+    ("ort_latency_ms_b32", "onnxruntime b32 (ms)", "{:.2f}"),
     ("ort_latency_ms_b256", "onnxruntime b256 (ms)", "{:.2f}"),
     ("gen_tokens_per_s", "generation b1 (tokens/s)", "{:.1f}"),
 ]

@@ -280,6 +280,8 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
         reference = model(inputs).float().numpy()
     result: Dict[str, Any] = {"format": fmt, "int8": int8, "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
                               "input_shape": ["batch", *inputs.shape[1:]]}
+    if is_token_ids(inputs):  # int64 token ids, any sequence length up to the model's positions
+        result["input_shape"] = ["batch", "sequence"]
     if fmt == "onnx":
         if int8:
             if calibration is None:
@@ -399,6 +401,11 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
         result["preprocess"] = preprocess
         if columns:
             result["input_columns"] = list(columns)
+    elif is_token_ids(inputs):
+        text = splits.info.get("text", {}) if isinstance(splits.info, dict) else {}
+        result["normalisation"] = (f"token ids: int64 (batch, sequence), right-padded with pad id "
+                                   f"{text.get('pad_token_id')} from the tokenizer {text.get('tokenizer')!r}; "
+                                   "the attention mask is computed inside the graph (ids != pad id)")
     else:
         result["normalisation"] = ("none baked in: feed inputs exactly as kdkit's dataset builder "
                                    f"{cfg.data.name!r} produces them")

@@ -194,7 +194,7 @@ def load(path: Any, num_labels: Optional[int] = None, *, tokenizer: bool = True,
         raise KdkitError(f"cannot load a sequence classifier from {p}: {str(e).splitlines()[0]}") from None
     if not has_head:
         log(f"kdkit.hf.load: {p} is a bare encoder; added a fresh {num_labels}-way classification head "
-            f"(random init, seeded by the run)")
+            f"(random init, seeded by the run, unless trained weights are loaded next)")
     tok = load_tokenizer(str(p)) if tokenizer else None
     pad = getattr(tok, "pad_token_id", None) if tok is not None else None
     pad = getattr(config, "pad_token_id", None) if pad is None else pad

@@ -120,7 +120,7 @@ def hf(num_classes: int, path: Optional[str] = None, layers: Optional[List[int]]
 
     if path is None:
         raise KdkitError("model 'hf' needs path: a local Hugging Face model directory (or 'minilm')")
-    model = load(path, num_labels=num_classes)
+    model = load(path, num_labels=num_classes, log=(lambda _: None) if init is not None else print)
     if init is not None:
         from ..training.checkpoint import load_weights
 
