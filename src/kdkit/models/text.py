@@ -111,16 +111,19 @@ def tiny_bert(num_classes: int, input_shape: Tuple[int, ...] = (128,), vocab_siz
 
 @MODELS.register("hf")
 def hf(num_classes: int, path: Optional[str] = None, layers: Optional[List[int]] = None,
-       hidden: Optional[int] = None, init: Optional[str] = None) -> nn.Module:
+       hidden: Optional[int] = None, init: Optional[str] = None, attention: Optional[str] = None) -> nn.Module:
     """A local Hugging Face model directory (``path``; ``minilm``: the MiniLM-L6 of the ``bench`` extra) with
     ``num_classes`` labels, optionally shrunk (``layers``: keep these encoder layers with their weights;
     ``hidden``: a fresh narrower config). ``init``: a kdkit run directory (or ``.safetensors``) of the same
-    model whose weights are loaded before shrinking, e.g. the fine-tuned teacher. Needs the extra ``hf``."""
+    model whose weights are loaded before shrinking, e.g. the fine-tuned teacher. ``attention``: the attention
+    implementation (``eager`` when a method reads attention probabilities; default: transformers' choice).
+    Needs the extra ``hf``."""
     from ..hf.models import load, shrink
 
     if path is None:
         raise KdkitError("model 'hf' needs path: a local Hugging Face model directory (or 'minilm')")
-    model = load(path, num_labels=num_classes, log=(lambda _: None) if init is not None else print)
+    model = load(path, num_labels=num_classes, attn_implementation=attention,
+                 log=(lambda _: None) if init is not None else print)
     if init is not None:
         from ..training.checkpoint import load_weights
 
