@@ -173,7 +173,8 @@ def test_load_local_directory_and_bare_encoder(corpus, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_distill_text_through_the_api(corpus):
+def test_distill_text_through_the_api(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path))  # raw texts are tokenised into the default cache
     texts, labels, tok = corpus
     train, val = _split(tokenize(texts, labels, tok, 12, cache_dir=False))
     teacher = tiny_bert(len(tok), 3, layers=4)
@@ -193,6 +194,7 @@ def test_distill_text_through_the_api(corpus):
     raw = kdkit.distill(teacher, shrink(teacher, layers=[1]), (texts[::2], labels[::2]), (texts[1::2], labels[1::2]),
                         epochs=1, batch_size=8, **QUIET)
     assert raw.metrics["student"]["accuracy"] >= 0 and raw.metrics["teacher"]["parameters"] > 0
+    assert len(list((tmp_path / "text").glob("tokens-*.safetensors"))) == 2  # train and val texts, cached
 
 
 def test_mismatched_vocabulary_pad_or_labels_are_errors(corpus):
