@@ -13,9 +13,9 @@ the next-token cross-entropy on the data::
 Where the teacher's distribution comes from:
 
 - **live** (default): the frozen teacher runs on each batch. kdkit's dense teacher-output cache is refused for
-  this method: it would hold N × L × V floats (the shipped fortunes config: 7,000 rows × 64 positions × 2,048
-  tokens × 4 bytes = 3.7 GB; with a 32k vocabulary, 16 times more), and the wrapped models trim padding per
-  batch, so outputs have no fixed per-sample shape;
+  this method: it would hold N × L × V floats (configs/lm_kd.yaml: 1,877 rows × 64 positions × 1,024 tokens
+  × 4 bytes = 0.49 GB; with a 32k vocabulary, 32 times more), and the wrapped models trim padding per batch, so
+  outputs have no fixed per-sample shape;
 - **offline top-k** (``teacher_topk: k``): before the first step the teacher's ``k`` largest logits per target
   position (fp16 values, int32 ids) and its probability mass outside them are computed once over the training
   set and stored on disk under a fingerprint of the teacher's weights, the data and ``k`` (reused by later
