@@ -41,6 +41,9 @@ SKIPPED: Dict[str, str] = {
     "lm_kd": "causal LMs on token batches: tests/test_lm_kd.py::test_one_training_step_of_lm_kd runs this step",
 }
 
+# Methods for transformer encoders: their step runs on tiny text models and token ids (kdkit.hf), not images.
+TEXT_METHODS = {"attention_kl", "hidden_cosine", "hidden_mse", "minilm", "tinybert"}
+
 
 def tiny_student() -> nn.Module:
     return create_model("cnn_small", num_classes=NUM_CLASSES, input_shape=SHAPE, width=4)
@@ -54,6 +57,26 @@ def toy_batch(n: int = 16, seed: int = 0) -> Dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"x": torch.randn(n, *SHAPE, generator=g), "y": torch.randint(0, NUM_CLASSES, (n,), generator=g),
             "index": torch.randperm(NUM_SAMPLES, generator=g)[:n]}
+
+
+def text_setup():
+    """Tiny BERT student (2 layers, width 16) and teacher (4 layers, width 32), 2 heads each, and right-padded
+    token-id batches (pad id 0)."""
+    pytest.importorskip("transformers")
+    from kdkit.hf import tiny_bert
+
+    student = tiny_bert(vocab_size=50, num_labels=NUM_CLASSES, layers=2, hidden=16, heads=2)
+    teacher = tiny_bert(vocab_size=50, num_labels=NUM_CLASSES, layers=4, hidden=32, heads=2)
+
+    def ids(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(1, 50, (n, 7), generator=g)
+        lengths = torch.randint(1, 8, (n,), generator=g)
+        x[torch.arange(7)[None, :] >= lengths[:, None]] = 0
+        return {"x": x, "y": torch.randint(0, NUM_CLASSES, (n,), generator=g),
+                "index": torch.randperm(NUM_SAMPLES, generator=g)[:n]}
+
+    return student, teacher, ids(16, 0), ids(8, 1)
 
 
 def make_method(name: str, student: nn.Module, teacher: nn.Module, example_batch: Dict[str, torch.Tensor],
@@ -73,10 +96,12 @@ def test_one_training_step(name):
     if name in SKIPPED:
         pytest.skip(SKIPPED[name])
     torch.manual_seed(0)
-    student, teacher = tiny_student(), tiny_teacher()
+    if name in TEXT_METHODS:
+        student, teacher, batch, example = text_setup()
+    else:
+        student, teacher, batch, example = tiny_student(), tiny_teacher(), toy_batch(), toy_batch(8, seed=1)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    batch = toy_batch()
-    method = make_method(name, student, teacher, toy_batch(8, seed=1))
+    method = make_method(name, student, teacher, example)
     params = [p for p in method.parameters() if p.requires_grad]
     assert not {id(p) for p in teacher.parameters()} & {id(p) for p in params}, "teacher must not be trained"
     before = [p.detach().clone() for p in method.student.parameters()]

@@ -7,6 +7,7 @@ Importing this package registers every built-in method.
 # mutual learning (byot, combo, dml); beyond logits (the rest).
 from . import (  # noqa: F401
     at,
+    attention_kl,
     attention_weighted,
     byot,
     cc,
@@ -16,14 +17,18 @@ from . import (  # noqa: F401
     dkd,
     dml,
     fitnets,
+    hidden_cosine,
+    hidden_mse,
     kd,
     kd_ls,
     lm_kd,
+    minilm,
     nst,
     pkt,
     rkd,
     sp,
     supervised,
+    tinybert,
 )
 from .base import METHODS, Method
 
