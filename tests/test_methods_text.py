@@ -262,3 +262,19 @@ def test_distill_end_to_end_on_token_ids(tmp_path):
     assert all(math.isfinite(logged[k]) for k in parts)
     assert any(not torch.equal(v, run.student.state_dict()[k]) for k, v in before.items())
     assert (tmp_path / "run" / "checkpoints" / "best.safetensors").exists()
+
+
+def test_distilbert_teacher_layout_and_step():
+    """DistilBERT names its blocks and projections differently (transformer.layer.i.attention.q_lin): found."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DistilBertConfig(vocab_size=40, dim=24, n_layers=3, n_heads=2, hidden_dim=48, pad_token_id=0,
+                                           num_labels=C)
+    teacher = HFClassifier(transformers.DistilBertForSequenceClassification(config), 0)
+    lay = encoder_layout(teacher, "teacher")
+    assert (lay.prefix, lay.num_layers, lay.width, lay.heads) == ("hf.distilbert.transformer.layer", 3, 24, 2)
+    assert lay.qkv == ("attention.q_lin", "attention.k_lin", "attention.v_lin")
+    student, _ = models()
+    method = build("tinybert", student, teacher)
+    assert method.hidden_pairs == [(0, 0), (1, 2)]  # uniform: floor(m * 3 / 2) - 1 for m = 1, 2
+    out = method(batch())
+    assert all(math.isfinite(out[k].item()) for k in ("loss", "hidden", "attn_kl"))
