@@ -7,6 +7,7 @@ Public API (everything a user needs; the rest is importable from submodules):
 - :func:`create_model`, :func:`list_models`, :func:`register_model` — the model zoo.
 - :data:`METHODS`, :func:`register_method`, :class:`Method` — distillation methods.
 - :class:`Teacher` — the frozen teacher wrapper.
+- :func:`sweep` — search a run's settings with Optuna (``kdkit sweep``).
 - :class:`KdkitError` — every expected error.
 - :mod:`kdkit.hf` — Hugging Face text classifiers: ``kdkit.hf.load``, ``kdkit.hf.shrink``, ``kdkit.hf.tokenize``.
 """
@@ -20,10 +21,11 @@ from .errors import KdkitError
 from .evaluation.metrics import evaluate
 from .methods import METHODS, Method, list_methods, register_method
 from .models import create_model, list_models, register_model
+from .recipes.sweep import sweep
 from .teacher import Teacher
 
 __version__ = "0.1.0"
 
 __all__ = ["ArrayData", "DATASETS", "KdkitError", "METHODS", "Method", "Run", "RunConfig", "Teacher", "create_model",
            "distill", "evaluate", "evaluate_run", "hf", "list_methods", "list_models", "load_config", "register_method",
-           "register_model", "run_config", "train", "__version__"]
+           "register_model", "run_config", "sweep", "train", "__version__"]

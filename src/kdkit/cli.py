@@ -34,7 +34,7 @@ from . import __version__
 from .errors import KdkitError
 
 #: Commands that read a config and take ``key.path=value`` overrides (the global options become overrides).
-CONFIG_COMMANDS = ("train", "distill", "cache", "compress", "born-again")
+CONFIG_COMMANDS = ("train", "distill", "cache", "compress", "born-again", "sweep")
 #: What the running command is working on, for the message after Ctrl-C (set by :func:`run`).
 _RUNNING: Dict[str, Optional[str]] = {}
 
@@ -143,6 +143,19 @@ def _parser() -> argparse.ArgumentParser:
     cm.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each holds config.yaml)")
     cm.add_argument("--out", default="compare.html", help="the HTML page to write (default: compare.html here)")
     cm.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    sw = _command(sub, "sweep", "search a config's settings with Optuna, every trial a run, one teacher cache for all",
+                  "kdkit sweep configs/digits_kd.yaml method.name=[kd,dist,dkd] method.temperature=1..8:log "
+                  "method.alpha=0..1 --trials 20\n(see the README's 'Sweeps': the space grammar, --resume, several "
+                  "processes)")
+    sw.add_argument("config", help="YAML config (out_dir is the sweep directory; an optional sweep: block)")
+    sw.add_argument("overrides", nargs="*", metavar="KEY=SPEC|KEY=VALUE",
+                    help="search dimensions KEY=[A,B,...] or KEY=LO..HI[/N][:log], and overrides KEY=VALUE")
+    sw.add_argument("--trials", type=int, help="finished trials to reach (default sweep.trials, 20)")
+    sw.add_argument("--sampler", choices=["tpe", "random", "grid"], help="default tpe, seeded from the config's seed")
+    sw.add_argument("--pruner", choices=["median", "none"], help="default median")
+    sw.add_argument("--storage", help="SQLAlchemy URL of the study (default sqlite:///SWEEP_DIR/study.db)")
+    sw.add_argument("--study", help="study name in the storage (default kdkit-sweep)")
+    sw.add_argument("--resume", action="store_true", help="continue (or join from another process) the study")
     for command_parser in sub.choices.values():
         _global_options(command_parser, in_command=True)
         # --plugin after the command too; a separate dest, because a command's parser starts an empty list
@@ -222,6 +235,8 @@ def _interrupted_message() -> str:
         return f"interrupted before {out_dir} was set up; start the run again"
     if command == "cache":
         return "interrupted; run the same command again to continue filling the cache"
+    if command == "sweep":
+        return "interrupted; continue the same study with the same command and --resume"
     return f"interrupted ({command}: {out_dir})"
 
 
@@ -328,6 +343,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .recipes.sweep import sweep_cli
+
+    _RUNNING["out_dir"] = args.config
+    result = sweep_cli(args.config, args.overrides, trials=args.trials, storage=args.storage, sampler=args.sampler,
+                       pruner=args.pruner, study=args.study, resume=args.resume, quiet=args.quiet)
+    if result.best_trial is not None:
+        print(f"best: trial {result.best_trial}, {result.metric} {result.best_value:.4f}: {result.best_params}")
+    print(f"sweep directory: {result.dir} (best.yaml, report.html, sweep.json)")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from . import api
     from .evaluation.report import format_table
@@ -339,7 +366,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 COMMANDS = {"inspect": _cmd_inspect, "ls": _cmd_ls, "compress": _cmd_compress, "export": _cmd_export,
             "demo": _cmd_demo, "train": _cmd_train_or_distill, "distill": _cmd_train_or_distill,
-            "cache": _cmd_cache, "born-again": _cmd_born_again, "evaluate": _cmd_evaluate, "compare": _cmd_compare}
+            "cache": _cmd_cache, "born-again": _cmd_born_again, "evaluate": _cmd_evaluate, "compare": _cmd_compare,
+            "sweep": _cmd_sweep}
 
 
 def run(argv: Optional[List[str]] = None) -> int:

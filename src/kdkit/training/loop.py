@@ -36,6 +36,7 @@ Speed:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -423,6 +424,24 @@ def _save_epoch(loop: _Loop, record: Dict[str, Any], history: History, keeper: K
 
 # ----------------------------------------------------------------------------- the loop
 
+_EPOCH_HOOKS: contextvars.ContextVar = contextvars.ContextVar("kdkit_epoch_hooks", default=())
+
+
+@contextlib.contextmanager
+def epoch_hook(callback: Callable[[Dict[str, Any]], None]):
+    """Call ``callback(record)`` after each epoch of every :func:`fit` run inside this block (this thread only).
+
+    ``record`` is the epoch's line of metrics.jsonl (``val_*`` keys on evaluated epochs), passed after the
+    epoch was saved, on rank 0. An exception the callback raises ends the run there, its saved epochs intact:
+    a sweep prunes a poor trial this way (:mod:`kdkit.recipes.sweep`). The loop knows nothing about why.
+    """
+    token = _EPOCH_HOOKS.set(_EPOCH_HOOKS.get() + (callback,))
+    try:
+        yield
+    finally:
+        _EPOCH_HOOKS.reset(token)
+
+
 def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig] = None, *,
         run_dir: Optional[Path] = None, seed: int = 0, device: str = "auto", batch_size: int = 128,
         eval_batch_size: int = 512, num_workers: int = 0, resume: bool = False, name: str = "student",
@@ -470,6 +489,8 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
             history.epochs.append(record)
             _save_epoch(loop, record, history, keeper, improved, epoch)
             out.epoch(name, record)
+            for hook in _EPOCH_HOOKS.get() if loop.main else ():
+                hook(dict(record))
         history.best_score, history.best_epoch = keeper.best, keeper.epoch
         if keeper.epoch is not None:
             rule = "best validation score" if cfg.keep == "best" and val_data is not None else "last epoch"
