@@ -198,6 +198,23 @@ def test_resume_keeps_finished_trials_and_retries_an_interrupted_one(teacher_run
         kdkit.sweep(cfg, space={"method.temperature": "1..4:log"}, trials=5, resume=True, quiet=True)
 
 
+def test_a_trial_whose_process_died_is_failed_and_retried(teacher_run, tmp_path):
+    cfg = _cfg(teacher_run, tmp_path / "s", trials=1, sampler="random", pruner="none", heartbeat_seconds=1)
+    space = {"method.temperature": "1..8:log"}
+    kdkit.sweep(cfg, space=space, quiet=True)
+    # a trial left RUNNING by a killed process: it sent one heartbeat, then nothing
+    study = optuna.load_study(study_name="kdkit-sweep", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    dead = study.ask()
+    dead.suggest_float("method.temperature", 1.0, 8.0, log=True)
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(3.5)  # past the grace period (3 heartbeats)
+    result = kdkit.sweep(cfg, space=space, trials=2, resume=True, quiet=True)
+    states = {t["trial"]: t["state"] for t in result.trials}
+    assert states == {0: "complete", 1: "fail", 2: "complete"}
+    assert result.trials[2]["retry_of"] == 1
+    assert result.trials[2]["params"] == result.trials[1]["params"]
+
+
 def test_pruning_stops_a_poor_trial(teacher_run, tmp_path):
     out = tmp_path / "s"
     out.mkdir()
