@@ -249,3 +249,23 @@ def test_two_processes_share_one_sqlite_study(teacher_run, tmp_path):
     assert 6 <= len(done) <= 7  # each process stops at the target; at most one extra when both start at once
     assert len({t["run_dir"] for t in done}) == len(done)
     assert summary["teacher"]["shared_cache_builds"] == 1  # one process built it, the other reused it
+
+
+def test_trials_are_mlflow_children_of_the_sweep_run(teacher_run, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg(teacher_run, tmp_path / "s", trials=2, sampler="random", pruner="none")
+    cfg["tracking"] = {"backend": "mlflow"}
+    result = kdkit.sweep(cfg, space={"method.temperature": "1..8:log"}, quiet=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 's' / 'mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("kdkit")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kdkit.kind") == "parent"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["kdkit.sweep_trial"] for r in children) == ["0", "1"]
+    for r in children:  # each child logged its trial's values and per-epoch metrics
+        trial = result.trials[int(r.data.tags["kdkit.sweep_trial"])]
+        assert float(r.data.params["method.temperature"]) == pytest.approx(trial["params"]["method.temperature"])
+        assert trial["epochs"] == 1 and r.data.metrics["val_accuracy"] == pytest.approx(trial["value"])

@@ -145,8 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     cm.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     sw = _command(sub, "sweep", "search a config's settings with Optuna, every trial a run, one teacher cache for all",
                   "kdkit sweep configs/digits_kd.yaml method.name=[kd,dist,dkd] method.temperature=1..8:log "
-                  "method.alpha=0..1 --trials 20\n(see the README's 'Sweeps': the space grammar, --resume, several "
-                  "processes)")
+                  "method.alpha=0..1 --trials 20")
     sw.add_argument("config", help="YAML config (out_dir is the sweep directory; an optional sweep: block)")
     sw.add_argument("overrides", nargs="*", metavar="KEY=SPEC|KEY=VALUE",
                     help="search dimensions KEY=[A,B,...] or KEY=LO..HI[/N][:log], and overrides KEY=VALUE")

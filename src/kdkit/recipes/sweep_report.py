@@ -31,7 +31,8 @@ def _rows(study, space) -> List[Dict[str, Any]]:
                      "value": t.value if t.values else None, "seconds": t.user_attrs.get("seconds"),
                      "epochs": t.user_attrs.get("epochs"), "teacher": t.user_attrs.get("teacher"),
                      "teacher_passes": t.user_attrs.get("teacher_passes"),
-                     "ignored": t.user_attrs.get("ignored", []), "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial")),
+                     "ignored": t.user_attrs.get("ignored", []),
+                     "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial")),
                      "error": t.user_attrs.get("error"), "run_dir": t.user_attrs.get("run_dir")})
     return rows
 
