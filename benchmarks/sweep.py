@@ -99,7 +99,9 @@ def main() -> None:  # noqa: C901 - one linear script
     json_path = Path(args.json) if args.json else (out / "quick.json" if args.quick else DEFAULT_JSON)
 
     # 1. teacher (shared with benchmarks/fashion_mnist.py)
-    splits = fm.load_data(Path(args.data_root), args.train_subset)
+    # the teacher is trained on the full training set (as in fashion_mnist.py); --train-subset only shortens
+    # the students' runs (quick: the teacher too, 1 epoch on the subset)
+    splits = fm.load_data(Path(args.data_root), args.train_subset if args.quick else None)
     fm_args = argparse.Namespace(teacher_width=args.teacher_width, teacher_epochs=args.teacher_epochs, device="cpu")
     teacher = fm.get_teacher(splits, fm_args, fm.DEFAULT_OUT if not args.quick else out / "teacher")
     ckpt = Path(teacher["cache_dir"]).parent / "run" / "checkpoints" / "best.safetensors"
