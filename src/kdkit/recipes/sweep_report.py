@@ -135,7 +135,7 @@ def _curves(history: List[Dict[str, Any]], metric: str) -> Optional[str]:
     plt = _plt()
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
     epochs = [r["epoch"] for r in history]
-    ax_loss.plot(epochs, [r.get("train_loss") for r in history], label="training loss")
+    ax_loss.plot(epochs, [r.get("train_loss") for r in history], "o-", label="training loss")
     ax_val.plot(epochs, [r.get(metric) for r in history], "o-", label=metric)
     if any("train_accuracy" in r for r in history) and metric == "val_accuracy":
         ax_val.plot(epochs, [r.get("train_accuracy") for r in history], ":", label="train_accuracy")
