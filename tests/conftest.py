@@ -17,6 +17,17 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _default_output_level():
+    """Every test starts at the default output level: an in-process `kdkit --quiet ...` (cli.run) sets it
+    process-wide, as the command should, and must not leak into the next test."""
+    from kdkit.training import progress
+
+    progress.configure()
+    yield
+    progress.configure()
+
+
 def tiny_config(out_dir, **sections):
     """A digits config small enough to train in a second or two."""
     cfg = {

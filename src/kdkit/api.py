@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config, load_config
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config, flatten, load_config
 from .data import DATASETS, ArrayData, DataSplits, as_dataset, hide_labels
 from .data.core import check_targets, first_sample, teacher_view
 from .errors import KdkitError
@@ -38,7 +38,7 @@ from .training.distributed import dist_env
 from .training.loop import History, fit, resolve_device, seed_everything
 from .training.rundir import create_run_dir, write_text_atomic
 from .training.threads import apply_threads
-from .training.tracking import Tracking, check_tracking, flatten
+from .training.tracking import Tracking, check_tracking
 
 
 @dataclass
@@ -239,8 +239,8 @@ def _check_resume(cfg: RunConfig) -> None:
     stored_path = Path(cfg.out_dir) / "config.yaml"
     if not stored_path.is_file():
         raise KdkitError(f"cannot resume: {cfg.out_dir} is not a kdkit run directory (no config.yaml)")
-    stored = _flat(load_config(stored_path).model_dump(mode="json"))
-    given = _flat(cfg.model_dump(mode="json"))
+    stored = flatten(load_config(stored_path).model_dump(mode="json"))
+    given = flatten(cfg.model_dump(mode="json"))
     # how the run is watched or scheduled, not what it computes
     ignored = {"train.progress", "train.quiet", "train.threads"}
     for key in sorted(set(stored) | set(given)):
@@ -248,15 +248,6 @@ def _check_resume(cfg: RunConfig) -> None:
             raise KdkitError(f"cannot resume {cfg.out_dir}: its config.yaml has {key}={stored.get(key)!r} but this "
                              f"run asks for {given.get(key)!r}; a resumed run keeps its settings (start a new run "
                              f"to change them)")
-
-
-def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _build_run_method(cfg: RunConfig, command: str, parts: Parts) -> Method:

@@ -569,3 +569,14 @@ def load_config(source: Union[str, Path, Dict[str, Any], None] = None, overrides
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (every default filled in)."""
     return yaml.dump(cfg.model_dump(mode="json"), Dumper=_ConfigDumper, sort_keys=False)
+
+
+def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """A nested dict (a config's ``model_dump``) as one level of dotted keys: ``{"train": {"lr": 0.1}}`` ->
+    ``{"train.lr": 0.1}``. Used to compare configs (resume, sweeps, ``kdkit compare``) and to log them (MLflow)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out

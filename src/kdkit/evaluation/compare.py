@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..config import flatten
 from ..errors import KdkitError
 from ..training.rundir import read_metrics, write_text_atomic
 
@@ -57,15 +58,6 @@ class Comparison:
     differing: Dict[str, List[Any]]  # config key -> one value per run (MISSING where a run lacks the key)
     table: str
     html_path: Optional[Path] = None
-
-
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _main_model(models: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -107,7 +99,7 @@ def load_run(path) -> RunSummary:
     elif epochs and all("epoch_seconds" in r for r in epochs):
         numbers["wall_seconds"] = sum(r["epoch_seconds"] for r in epochs)
     return RunSummary(label=str(path), path=path, numbers=numbers,
-                      config=_flatten(config) if isinstance(config, dict) else {}, epochs=epochs)
+                      config=flatten(config) if isinstance(config, dict) else {}, epochs=epochs)
 
 
 def check_run_dirs(paths: Sequence) -> List[Path]:

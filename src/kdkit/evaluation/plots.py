@@ -59,7 +59,8 @@ def curve_data(histories: Mapping[str, Sequence[Mapping[str, Any]]], kept: Optio
     ]}
 
 
-def _png(fig) -> str:
+def png_base64(fig) -> str:
+    """The figure as a base64 PNG (to embed in an HTML page), closed afterwards."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -68,7 +69,8 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no screen needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +81,7 @@ def _pyplot():
 
 def curves_png(data: Dict[str, Any]) -> str:
     """Draw :func:`curve_data`'s panels side by side; a base64 PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [p for p in data["panels"] if p["series"]]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -98,7 +100,7 @@ def curves_png(data: Dict[str, Any]) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def ladder_points(rows: Mapping[str, Mapping[str, Any]], key: str) -> List[Dict[str, Any]]:
@@ -110,7 +112,7 @@ def ladder_points(rows: Mapping[str, Mapping[str, Any]], key: str) -> List[Dict[
 def ladder_figure(rows: Mapping[str, Mapping[str, Any]]):
     """Accuracy against batch-1 latency and against bytes on disk, one marker per step named in a legend
     below the panels (never as text beside the points, where nearby steps' names overlapped)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     markers = "osD^v<>pPX*h"
     names = [n for n, r in rows.items() if r.get("accuracy") is not None]  # one style per step, in both panels
@@ -135,5 +137,5 @@ def ladder_figure(rows: Mapping[str, Mapping[str, Any]]):
 
 
 def ladder_html(rows: Mapping[str, Mapping[str, Any]]) -> str:
-    img = _png(ladder_figure(rows))
+    img = png_base64(ladder_figure(rows))
     return f'<h2>Compression ladder</h2><img alt="accuracy against latency and size" src="data:image/png;base64,{img}">'

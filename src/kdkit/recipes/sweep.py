@@ -48,7 +48,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from ..config import RunConfig, load_config, parse_yaml, quote
+from ..config import RunConfig, flatten, load_config, parse_yaml, quote
 from ..errors import KdkitError
 from .sweep_space import Dimension, SweepConfig, parse_space, parse_sweep_block, split_args
 
@@ -137,15 +137,6 @@ def _set(raw: Dict[str, Any], key: str, value: Any) -> None:
             node[p] = {}
         node = node[p]
     node[parts[-1]] = value
-
-
-def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 # ----------------------------------------------------------------------------- method-specific options
@@ -326,7 +317,7 @@ def _sampler(name: str, space: Space, seed: int, startup: int):
 
 def _identity(base: RunConfig, space_specs: Dict[str, Any], block: SweepConfig) -> Dict[str, str]:
     """What makes two processes work on the same sweep (kept in the study; compared on resume/join)."""
-    flat = {k: v for k, v in _flat(base.model_dump(mode="json")).items() if k not in _NOT_COMPARED}
+    flat = {k: v for k, v in flatten(base.model_dump(mode="json")).items() if k not in _NOT_COMPARED}
     return {"kdkit_base": json.dumps(flat, sort_keys=True, default=str),
             "kdkit_space": json.dumps(space_specs, sort_keys=True, default=str),
             "kdkit_metric": block.metric}

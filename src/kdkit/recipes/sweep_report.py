@@ -9,9 +9,7 @@ axis per searched setting and the score.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import warnings
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..config import dump_config, load_config
+from ..evaluation.plots import png_base64, pyplot
 from ..training.rundir import read_metrics, write_text_atomic
 
 
@@ -111,28 +110,12 @@ def write_outputs(study, sweep_dir: Path, block, space, storage_url: str, second
 
 # ----------------------------------------------------------------------------- report.html
 
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _curves(history: List[Dict[str, Any]], metric: str) -> Optional[str]:
     if not history:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
     epochs = [r["epoch"] for r in history]
     ax_loss.plot(epochs, [r.get("train_loss") for r in history], "o-", label="training loss")
@@ -145,7 +128,7 @@ def _curves(history: List[Dict[str, Any]], metric: str) -> Optional[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _position(dim, value: Any) -> Optional[float]:
@@ -166,7 +149,7 @@ def _parallel(rows: List[Dict[str, Any]], space, metric: str, maximize: bool) ->
     done = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
     if len(done) < 2 or not space.dims:
         return None
-    plt = _plt()
+    plt = pyplot()
     dims = list(space.dims)
     values = [r["value"] for r in done]
     vlo, vhi = min(values), max(values)
@@ -197,19 +180,19 @@ def _parallel(rows: List[Dict[str, Any]], space, metric: str, maximize: bool) ->
     ax.set_ylim(-0.12, 1.12)
     ax.set_title("Completed trials (brighter: better score; choices evenly spaced, ranges to scale)")
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _importance_png(imp: Dict[str, float]) -> Optional[str]:
     if not imp:
         return None
-    plt = _plt()
+    plt = pyplot()
     keys = list(imp)[::-1]
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(keys)))
     ax.barh(keys, [imp[k] for k in keys], color="C0")
     ax.set(xlabel="importance (fANOVA, share of the score's variance)", xlim=(0, 1))
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _fmt(v: Any) -> str:

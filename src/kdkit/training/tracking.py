@@ -38,6 +38,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+from ..config import flatten
 from ..errors import KdkitError
 
 TRACKING_FILE = "tracking.json"  # in the run directory: which MLflow run this run directory is
@@ -56,16 +57,6 @@ def require_mlflow():
     for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no table-creation chatter on every new store
     return mlflow
-
-
-def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``; lists and scalars are leaves."""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def epoch_metrics(record: Dict[str, Any]) -> Dict[str, float]:
