@@ -1,0 +1,373 @@
+#!/usr/bin/env python
+"""Distilling a causal language model on the Debian fortunes, against TRL's GKDTrainer.
+
+    python benchmarks/language_model.py                    # the full run (README "Benchmark: language model")
+    python benchmarks/language_model.py --seeds 0 --steps 20 --variants data,jsd,trl_gkd   # a quick look
+
+Setting (sized for ONE CPU core of a shared machine, about 30 minutes in all):
+
+- corpus: every quotation of ``/usr/share/games/fortunes`` (kdkit's ``fortunes_lm`` dataset: one quotation per
+  row, ending in ``<|endoftext|>``, right-padded to 64 tokens; fixed split by quotation), a byte-level BPE
+  tokenizer trained on the training quotations;
+- teacher: a GPT-2 of a few million parameters trained once here on the training split and cached in
+  ``benchmarks/out/language_model/`` (never committed); student: a GPT-2 about 7x smaller;
+- every variant trains the same seeded student for the same number of steps (batch 16, AdamW, constant
+  learning rate, gradient clipping at 1) on the same subset of training rows, and its final weights are
+  measured on the held-out test quotations (perplexity per target token);
+- variants: ``data`` (cross-entropy on the data alone), ``forward_kl`` / ``reverse_kl`` / ``jsd`` (full teacher
+  logits from kdkit's teacher cache), ``topk8`` / ``topk32`` (forward KL against the teacher's top-k logits
+  stored offline, the remaining mass kept as one bucket), ``on_policy`` (kdkit's ``gkd``: JSD(β=0.5), λ=0.5)
+  and ``trl_gkd`` (TRL's ``GKDTrainer`` on the same teacher, student, data and loss: JSD(β=0.5), λ=0.5).
+
+Each (variant, seed) runs in its own process with one torch thread. Time per step is the CPU time of the
+training steps of that process divided by the steps (kdkit: the epochs' CPU seconds from ``metrics.jsonl``;
+TRL: from the first to the last step's callback), so time other processes take on the shared machine is not
+counted; wall time is recorded as well. Results: ``benchmarks/results/language_model.json`` (rewritten after
+every run, so an interrupted run keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "out" / "language_model"
+RESULTS = ROOT / "results" / "language_model.json"
+
+SETTING: Dict[str, Any] = {
+    "vocab_size": 1024,
+    "max_length": 64,
+    "teacher": {"layers": 4, "hidden": 192, "heads": 4},
+    "student": {"layers": 2, "hidden": 96, "heads": 2},
+    "teacher_epochs": 2,
+    "batch_size": 16,
+    "lr": 2e-3,
+    "teacher_lr": 1e-3,
+    "grad_clip": 1.0,
+    "prompt_tokens": 8,       # on-policy prompts: the first 8 tokens of each quotation
+    "gen_temperature": 1.0,   # sampling temperature of on-policy generation (kdkit and TRL)
+    "beta": 0.5,              # JSD's beta
+    "on_policy": 0.5,         # lambda
+}
+
+VARIANTS = ["data", "forward_kl", "reverse_kl", "jsd", "topk8", "topk32", "on_policy", "trl_gkd"]
+KDKIT_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "data": {"alpha": 0.0},
+    "forward_kl": {"divergence": "forward_kl", "alpha": 1.0},
+    "reverse_kl": {"divergence": "reverse_kl", "alpha": 1.0},
+    "jsd": {"divergence": "jsd", "beta": 0.5, "alpha": 1.0},
+    "topk8": {"divergence": "forward_kl", "alpha": 1.0, "teacher_topk": 8},
+    "topk32": {"divergence": "forward_kl", "alpha": 1.0, "teacher_topk": 32},
+    "on_policy": {"divergence": "jsd", "beta": 0.5, "alpha": 1.0, "on_policy": 0.5},
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def splits():
+    """The fortunes corpus through kdkit's ``fortunes_lm`` (tokenizer trained once, cached under OUT)."""
+    from kdkit.lm.data import fortunes_lm
+
+    return fortunes_lm(vocab_size=SETTING["vocab_size"], max_length=SETTING["max_length"],
+                       cache_dir=str(OUT / "tokenizers"))
+
+
+def train_rows(train, steps: int) -> torch.Tensor:
+    """The training rows every variant sees: ``steps * batch`` rows drawn once (seed 0), one epoch of them."""
+    n = min(len(train), steps * SETTING["batch_size"])
+    g = torch.Generator().manual_seed(0)
+    return torch.randperm(len(train), generator=g)[:n].sort().values
+
+
+def build(kind: str, vocab: int, seed: int):
+    from kdkit.lm import tiny_gpt2
+
+    torch.manual_seed(seed)
+    s = SETTING[kind]
+    return tiny_gpt2(vocab, layers=s["layers"], hidden=s["hidden"], heads=s["heads"],
+                     max_positions=SETTING["max_length"])
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def teacher_path() -> Path:
+    s = SETTING
+    t = s["teacher"]
+    key = f"t{t['layers']}x{t['hidden']}-v{s['vocab_size']}-L{s['max_length']}-e{s['teacher_epochs']}"
+    return OUT / f"teacher-{key}.safetensors"
+
+
+def load_teacher(vocab: int):
+    from kdkit.training.checkpoint import load_weights
+
+    teacher = build("teacher", vocab, 0)
+    load_weights(teacher, teacher_path())
+    return teacher.eval()
+
+
+def prepare() -> Dict[str, Any]:
+    """The tokenizer, the data and the teacher (trained once and cached); the teacher's test perplexity."""
+    from kdkit.lm.evaluate import lm_quality
+
+    from kdkit.config import TrainConfig
+    from kdkit.methods.build import build_method
+    from kdkit.training.checkpoint import save_weights
+    from kdkit.training.loop import fit
+
+    one_thread()
+    OUT.mkdir(parents=True, exist_ok=True)
+    data = splits()
+    vocab = data.num_classes
+    info = {"data": data.info}
+    path = teacher_path()
+    meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        log(f"training the teacher ({SETTING['teacher']}, {SETTING['teacher_epochs']} epochs) ...")
+        teacher = build("teacher", vocab, 0)
+        method = build_method("lm_kd", teacher, None, {"alpha": 0.0}, train_data=data.train)
+        cfg = TrainConfig(epochs=SETTING["teacher_epochs"], optimizer="adamw", lr=SETTING["teacher_lr"],
+                          schedule="cosine", grad_clip=SETTING["grad_clip"], keep="last", progress=False, threads=1)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fit(method, data.train, None, cfg, seed=0, batch_size=SETTING["batch_size"], device="cpu", name="teacher")
+        meta = {"train_wall_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0}
+        save_weights(teacher, path)
+        meta_path.write_text(json.dumps(meta))
+    teacher = load_teacher(vocab)
+    quality, _ = lm_quality(teacher, data.test)
+    info["teacher"] = {"params": n_params(teacher), **json.loads(meta_path.read_text()), **quality}
+    info["student_params"] = n_params(build("student", vocab, 0))
+    return info
+
+
+# ----------------------------------------------------------------------------- one variant, one process
+
+def run_kdkit(variant: str, seed: int, steps: int) -> Dict[str, Any]:
+    from kdkit.lm.evaluate import lm_quality
+
+    from kdkit.config import TrainConfig
+    from kdkit.methods.build import build_method
+    from kdkit.teacher import Teacher
+    from kdkit.training.loop import fit
+
+    data = splits()
+    vocab = data.num_classes
+    train = data.train.subset(train_rows(data.train, steps))
+    teacher = None if variant == "data" else Teacher(load_teacher(vocab))
+    student = build("student", vocab, seed)
+    options = dict(KDKIT_OPTIONS[variant])
+    method_name = "lm_kd"
+    if "on_policy" in options:
+        method_name = "gkd"
+        options.update(prompt_tokens=SETTING["prompt_tokens"],
+                       max_new_tokens=SETTING["max_length"] - SETTING["prompt_tokens"],
+                       gen_temperature=SETTING["gen_temperature"])
+    cache_dir = OUT / "teacher_cache" / variant
+    method = build_method(method_name, student, teacher, options, train_data=train)
+    cfg = TrainConfig(epochs=1, optimizer="adamw", lr=SETTING["lr"], schedule="constant",
+                      grad_clip=SETTING["grad_clip"], keep="last", progress=False, quiet=True, threads=1,
+                      teacher_cache="disk" if teacher is not None and variant != "on_policy" else "auto",
+                      cache_dir=str(cache_dir))
+    run_dir = OUT / "runs" / f"{variant}-s{seed}"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    history = fit(method, train, None, cfg, run_dir=run_dir, seed=seed, batch_size=SETTING["batch_size"],
+                  device="cpu", name=variant)
+    wall = time.perf_counter() - t0
+    record = history.epochs[-1]
+    n_steps = math.ceil(len(train) / SETTING["batch_size"])
+    quality, _ = lm_quality(student, data.test, teacher=teacher.model if teacher is not None else None)
+    cache_bytes = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file()) if cache_dir.exists() else 0
+    return {"variant": variant, "seed": seed, "steps": n_steps, "step_cpu_s": record["epoch_cpu_seconds"] / n_steps,
+            "step_wall_s": record["epoch_seconds"] / n_steps, "total_wall_s": wall,
+            "teacher_cache": history.teacher_cache, "cache_bytes": cache_bytes,
+            "train_loss": record.get("loss"), **{f"test_{k}": v for k, v in quality.items()}}
+
+
+def run_trl(seed: int, steps: int) -> Dict[str, Any]:
+    """TRL's GKDTrainer on the same teacher, student, rows and loss (JSD beta=0.5, lambda=0.5)."""
+    import datasets
+    import transformers
+    from kdkit.lm.evaluate import lm_quality
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    data = splits()
+    vocab = data.num_classes
+    pad, eos = data.train.pad_token_id, data.train.eos_token_id
+    train = data.train.subset(train_rows(data.train, steps))
+    teacher = load_teacher(vocab)
+    student = build("student", vocab, seed)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=data.train.tokenizer_path, pad_token="<pad>",
+                                               eos_token="<|endoftext|>")
+    rows = datasets.Dataset.from_dict({"input_ids": train.x.tolist(), "labels": train.y.tolist()})
+    p_max = SETTING["prompt_tokens"]
+
+    def collate(items: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        ids = torch.tensor([r["input_ids"] for r in items])
+        y = torch.tensor([r["labels"] for r in items])
+        real = ids != pad
+        # TRL shifts the labels itself (labels[:, 1:] against logits[:, :-1]); kdkit's y[:, t] is the target of
+        # position t, so the same targets are labels = [-100, y[:, :-1]].
+        labels = torch.cat([torch.full_like(y[:, :1], -100), y[:, :-1]], dim=1)
+        # prompts: the first prompt_tokens real tokens, left-padded for generation
+        lengths = real.sum(1).clamp(max=p_max)
+        width = int(lengths.max())
+        prompts = torch.full((len(ids), width), pad, dtype=torch.long)
+        pmask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, n in enumerate(lengths.tolist()):
+            prompts[i, width - n:] = ids[i, :n]
+            pmask[i, width - n:] = 1
+        return {"input_ids": ids, "attention_mask": real.long(), "labels": labels, "prompts": prompts,
+                "prompt_attention_mask": pmask}
+
+    student.hf.generation_config.eos_token_id = eos
+    student.hf.generation_config.pad_token_id = pad
+    args = GKDConfig(output_dir=str(OUT / "trl" / f"s{seed}"), per_device_train_batch_size=SETTING["batch_size"],
+                     num_train_epochs=1, learning_rate=SETTING["lr"], lr_scheduler_type="constant", warmup_steps=0,
+                     weight_decay=0.0, max_grad_norm=SETTING["grad_clip"], lmbda=SETTING["on_policy"],
+                     beta=SETTING["beta"], temperature=SETTING["gen_temperature"],
+                     max_new_tokens=SETTING["max_length"] - SETTING["prompt_tokens"], seed=seed, data_seed=seed,
+                     logging_steps=50, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                     dataloader_num_workers=0, max_length=SETTING["max_length"])
+
+    class Clock(transformers.TrainerCallback):
+        steps = 0
+
+        def on_step_begin(self, *a, **k):
+            if self.steps == 0:
+                self.c0, self.t0 = time.process_time(), time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.steps += 1
+            self.c1, self.t1 = time.process_time(), time.perf_counter()
+
+    clock = Clock()
+    trainer = GKDTrainer(model=student.hf, teacher_model=teacher.hf, args=args, train_dataset=rows,
+                         processing_class=tok, data_collator=collate, callbacks=[clock])
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    quality, _ = lm_quality(student, data.test, teacher=teacher)
+    return {"variant": "trl_gkd", "seed": seed, "steps": clock.steps,
+            "step_cpu_s": (clock.c1 - clock.c0) / max(1, clock.steps - 1) if clock.steps > 1 else None,
+            "step_wall_s": (clock.t1 - clock.t0) / max(1, clock.steps - 1) if clock.steps > 1 else None,
+            "total_wall_s": wall, "teacher_cache": "none (TRL runs the teacher every step)", "cache_bytes": 0,
+            "train_loss": losses[-1] if losses else None, **{f"test_{k}": v for k, v in quality.items()}}
+
+
+def child(variant: str, seed: int, steps: int, out: Path) -> None:
+    one_thread()
+    result = run_trl(seed, steps) if variant == "trl_gkd" else run_kdkit(variant, seed, steps)
+    out.write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+def summarise(runs: List[Dict[str, Any]], variants: List[str]) -> Dict[str, Dict[str, Any]]:
+    table: Dict[str, Dict[str, Any]] = {}
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v]
+        if not rs:
+            continue
+        ppl = [r["test_perplexity"] for r in rs]
+        cpu = [r["step_cpu_s"] for r in rs if r.get("step_cpu_s")]
+        table[v] = {"seeds": len(rs), "perplexity_mean": statistics.mean(ppl),
+                    "perplexity_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
+                    "agreement_mean": statistics.mean(r.get("test_agreement", float("nan")) for r in rs),
+                    "step_cpu_s_median": statistics.median(cpu) if cpu else None,
+                    "cache_bytes": max(r["cache_bytes"] for r in rs)}
+    return table
+
+
+def print_table(info: Dict[str, Any], table: Dict[str, Dict[str, Any]]) -> None:
+    t = info["teacher"]
+    log(f"\nteacher: {t['params']:,} parameters, test perplexity {t['perplexity']:.2f}; "
+        f"student: {info['student_params']:,} parameters")
+    log(f"{'variant':<12} {'seeds':>5} {'test ppl (mean ± std)':>22} {'agreement':>9} {'s/step (CPU)':>12} "
+        f"{'cache':>10}")
+    for v, r in table.items():
+        cache = f"{r['cache_bytes'] / 2**20:.1f} MiB" if r["cache_bytes"] else "-"
+        step = f"{r['step_cpu_s_median']:.3f}" if r["step_cpu_s_median"] else "-"
+        log(f"{v:<12} {r['seeds']:>5} {r['perplexity_mean']:>13.2f} ± {r['perplexity_std']:<6.2f} "
+            f"{r['agreement_mean']:>9.3f} {step:>12} {cache:>10}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=300, help="optimiser steps per student run")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--child", nargs=3, metavar=("VARIANT", "SEED", "FILE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        variant, seed, out = args.child
+        child(variant, int(seed), args.steps, Path(out))
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; expected some of {VARIANTS}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t_start = time.perf_counter()
+    info = prepare()
+    log(f"teacher ready: {info['teacher']['params']:,} parameters, test perplexity "
+        f"{info['teacher']['perplexity']:.2f} ({time.perf_counter() - t_start:.0f} s)")
+    runs: List[Dict[str, Any]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT.parent / "src")}
+    for seed in seeds:
+        for variant in variants:
+            out = OUT / f"result-{variant}-s{seed}.json"
+            out.unlink(missing_ok=True)
+            c0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", variant,
+                                   str(seed), str(out)], env=env, capture_output=True, text=True)
+            if proc.returncode != 0 or not out.is_file():
+                log(f"{variant} seed {seed} FAILED:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                continue
+            r = json.loads(out.read_text())
+            r["process_wall_s"] = time.perf_counter() - c0
+            runs.append(r)
+            log(f"{variant:<12} seed {seed}: test ppl {r['test_perplexity']:.2f}, {r['step_cpu_s']:.3f} s/step CPU, "
+                f"{r['process_wall_s']:.0f} s")
+            table = summarise(runs, variants)
+            payload = {"setting": SETTING, "steps": args.steps, "seeds": seeds, "variants": variants, "info": info,
+                       "runs": runs, "summary": table, "machine": platform.platform(),
+                       "python": platform.python_version(), "torch": torch.__version__,
+                       "wall_s": time.perf_counter() - t_start}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(payload, indent=1))
+    print_table(info, summarise(runs, variants))
+    log(f"total wall time {time.perf_counter() - t_start:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
