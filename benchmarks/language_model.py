@@ -55,6 +55,7 @@ SETTING: Dict[str, Any] = {
     "teacher": {"layers": 4, "hidden": 192, "heads": 4},
     "student": {"layers": 2, "hidden": 96, "heads": 2},
     "teacher_epochs": 2,
+    "teacher_rows": None,     # training rows of the teacher (None: all)
     "batch_size": 16,
     "lr": 2e-3,
     "teacher_lr": 1e-3,
@@ -67,7 +68,7 @@ SETTING: Dict[str, Any] = {
 
 VARIANTS = ["data", "forward_kl", "reverse_kl", "jsd", "topk8", "topk32", "on_policy", "trl_gkd"]
 KDKIT_OPTIONS: Dict[str, Dict[str, Any]] = {
-    "data": {"alpha": 0.0},
+    "data": {},  # method supervised: next-token cross-entropy
     "forward_kl": {"divergence": "forward_kl", "alpha": 1.0},
     "reverse_kl": {"divergence": "reverse_kl", "alpha": 1.0},
     "jsd": {"divergence": "jsd", "beta": 0.5, "alpha": 1.0},
@@ -119,6 +120,8 @@ def teacher_path() -> Path:
     s = SETTING
     t = s["teacher"]
     key = f"t{t['layers']}x{t['hidden']}-v{s['vocab_size']}-L{s['max_length']}-e{s['teacher_epochs']}"
+    if s["teacher_rows"]:
+        key += f"-r{s['teacher_rows']}"
     return OUT / f"teacher-{key}.safetensors"
 
 
@@ -149,11 +152,12 @@ def prepare() -> Dict[str, Any]:
     if not path.is_file():
         log(f"training the teacher ({SETTING['teacher']}, {SETTING['teacher_epochs']} epochs) ...")
         teacher = build("teacher", vocab, 0)
-        method = build_method("lm_kd", teacher, None, {"alpha": 0.0}, train_data=data.train)
+        rows = data.train if not SETTING["teacher_rows"] else data.train.subset(torch.arange(SETTING["teacher_rows"]))
+        method = build_method("supervised", teacher, None, {}, train_data=rows)
         cfg = TrainConfig(epochs=SETTING["teacher_epochs"], optimizer="adamw", lr=SETTING["teacher_lr"],
                           schedule="cosine", grad_clip=SETTING["grad_clip"], keep="last", progress=False, threads=1)
         t0, c0 = time.perf_counter(), time.process_time()
-        fit(method, data.train, None, cfg, seed=0, batch_size=SETTING["batch_size"], device="cpu", name="teacher")
+        fit(method, rows, None, cfg, seed=0, batch_size=SETTING["batch_size"], device="cpu", name="teacher")
         meta = {"train_wall_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0}
         save_weights(teacher, path)
         meta_path.write_text(json.dumps(meta))
@@ -180,18 +184,19 @@ def run_kdkit(variant: str, seed: int, steps: int) -> Dict[str, Any]:
     teacher = None if variant == "data" else Teacher(load_teacher(vocab))
     student = build("student", vocab, seed)
     options = dict(KDKIT_OPTIONS[variant])
-    method_name = "lm_kd"
+    cache_dir = OUT / "topk" / variant
+    if "teacher_topk" in options:
+        options["topk_dir"] = str(cache_dir)  # one folder per variant: its size is that store's
+    method_name = "supervised" if variant == "data" else "lm_kd"
     if "on_policy" in options:
         method_name = "gkd"
         options.update(prompt_tokens=SETTING["prompt_tokens"],
                        max_new_tokens=SETTING["max_length"] - SETTING["prompt_tokens"],
                        gen_temperature=SETTING["gen_temperature"])
-    cache_dir = OUT / "teacher_cache" / variant
     method = build_method(method_name, student, teacher, options, train_data=train)
     cfg = TrainConfig(epochs=1, optimizer="adamw", lr=SETTING["lr"], schedule="constant",
                       grad_clip=SETTING["grad_clip"], keep="last", progress=False, quiet=True, threads=1,
-                      teacher_cache="disk" if teacher is not None and variant != "on_policy" else "auto",
-                      cache_dir=str(cache_dir))
+                      teacher_cache="auto")
     run_dir = OUT / "runs" / f"{variant}-s{seed}"
     if run_dir.exists():
         import shutil
@@ -208,7 +213,7 @@ def run_kdkit(variant: str, seed: int, steps: int) -> Dict[str, Any]:
     return {"variant": variant, "seed": seed, "steps": n_steps, "step_cpu_s": record["epoch_cpu_seconds"] / n_steps,
             "step_wall_s": record["epoch_seconds"] / n_steps, "total_wall_s": wall,
             "teacher_cache": history.teacher_cache, "cache_bytes": cache_bytes,
-            "train_loss": record.get("loss"), **{f"test_{k}": v for k, v in quality.items()}}
+            "train_loss": record.get("train_loss"), **{f"test_{k}": v for k, v in quality.items()}}
 
 
 def run_trl(seed: int, steps: int) -> Dict[str, Any]:
@@ -255,7 +260,7 @@ def run_trl(seed: int, steps: int) -> Dict[str, Any]:
                      beta=SETTING["beta"], temperature=SETTING["gen_temperature"],
                      max_new_tokens=SETTING["max_length"] - SETTING["prompt_tokens"], seed=seed, data_seed=seed,
                      logging_steps=50, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                     dataloader_num_workers=0, max_length=SETTING["max_length"])
+                     dataloader_num_workers=0, max_length=SETTING["max_length"], gradient_checkpointing=False)
 
     class Clock(transformers.TrainerCallback):
         steps = 0
@@ -326,8 +331,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="optimiser steps per student run")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--smoke", action="store_true", help="a teacher trained on 256 rows: checks the script only")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "SEED", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke:
+        SETTING["teacher_rows"] = 256
     if args.child:
         variant, seed, out = args.child
         child(variant, int(seed), args.steps, Path(out))
@@ -348,8 +356,9 @@ def main() -> None:
             out = OUT / f"result-{variant}-s{seed}.json"
             out.unlink(missing_ok=True)
             c0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", variant,
-                                   str(seed), str(out)], env=env, capture_output=True, text=True)
+            command = [sys.executable, __file__, "--steps", str(args.steps), "--child", variant, str(seed), str(out)]
+            proc = subprocess.run(command + (["--smoke"] if args.smoke else []), env=env, capture_output=True,
+                                  text=True)
             if proc.returncode != 0 or not out.is_file():
                 log(f"{variant} seed {seed} FAILED:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
                 continue

@@ -46,3 +46,99 @@ def test_generated_batch_keeps_prompts_and_shape_and_drops_the_index():
 def test_bad_fraction_is_a_one_line_error():
     with pytest.raises(KdkitError, match="on_policy"):
         policy(1.5)
+
+
+# ----------------------------------------------------------------------------- the gkd method
+
+def _pair(seed=0):
+    from kdkit.lm import tiny_gpt2
+    from kdkit.teacher import Teacher
+
+    torch.manual_seed(100)
+    teacher = Teacher(tiny_gpt2(48, layers=2, hidden=32, heads=2, max_positions=16).eval())
+    torch.manual_seed(seed)
+    student = tiny_gpt2(48, layers=1, hidden=16, heads=2, max_positions=16)
+    return student, teacher
+
+
+def _batch(n=4, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, 48, (n, length), generator=g)
+    for i in range(n):  # ragged rows: eos (1) then padding
+        end = length - 1 - i
+        x[i, end] = 1
+        x[i, end + 1:] = 0
+    y = torch.full_like(x, -100)
+    y[:, :-1] = torch.where(x[:, 1:] != 0, x[:, 1:], -100)
+    return {"x": x, "y": y, "index": torch.arange(n)}
+
+
+def _methods(fraction, **options):
+    import copy
+
+    from kdkit.methods.gkd import GKD
+    from kdkit.methods.lm_kd import LMKD
+
+    student, teacher = _pair()
+    plain = LMKD(copy.deepcopy(student), teacher, divergence="jsd", beta=0.5, alpha=0.7)
+    gkd = GKD(student, teacher, divergence="jsd", beta=0.5, alpha=0.7, on_policy=fraction, max_new_tokens=6,
+              prompt_tokens=3, seed=5, **options)
+    return plain, gkd
+
+
+def test_gkd_with_lambda_zero_is_lm_kd_exactly():
+    plain, gkd = _methods(0.0)
+    plain.train(), gkd.train()
+    state = torch.get_rng_state()
+    for s in range(3):
+        batch = _batch(seed=s)
+        a, b = plain(batch), gkd(batch)
+        assert torch.equal(a["loss"], b["loss"])
+        a["loss"].backward(), b["loss"].backward()
+    grads_a = [p.grad for p in plain.student.parameters()]
+    grads_b = [p.grad for p in gkd.student.parameters()]
+    assert all(torch.equal(u, v) for u, v in zip(grads_a, grads_b))
+    assert torch.equal(torch.get_rng_state(), state) and int(gkd.batches) == 0
+
+
+def test_gkd_with_lambda_one_trains_on_generated_tokens_only():
+    from kdkit.lm import losses
+    from kdkit.lm.generate import generate, prompt_lengths
+
+    _, gkd = _methods(1.0)
+    gkd.train()
+    batch = _batch()
+    out = gkd(batch)
+    assert float(out["on_policy"]) == 1.0
+    # the same generation, made independently: prompts = the first 3 tokens, generator seeded with (5, batch 0)
+    lengths = prompt_lengths(batch["y"], batch["x"], 0, default=3)
+    assert lengths.tolist() == [3, 3, 3, 3]
+    gen = generate(gkd.student, batch["x"][:, :3], lengths, generator=gkd.policy.generator(0, torch.device("cpu")),
+                   max_new_tokens=6, temperature=1.0, eos_token_id=1, max_length=12)
+    assert bool((gen.y[:, :2] == -100).all())  # prompt positions predict nothing
+    with torch.no_grad():
+        s_logits = gkd.student(gen.x)
+        t_logits = gkd.teacher.model(gen.x)
+    expected = losses.lm_distill_loss(s_logits, t_logits, gen.y[:, :s_logits.shape[1]], divergence="jsd", beta=0.5,
+                                      alpha=1.0).loss
+    assert torch.allclose(out["loss"], expected, atol=1e-6)
+    # the data's continuations play no part: change every token after the prompts, same loss
+    _, again = _methods(1.0)
+    again.train()
+    other = dict(batch, x=torch.cat([batch["x"][:, :3], (batch["x"][:, 3:] + 7) % 46 + 2], dim=1))
+    other["x"] = torch.where(batch["x"] == 0, 0, torch.where(batch["x"] == 1, 1, other["x"]))
+    assert torch.allclose(again(other)["loss"], out["loss"], atol=1e-6)
+
+
+def test_gkd_is_deterministic_given_its_seed_and_counts_batches():
+    runs = []
+    for _ in range(2):
+        _, gkd = _methods(0.5)
+        gkd.train()
+        runs.append([(o["loss"].item(), o["on_policy"].item()) for o in (gkd(_batch(seed=s)) for s in range(6))])
+    assert runs[0] == runs[1]
+    assert [flag for _, flag in runs[0]] == [float(gkd.policy.chosen(k)) for k in range(6)]
+    assert int(gkd.batches) == 6
+    gkd.eval()
+    gkd(_batch())  # evaluation never generates nor counts
+    assert int(gkd.batches) == 6
