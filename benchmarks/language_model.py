@@ -135,9 +135,8 @@ def load_teacher(vocab: int):
 
 def prepare() -> Dict[str, Any]:
     """The tokenizer, the data and the teacher (trained once and cached); the teacher's test perplexity."""
-    from kdkit.lm.evaluate import lm_quality
-
     from kdkit.config import TrainConfig
+    from kdkit.lm.evaluate import lm_quality
     from kdkit.methods.build import build_method
     from kdkit.training.checkpoint import save_weights
     from kdkit.training.loop import fit
@@ -171,9 +170,8 @@ def prepare() -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- one variant, one process
 
 def run_kdkit(variant: str, seed: int, steps: int) -> Dict[str, Any]:
-    from kdkit.lm.evaluate import lm_quality
-
     from kdkit.config import TrainConfig
+    from kdkit.lm.evaluate import lm_quality
     from kdkit.methods.build import build_method
     from kdkit.teacher import Teacher
     from kdkit.training.loop import fit
@@ -220,8 +218,9 @@ def run_trl(seed: int, steps: int) -> Dict[str, Any]:
     """TRL's GKDTrainer on the same teacher, student, rows and loss (JSD beta=0.5, lambda=0.5)."""
     import datasets
     import transformers
-    from kdkit.lm.evaluate import lm_quality
     from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from kdkit.lm.evaluate import lm_quality
 
     data = splits()
     vocab = data.num_classes
@@ -260,7 +259,10 @@ def run_trl(seed: int, steps: int) -> Dict[str, Any]:
                      beta=SETTING["beta"], temperature=SETTING["gen_temperature"],
                      max_new_tokens=SETTING["max_length"] - SETTING["prompt_tokens"], seed=seed, data_seed=seed,
                      logging_steps=50, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                     dataloader_num_workers=0, max_length=SETTING["max_length"], gradient_checkpointing=False)
+                     dataloader_num_workers=0, max_length=SETTING["max_length"],
+                     # TRL's defaults differ from the Trainer's: bf16 autocast and gradient checkpointing are on.
+                     # kdkit trains in float32 without checkpointing: the same work on both sides.
+                     bf16=False, gradient_checkpointing=False)
 
     class Clock(transformers.TrainerCallback):
         steps = 0
@@ -279,8 +281,11 @@ def run_trl(seed: int, steps: int) -> Dict[str, Any]:
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    quality, _ = lm_quality(student, data.test, teacher=teacher)
+    losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
+    # Measured on a fresh copy: the trainer leaves accelerate's and TRL's wrappers on the model's forward.
+    trained = build("student", vocab, seed)
+    trained.hf.load_state_dict(student.hf.state_dict())
+    quality, _ = lm_quality(trained.eval(), data.test, teacher=teacher)
     return {"variant": "trl_gkd", "seed": seed, "steps": clock.steps,
             "step_cpu_s": (clock.c1 - clock.c0) / max(1, clock.steps - 1) if clock.steps > 1 else None,
             "step_wall_s": (clock.t1 - clock.t0) / max(1, clock.steps - 1) if clock.steps > 1 else None,

@@ -32,22 +32,12 @@ class Counter(nn.Module):
         return 8.0 * nn.functional.one_hot(nxt, V).float() + self.w
 
 
-class Wrapped(nn.Module):
-    """A tiny random GPT-2 behind the contract (ids -> logits, mask from pad, model at ``.hf``)."""
+def Wrapped(seed=0):
+    """A tiny random GPT-2 behind the contract (kdkit.lm.HFCausalLM: ids -> logits, mask from pad, ``.hf``)."""
+    from kdkit.lm import tiny_gpt2
 
-    pad_token_id = PAD
-
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        cfg = transformers.GPT2Config(vocab_size=V, n_positions=24, n_embd=32, n_layer=2, n_head=2,
-                                      bos_token_id=1, eos_token_id=2)
-        self.hf = transformers.GPT2LMHeadModel(cfg)
-
-    def forward(self, x):
-        mask = x != PAD
-        keep = int(mask.any(0).nonzero().max()) + 1
-        return self.hf(input_ids=x[:, :keep], attention_mask=mask[:, :keep].long()).logits
+    torch.manual_seed(seed)
+    return tiny_gpt2(V, layers=2, hidden=32, heads=2, max_positions=24, pad_token_id=PAD, eos_token_id=2)
 
 
 PROMPTS = torch.tensor([[5, 6, 0, 0], [9, 10, 11, 12], [3, 0, 0, 0]])
