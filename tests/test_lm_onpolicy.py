@@ -142,3 +142,39 @@ def test_gkd_is_deterministic_given_its_seed_and_counts_batches():
     gkd.eval()
     gkd(_batch())  # evaluation never generates nor counts
     assert int(gkd.batches) == 6
+
+
+def test_gkd_trains_in_the_loop_deterministically(tmp_path):
+    """The smoke step of tests/test_method_smoke.py for gkd, through kdkit's loop: two runs with one seed give the
+    same weights; the logged on_policy part is the fraction of generated batches; the teacher never changes; with
+    an offline top-k teacher the data batches read the store and the generated ones run the teacher live."""
+    from kdkit.config import TrainConfig
+    from kdkit.data.core import ArrayData
+    from kdkit.methods.build import build_method
+    from kdkit.training.loop import fit
+
+    rows = [_batch(n=4, seed=s) for s in range(4)]
+    data = ArrayData(torch.cat([r["x"] for r in rows]), torch.cat([r["y"] for r in rows]))
+    cfg = TrainConfig(epochs=1, optimizer="adamw", lr=1e-2, schedule="constant", progress=False, quiet=True)
+    results = []
+    for topk in (None, None, 4):
+        student, teacher = _pair()
+        before_t = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+        before_s = {k: v.clone() for k, v in student.state_dict().items()}
+        torch.manual_seed(11)  # the run's seed, read by gkd when it is built
+        options = {"on_policy": 0.5, "max_new_tokens": 5, "prompt_tokens": 3, "divergence": "jsd"}
+        if topk:
+            options.update(teacher_topk=topk, topk_dir=str(tmp_path / "topk"))
+        method = build_method("gkd", student, teacher, options, train_data=data)
+        history = fit(method, data, None, cfg, seed=11, batch_size=4, device="cpu")
+        record = history.epochs[-1]
+        expected = sum(method.policy.chosen(k) for k in range(4)) / 4
+        assert record["train_on_policy"] == pytest.approx(expected)
+        assert torch.isfinite(torch.tensor(record["train_loss"]))
+        assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in before_t.items())
+        assert any(not torch.equal(v, student.state_dict()[k]) for k, v in before_s.items())
+        results.append((student.state_dict(), record, method))
+    (a, rec_a, m), (b, _, _), (_, rec_topk, m_topk) = results
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert 0.0 < rec_a["train_on_policy"] < 1.0  # this seed mixes both kinds of batches
+    assert m_topk.store is not None and rec_topk["train_on_policy"] == rec_a["train_on_policy"]

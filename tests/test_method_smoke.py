@@ -39,6 +39,8 @@ SPECIAL_SETUPS: Dict[str, Callable[[nn.Module, nn.Module, Dict[str, torch.Tensor
 # name -> reason naming the test that covers it.
 SKIPPED: Dict[str, str] = {
     "lm_kd": "causal LMs on token batches: tests/test_lm_kd.py::test_one_training_step_of_lm_kd runs this step",
+    "gkd": "causal LMs on token batches: tests/test_lm_onpolicy.py::test_gkd_trains_in_the_loop_deterministically "
+           "runs its steps",
 }
 
 # Methods for transformer encoders: their step runs on tiny text models and token ids (kdkit.hf), not images.

@@ -17,6 +17,7 @@ from . import (  # noqa: F401
     dkd,
     dml,
     fitnets,
+    gkd,
     hidden_cosine,
     hidden_mse,
     kd,

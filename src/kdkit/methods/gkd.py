@@ -49,8 +49,9 @@ class GKD(LMKD):
 
     def __init__(self, student: nn.Module, teacher, on_policy: float = 0.5, max_new_tokens: int = 32,
                  gen_temperature: float = 1.0, top_p: float = 1.0, prompt_tokens: int = 8,
-                 eos_token_id: Optional[int] = None, seed: Optional[int] = None, **options):
-        super().__init__(student, teacher, **options)
+                 eos_token_id: Optional[int] = None, seed: Optional[int] = None,
+                 example_batch: Optional[Batch] = None, **options):
+        super().__init__(student, teacher, example_batch=example_batch, **options)
         from ..lm.generate import GenerationConfig
         from ..lm.onpolicy import OnPolicy
 
