@@ -54,7 +54,7 @@ SETTING: Dict[str, Any] = {
     "max_length": 64,
     "teacher": {"layers": 4, "hidden": 192, "heads": 4},
     "student": {"layers": 2, "hidden": 96, "heads": 2},
-    "teacher_epochs": 2,
+    "teacher_epochs": 1,
     "teacher_rows": None,     # training rows of the teacher (None: all)
     "batch_size": 16,
     "lr": 2e-3,
@@ -336,6 +336,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="optimiser steps per student run")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--prepare-only", action="store_true", help="train (or load) the teacher and stop")
     ap.add_argument("--smoke", action="store_true", help="a teacher trained on 256 rows: checks the script only")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "SEED", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -354,6 +355,8 @@ def main() -> None:
     info = prepare()
     log(f"teacher ready: {info['teacher']['params']:,} parameters, test perplexity "
         f"{info['teacher']['perplexity']:.2f} ({time.perf_counter() - t_start:.0f} s)")
+    if args.prepare_only:
+        return
     runs: List[Dict[str, Any]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT.parent / "src")}
     for seed in seeds:

@@ -138,3 +138,23 @@ def test_sequence_kd_data_holds_the_teachers_continuations_and_is_cached(tmp_pat
         teacher.w.add_(1.0)  # new teacher weights: a new fingerprint, generated again
     sequence_kd_data(teacher, x, y, max_new_tokens=3, temperature=0, cache_dir=tmp_path)
     assert teacher.calls > calls and len(list(tmp_path.glob("seqkd-*.safetensors"))) == 2
+
+
+def test_sequence_kd_data_takes_token_data_and_trains_with_cross_entropy():
+    from kdkit.lm.data import TokenData
+    from kdkit.methods.supervised import Supervised
+
+    x = torch.tensor([[5, 6, 7, 8, 0], [9, 10, 11, 0, 0]])
+    y = torch.full_like(x, -100)
+    y[:, :-1] = torch.where(x[:, 1:] != PAD, x[:, 1:], -100)  # plain text
+    data = sequence_kd_data(Counter(), TokenData(x, y, PAD, eos_token_id=8), max_new_tokens=3, temperature=0,
+                            prompt_tokens=2)
+    assert isinstance(data, TokenData) and data.pad_token_id == PAD and data.eos_token_id == 8
+    # prompts "5 6" and "9 10"; the counter continues 7 8 (eos ends the first row) and 11 12 13
+    assert data.x.tolist() == [[5, 6, 7, 8, 0], [9, 10, 11, 12, 13]]
+    out = Supervised(Wrapped())({"x": data.x, "y": data.y})  # next-token CE on the teacher's tokens only
+    logits = out["logits"]
+    picked = data.y[:, :logits.shape[1]] != -100
+    expected = torch.nn.functional.cross_entropy(logits[picked], data.y[:, :logits.shape[1]][picked])
+    assert torch.allclose(out["loss"], expected)
+    assert picked.sum() == 5  # 7 8 | 11 12 13: the prompts' tokens are never targets

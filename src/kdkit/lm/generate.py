@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -282,7 +282,7 @@ def _fingerprint(teacher: nn.Module, prompts: torch.Tensor, lengths: torch.Tenso
     return h.hexdigest()
 
 
-def sequence_kd_data(teacher: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+def sequence_kd_data(teacher: nn.Module, x, y: Optional[torch.Tensor] = None, *,
                      config: Optional[GenerationConfig] = None, seed: int = 0, batch_size: int = 64,
                      prompt_tokens: int = 1, cache_dir: Optional[Union[str, Path]] = None, **options):
     """The training set of sequence-level KD (Kim & Rush 2016): the teacher's continuations of the prompts.
@@ -292,12 +292,15 @@ def sequence_kd_data(teacher: nn.Module, x: torch.Tensor, y: Optional[torch.Tens
     beam-search approximation, or sampled). The student is then trained on the result with cross-entropy
     (method ``supervised``-style, or ``lm_kd`` to add a divergence): the targets mask the prompts.
 
-    Generated once: with ``cache_dir`` the result is saved as ``seqkd-<fingerprint>.safetensors`` and reused
-    while the teacher's weights, the prompts and the generation settings (and seed, batch size) are the same.
+    Continuations end at the data's end-of-text token (``eos_token_id`` of token data) unless the generation
+    settings name one. Generated once: with ``cache_dir`` the result is saved as
+    ``seqkd-<fingerprint>.safetensors`` and reused while the teacher's weights, the prompts and the generation
+    settings (and seed, batch size) are the same.
 
     Args:
         teacher: a causal LM following the text contract.
-        x: (N, L) training ids; y: their (N, L) targets (None: plain text, every token a target).
+        x: (N, L) training ids, or token data (``kdkit.lm.data.TokenData``, whose ``x`` and ``y`` are used);
+        y: their (N, L) targets (None: plain text, every token a target).
         config: generation settings (or their fields as ``options``); the default draws 32 tokens.
         seed: seeds the sampling (one generator for the whole set, batches in order).
         batch_size: prompts per generation batch (the result depends on it only through float rounding).
@@ -305,15 +308,26 @@ def sequence_kd_data(teacher: nn.Module, x: torch.Tensor, y: Optional[torch.Tens
         cache_dir: where to keep the generated set, or None to keep nothing.
 
     Returns:
-        ``kdkit.data.core.ArrayData`` with the teacher's sequences as ``x`` and their targets as ``y``.
+        :class:`kdkit.lm.data.TokenData` with the teacher's sequences as ``x`` and their targets as ``y`` (pad
+        id the teacher's; eos and tokenizer path taken from ``x`` when it is token data).
     """
-    from ..data.core import ArrayData
+    from .data import TokenData
 
     cfg = config if config is not None else GenerationConfig(**options)
     pad = getattr(teacher, "pad_token_id", None)
     if pad is None:
         raise KdkitError(f"{type(teacher).__name__} has no pad_token_id; expected a causal LM following the text "
                          "contract (kdkit.lm.HFCausalLM)")
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(x, "eos_token_id", None)
+    if cfg.eos_token_id is None and eos is not None:  # the data's end-of-text ends the teacher's continuations
+        cfg = replace(cfg, eos_token_id=eos)
+    tokenizer_path = getattr(x, "tokenizer_path", None)
+    if hasattr(x, "x"):  # token data given whole: its ids and targets
+        x, y = x.x, x.y if y is None else y
+
+    def token_data(ids: torch.Tensor, targets: torch.Tensor) -> TokenData:
+        return TokenData(ids, targets, pad, eos, tokenizer_path)
+
     if y is None:
         y = torch.full_like(x, IGNORE)
         y[:, :-1] = torch.where(x[:, 1:] != pad, x[:, 1:], IGNORE)
@@ -327,7 +341,7 @@ def sequence_kd_data(teacher: nn.Module, x: torch.Tensor, y: Optional[torch.Tens
             from safetensors.torch import load_file
 
             saved = load_file(str(path))
-            return ArrayData(saved["x"], saved["y"])
+            return token_data(saved["x"], saved["y"])
     generator = torch.Generator().manual_seed(seed)
     xs, ys = [], []
     total = width + cfg.max_new_tokens if cfg.max_length is None else min(width + cfg.max_new_tokens, cfg.max_length)
@@ -337,7 +351,7 @@ def sequence_kd_data(teacher: nn.Module, x: torch.Tensor, y: Optional[torch.Tens
         grow = total - part.x.shape[1]  # every batch padded to the same width
         xs.append(torch.nn.functional.pad(part.x, (0, grow), value=pad))
         ys.append(torch.nn.functional.pad(part.y, (0, grow), value=IGNORE))
-    data = ArrayData(torch.cat(xs), torch.cat(ys))
+    data = token_data(torch.cat(xs), torch.cat(ys))
     if path is not None:
         from safetensors.torch import save_file
 
