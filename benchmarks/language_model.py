@@ -98,6 +98,13 @@ def splits():
                        cache_dir=str(OUT / "tokenizers"))
 
 
+def teacher_argmax() -> torch.Tensor:
+    """The teacher's arg-max token at every test position, computed once by :func:`prepare`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(OUT / "teacher_argmax.safetensors"))["teacher_argmax"]
+
+
 def train_rows(train, steps: int) -> torch.Tensor:
     """The training rows every variant sees: ``steps * batch`` rows drawn once (seed 0), one epoch of them."""
     n = min(len(train), steps * SETTING["batch_size"])
@@ -163,9 +170,22 @@ def prepare() -> Dict[str, Any]:
         save_weights(teacher, path)
         meta_path.write_text(json.dumps(meta))
     teacher = load_teacher(vocab)
-    quality, _ = lm_quality(teacher, data.test)
+    quality, argmax = lm_quality(teacher, data.test, teacher=teacher)
+    from safetensors.torch import save_file
+
+    save_file({"teacher_argmax": argmax}, str(OUT / "teacher_argmax.safetensors"))  # agreement in every child
     info["teacher"] = {"params": n_params(teacher), **json.loads(meta_path.read_text()), **quality}
     info["student_params"] = n_params(build("student", vocab, 0))
+    return info
+
+
+def storage_info(steps: int) -> Dict[str, Any]:
+    """What the students train on, and what storing the teacher's full logits for it would take (fp16)."""
+    data = splits()
+    rows = data.train.subset(train_rows(data.train, steps))
+    tokens = int((rows.y != -100).sum())
+    info = {"student_rows": len(rows), "student_target_tokens": tokens,
+            "full_logits_fp16_bytes": tokens * data.num_classes * 2}
     return info
 
 
@@ -208,7 +228,7 @@ def run_kdkit(variant: str, seed: int, steps: int) -> Dict[str, Any]:
     wall = time.perf_counter() - t0
     record = history.epochs[-1]
     n_steps = math.ceil(len(train) / SETTING["batch_size"])
-    quality, _ = lm_quality(student, data.test, teacher=teacher.model if teacher is not None else None)
+    quality, _ = lm_quality(student, data.test, teacher_argmax=teacher_argmax())
     cache_bytes = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file()) if cache_dir.exists() else 0
     return {"variant": variant, "seed": seed, "steps": n_steps, "step_cpu_s": record["epoch_cpu_seconds"] / n_steps,
             "step_wall_s": record["epoch_seconds"] / n_steps, "total_wall_s": wall,
@@ -287,7 +307,7 @@ def run_trl(seed: int, steps: int) -> Dict[str, Any]:
     # Measured on a fresh copy: the trainer leaves accelerate's and TRL's wrappers on the model's forward.
     trained = build("student", vocab, seed)
     trained.hf.load_state_dict(student.hf.state_dict())
-    quality, _ = lm_quality(trained.eval(), data.test, teacher=teacher)
+    quality, _ = lm_quality(trained.eval(), data.test, teacher_argmax=teacher_argmax())
     return {"variant": "trl_gkd", "seed": seed, "steps": clock.steps,
             "step_cpu_s": (clock.c1 - clock.c0) / max(1, clock.steps - 1) if clock.steps > 1 else None,
             "step_wall_s": (clock.t1 - clock.t0) / max(1, clock.steps - 1) if clock.steps > 1 else None,
@@ -362,6 +382,7 @@ def main() -> None:
         f"{info['teacher']['perplexity']:.2f} ({time.perf_counter() - t_start:.0f} s)")
     if args.prepare_only:
         return
+    info["storage"] = storage_info(args.steps)
     runs: List[Dict[str, Any]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT.parent / "src")}
 
