@@ -301,7 +301,7 @@ def sequence_kd_data(teacher: nn.Module, x, y: Optional[torch.Tensor] = None, *,
         teacher: a causal LM following the text contract.
         x: (N, L) training ids, or token data (``kdkit.lm.data.TokenData``, whose ``x`` and ``y`` are used);
         y: their (N, L) targets (None: plain text, every token a target).
-        config: generation settings (or their fields as ``options``); the default draws 32 tokens.
+        config: generation settings (or their fields as ``options``); the default: 32 tokens, greedy.
         seed: seeds the sampling (one generator for the whole set, batches in order).
         batch_size: prompts per generation batch (the result depends on it only through float rounding).
         prompt_tokens: prompt length for rows of plain text.
@@ -313,6 +313,8 @@ def sequence_kd_data(teacher: nn.Module, x, y: Optional[torch.Tensor] = None, *,
     """
     from .data import TokenData
 
+    if config is None:
+        options.setdefault("temperature", 0.0)  # greedy: the nearest to the paper's beam search
     cfg = config if config is not None else GenerationConfig(**options)
     pad = getattr(teacher, "pad_token_id", None)
     if pad is None:
