@@ -339,6 +339,51 @@ def summarise(runs: List[Dict[str, Any]], variants: List[str]) -> Dict[str, Dict
     return table
 
 
+def store_meta() -> Dict[str, Dict[str, Any]]:
+    """The offline top-k stores' own records (tokens, bytes, mean tail mass and truncation KL), per variant."""
+    out = {}
+    for meta in sorted((OUT / "topk").glob("*/*/meta.json")):
+        m = json.loads(meta.read_text())
+        out[meta.parent.parent.name] = {k: m.get(k) for k in ("k", "rows", "tokens", "vocab_size", "bytes",
+                                                              "tail_mass_mean", "truncation_kl_mean")}
+    return out
+
+
+def comparisons(runs: List[Dict[str, Any]], table: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The three questions of the README, answered from the runs."""
+    out: Dict[str, Any] = {}
+    data = table.get("data")
+    if data:
+        spread = data["perplexity_std"]
+        out["vs_data"] = {v: {"perplexity_gain": data["perplexity_mean"] - r["perplexity_mean"],
+                              "largest_std": max(spread, r["perplexity_std"]),
+                              "beats_by_more_than_spread": data["perplexity_mean"] - r["perplexity_mean"]
+                              > max(spread, r["perplexity_std"])}
+                          for v, r in table.items() if v != "data"}
+    if "topk32" in table and "forward_kl" in table:
+        full, top = table["forward_kl"]["perplexity_mean"], table["topk32"]["perplexity_mean"]
+        out["topk32_vs_full_percent"] = 100.0 * (top - full) / full
+    by_seed = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], {})[r["variant"]] = r
+    ratios = [s["on_policy"]["step_cpu_s"] / s["trl_gkd"]["step_cpu_s"] for s in by_seed.values()
+              if "on_policy" in s and "trl_gkd" in s and s["trl_gkd"].get("step_cpu_s")]
+    if ratios:
+        out["kdkit_over_trl_step_cpu"] = {"per_seed": ratios, "median": statistics.median(ratios)}
+    return out
+
+
+def resummarise(path: Path) -> None:
+    """Recompute the summary of a finished (or interrupted) run from its JSON, adding the stores' records."""
+    payload = json.loads(path.read_text())
+    payload["summary"] = summarise(payload["runs"], payload["variants"])
+    payload["topk_stores"] = store_meta()
+    payload["comparisons"] = comparisons(payload["runs"], payload["summary"])
+    path.write_text(json.dumps(payload, indent=1))
+    print_table(payload["info"], payload["summary"])
+    log(json.dumps(payload["comparisons"], indent=1))
+
+
 def print_table(info: Dict[str, Any], table: Dict[str, Dict[str, Any]]) -> None:
     t = info["teacher"]
     log(f"\nteacher: {t['params']:,} parameters, test perplexity {t['perplexity']:.2f}; "
@@ -359,6 +404,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--jobs", type=int, default=1, help="variant processes run at once (each with one thread)")
+    ap.add_argument("--summarise", action="store_true", help="recompute the summary of --out and print it")
     ap.add_argument("--prepare-only", action="store_true", help="train (or load) the teacher and stop")
     ap.add_argument("--smoke", action="store_true", help="a teacher trained on 256 rows: checks the script only")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "SEED", "FILE"), help=argparse.SUPPRESS)
@@ -367,6 +413,9 @@ def main() -> None:
         global OUT
         SETTING["teacher_rows"] = 256
         OUT = OUT.with_name("language_model_smoke")
+    if args.summarise:
+        resummarise(Path(args.out))
+        return
     if args.child:
         variant, seed, out = args.child
         child(variant, int(seed), args.steps, Path(out))
