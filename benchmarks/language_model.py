@@ -1,23 +1,25 @@
 #!/usr/bin/env python
 """Distilling a causal language model on the Debian fortunes, against TRL's GKDTrainer.
 
-    python benchmarks/language_model.py                    # the full run (README "Benchmark: language model")
+    python benchmarks/language_model.py --jobs 3           # the full run (README "Benchmark: language model")
     python benchmarks/language_model.py --seeds 0 --steps 20 --variants data,jsd,trl_gkd   # a quick look
+    python benchmarks/language_model.py --summarise        # recompute the summary and comparisons of the JSON
 
-Setting (sized for ONE CPU core of a shared machine, about 30 minutes in all):
+Setting (cut to fit about 30 minutes of one CPU core):
 
 - corpus: every quotation of ``/usr/share/games/fortunes`` (kdkit's ``fortunes_lm`` dataset: one quotation per
   row, ending in ``<|endoftext|>``, right-padded to 64 tokens; fixed split by quotation), a byte-level BPE
-  tokenizer trained on the training quotations;
-- teacher: a GPT-2 of a few million parameters trained once here on the training split and cached in
-  ``benchmarks/out/language_model/`` (never committed); student: a GPT-2 about 7x smaller;
+  tokenizer of 1,024 tokens trained on the training quotations;
+- teacher: a GPT-2 of about 2 million parameters trained once here (one epoch over 4,800 training rows) and
+  cached in ``benchmarks/out/language_model/`` (never committed); student: a GPT-2 about 6x smaller;
 - every variant trains the same seeded student for the same number of steps (batch 16, AdamW, constant
-  learning rate, gradient clipping at 1) on the same subset of training rows, and its final weights are
-  measured on the held-out test quotations (perplexity per target token);
-- variants: ``data`` (cross-entropy on the data alone), ``forward_kl`` / ``reverse_kl`` / ``jsd`` (full teacher
-  logits from kdkit's teacher cache), ``topk8`` / ``topk32`` (forward KL against the teacher's top-k logits
-  stored offline, the remaining mass kept as one bucket), ``on_policy`` (kdkit's ``gkd``: JSD(β=0.5), λ=0.5)
-  and ``trl_gkd`` (TRL's ``GKDTrainer`` on the same teacher, student, data and loss: JSD(β=0.5), λ=0.5).
+  learning rate, gradient clipping at 1, float32) on the same subset of training rows, and its final weights
+  are measured on the held-out test rows (perplexity per target token, agreement with the teacher's arg-max);
+- variants: ``data`` (method ``supervised``: cross-entropy on the data alone), ``forward_kl`` / ``reverse_kl`` /
+  ``jsd`` (``lm_kd`` with the live teacher: its full logits), ``topk8`` / ``topk32`` (forward KL against the
+  teacher's top-k stored offline, the remaining mass kept as one bucket), ``on_policy`` (kdkit's ``gkd``:
+  JSD(beta=0.5), lambda=0.5) and ``trl_gkd`` (TRL's ``GKDTrainer`` on the same teacher, student, rows and loss:
+  JSD(beta=0.5), lambda=0.5, float32 and no gradient checkpointing, which TRL turns on by default).
 
 Each (variant, seed) runs in its own process with one torch thread. Time per step is the CPU time of the
 training steps of that process divided by the steps (kdkit: the epochs' CPU seconds from ``metrics.jsonl``;
@@ -309,8 +311,9 @@ def run_trl(seed: int, steps: int) -> Dict[str, Any]:
     trained.hf.load_state_dict(student.hf.state_dict())
     quality, _ = lm_quality(trained.eval(), data.test, teacher_argmax=teacher_argmax())
     return {"variant": "trl_gkd", "seed": seed, "steps": clock.steps,
-            "step_cpu_s": (clock.c1 - clock.c0) / max(1, clock.steps - 1) if clock.steps > 1 else None,
-            "step_wall_s": (clock.t1 - clock.t0) / max(1, clock.steps - 1) if clock.steps > 1 else None,
+            # c0 is taken at the start of the first step and c1 at the end of the last: all the steps.
+            "step_cpu_s": (clock.c1 - clock.c0) / clock.steps, "step_wall_s": (clock.t1 - clock.t0) / clock.steps,
+            "step_divisor": clock.steps,
             "total_wall_s": wall, "teacher_cache": "none (TRL runs the teacher every step)", "cache_bytes": 0,
             "train_loss": losses[-1] if losses else None, **{f"test_{k}": v for k, v in quality.items()}}
 
@@ -376,6 +379,12 @@ def comparisons(runs: List[Dict[str, Any]], table: Dict[str, Dict[str, Any]]) ->
 def resummarise(path: Path) -> None:
     """Recompute the summary of a finished (or interrupted) run from its JSON, adding the stores' records."""
     payload = json.loads(path.read_text())
+    for r in payload["runs"]:
+        if r["variant"] == "trl_gkd" and "step_divisor" not in r:
+            # Runs measured before the fix divided the time of all the steps by (steps - 1): rescale them.
+            r["step_cpu_s"] *= (r["steps"] - 1) / r["steps"]
+            r["step_wall_s"] *= (r["steps"] - 1) / r["steps"]
+            r["step_divisor"] = r["steps"]
     payload["summary"] = summarise(payload["runs"], payload["variants"])
     payload["topk_stores"] = store_meta()
     payload["comparisons"] = comparisons(payload["runs"], payload["summary"])
