@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import KdkitError
+from ..hf.models import trim_to_longest
 
 
 def require_transformers():
@@ -73,13 +74,9 @@ class HFCausalLM(nn.Module):
         if x.dim() != 2 or x.is_floating_point():
             raise KdkitError(f"HFCausalLM takes (batch, length) integer token ids; got a {x.dtype} tensor of shape "
                              f"{tuple(x.shape)}")
-        mask = x != self.pad_token_id  # (B, L)
-        if self.trim and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()) and x.shape[1] > 1:
-            # Right padding: keep up to the last column holding a real token in any row (one host sync).
-            used = mask.any(0)
-            keep = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
-            if keep < x.shape[1]:
-                x, mask = x[:, :keep], mask[:, :keep]
+        if self.trim and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            x = trim_to_longest(x, self.pad_token_id)  # the same dynamic padding as HFClassifier
+        mask = x != self.pad_token_id  # (B, L')
         return self.hf(input_ids=x, attention_mask=mask.long()).logits  # (B, L', V)
 
     @torch.no_grad()
