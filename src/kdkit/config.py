@@ -253,12 +253,7 @@ def parse_compress_steps(raw: Sequence[Any]) -> List[_Step]:
         try:
             step = cls.model_validate(entry)
         except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":
-                raise KdkitError(f"{where} ({entry['step']}): unknown key {key!r}; allowed here: "
-                                 f"{', '.join(cls.model_fields)}") from None
-            raise KdkitError(f"{where} ({entry['step']}): {key}: {err['msg']} (given {err.get('input')!r})") from None
+            raise KdkitError(validation_message(e, f"{where} ({entry['step']})", cls)) from None
         problem = step.problem(last=i == len(raw) - 1)
         if problem is not None:
             raise KdkitError(f"{where} ({entry['step']}): {problem}")
@@ -467,12 +462,17 @@ def _section_model(model: Any, key: str) -> Any:
     return next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    """One line from pydantic's first error: the key path, what is expected, what was given (cut short)."""
+def validation_message(err: ValidationError, source: str, model: Any = None, prefix: str = "") -> str:
+    """One line from pydantic's first error: the key path, what is expected, what was given (cut short).
+
+    ``model`` is the validated class (default :class:`RunConfig`), read to list the keys allowed where an
+    unknown one was given; ``prefix`` is put before the key path (``"sweep."`` for a ``sweep:`` block).
+    Every typed block of a config (run, compress steps, sweeps) words its errors here.
+    """
     e = err.errors()[0]
-    path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    path = prefix + (".".join(str(p) for p in e["loc"]) or "(top level)")
     if e["type"] == "extra_forbidden":
-        section: Any = RunConfig
+        section: Any = model or RunConfig
         for part in e["loc"][:-1]:
             if isinstance(part, str) and isinstance(section, type) and issubclass(section, BaseModel):
                 section = _section_model(section, part) or section
@@ -563,7 +563,7 @@ def load_config(source: Union[str, Path, Dict[str, Any], None] = None, overrides
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise KdkitError(_format_error(e, name)) from None
+        raise KdkitError(validation_message(e, name)) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

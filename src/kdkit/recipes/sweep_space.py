@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import ConfigLoader, _ConfigDumper, quote
+from ..config import ConfigLoader, _ConfigDumper, quote, validation_message
 from ..errors import KdkitError
 
 GRAMMAR = ("expected KEY=[A,B,...] (a choice) or KEY=LO..HI (a range of floats), optionally followed by /N "
@@ -232,13 +232,7 @@ def parse_sweep_block(raw: Any, source: str) -> SweepConfig:
     try:
         cfg = SweepConfig.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        path = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            raise KdkitError(f"{source}: unknown key 'sweep.{path}'; allowed here: "
-                             f"{', '.join(SweepConfig.model_fields)}") from None
-        msg = err["msg"].replace("Input should be", "expected")
-        raise KdkitError(f"{source}: sweep.{path}: {msg}; given {quote(err.get('input'))}") from None
+        raise KdkitError(validation_message(e, source, SweepConfig, prefix="sweep.")) from None
     parse_space(cfg.space)  # a malformed spec fails now
     return cfg
 
