@@ -534,13 +534,13 @@ def _view_batches(data, augment, batch_size: int):
 
 
 def _subset_batches(data, todo: torch.Tensor, batch_size: int):
-    from ..data.core import ArrayData, _Indexed
+    from ..data.core import ArrayData, _Indexed, teacher_view
 
+    seen = teacher_view(data)  # what the teacher reads: its own token ids when it has its own tokenizer
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
-        if isinstance(data, ArrayData):
-            tx = data.teacher_x
-            yield {"x": data.x[idx] if tx is None else tx[idx], "index": idx}  # what the teacher reads
+        if isinstance(seen, ArrayData):
+            yield {"x": seen.x[idx], "index": idx}
         else:
             wrapped = _Indexed(data)
             items = [wrapped[int(i)] for i in idx]

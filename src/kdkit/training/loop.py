@@ -110,9 +110,8 @@ class Keeper:
     """Which epoch's weights a careful practitioner keeps (``train.keep``).
 
     ``best`` compares validation scores lexicographically: accuracy (classification), else -perplexity
-    (causal LM), else -MSE (regression), else agreement with the teacher (unlabelled validation data); ties are
-    broken by
-    the lower validation NLL, and a tie on both goes to the LATER epoch. With small validation sets
+    (causal LM), else -MSE (regression), else agreement with the teacher (unlabelled validation data); ties
+    are broken by the lower validation NLL, and a tie on both goes to the LATER epoch. With small validation sets
     (digits: 180 images, one image = 0.56 points) accuracy ties are common, and keeping the earliest
     tied epoch kept under-trained, under-confident weights. ``last`` keeps the last epoch.
     """
