@@ -108,6 +108,15 @@ def test_dense_teacher_cache_is_refused_with_a_reason(splits):
                       teacher_cache="memory")
 
 
+def test_a_combo_holding_lm_kd_refuses_the_dense_cache_too(splits):
+    # The refusal is a declared property of the method; combo passes its parts' refusal on, so a cache that
+    # lm_kd must not read is not handed to it from inside a combination either.
+    teacher, student = _pair(splits.num_classes)
+    with pytest.raises(KdkitError, match="teacher_topk"):
+        kdkit.distill(teacher, student, splits.train, splits.val, method="combo", epochs=1,
+                      parts={"lm": {"name": "lm_kd"}}, teacher_cache="memory")
+
+
 def _kl_to_teacher(student, teacher, data):
     """Mean per-token KL(teacher ‖ student) on ``data``, computed directly (one batch, no chunks)."""
     with torch.no_grad():

@@ -144,6 +144,14 @@ class Method(nn.Module):
         return bool(self.teacher_layers)
 
     @property
+    def teacher_cache_refusal(self) -> Optional[str]:
+        """Why the teacher-output cache must not be used for this method (a one-line reason), or None.
+
+        Read once by :func:`kdkit.teacher.plan.cache_plan`. ``lm_kd`` declares one (per-token distributions of a
+        whole vocabulary); methods that only read the teacher's layers use :attr:`reads_teacher_features`."""
+        return None
+
+    @property
     def shares_forward(self) -> bool:
         """Whether the loss is computed from :class:`Outputs` (so a ``combo`` can run the networks for it)."""
         cls = type(self)

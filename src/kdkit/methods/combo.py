@@ -99,6 +99,11 @@ class Combo(Method):
             raise KdkitError("combo parts cannot be combo themselves; list all parts in one combo")
         return instantiate(name, options, context, where=f"combo part {label!r} ({name})"), float(weight)
 
+    @property
+    def teacher_cache_refusal(self) -> Optional[str]:
+        """The first part's refusal: one part that must not read the cache keeps the whole combination live."""
+        return next((r for r in (p.teacher_cache_refusal for p in self.parts.values()) if r), None)
+
     def on_optimizer_step(self) -> None:
         for part in self.parts.values():  # parts with a schedule of their own (DKD's warm-up) count steps too
             part.on_optimizer_step()

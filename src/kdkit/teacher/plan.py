@@ -41,7 +41,7 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     reason = None
     if not isinstance(teacher, Teacher):
         reason = "the method has no frozen kdkit Teacher"
-    elif getattr(method, "teacher_cache_refusal", None):  # declared by the method (e.g. lm_kd: per-token logits)
+    elif getattr(method, "teacher_cache_refusal", None):  # Method.teacher_cache_refusal (lm_kd: per-token logits)
         reason = method.teacher_cache_refusal
     elif getattr(method, "reads_teacher_features", False):  # declared by the method (Method.teacher_layers)
         layers = ", ".join(getattr(method, "teacher_layers", ()))
