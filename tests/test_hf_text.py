@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,6 +240,8 @@ def test_text_configs_train_then_distill(corpus, tmp_path):
     result = export_run(run2.dir, "onnx")
     assert result["parity"]["max_abs_diff"] <= result["parity"]["tolerance"]
     assert result["latency_seq_len"] == 12 and "ort_latency_ms_b32" in result["onnxruntime"]
+    card = Path(result["model_card"]).read_text()  # token ids go in as int64, not float32
+    assert "of shape (batch, sequence), int64" in card and "x.astype(np.int64)" in card and "float32" not in card
 
 
 def test_onnx_export_has_dynamic_batch_and_sequence(corpus, tmp_path):

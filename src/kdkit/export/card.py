@@ -57,14 +57,15 @@ def _loading(files: List[Path], run_dir: Path, card_dir: Path, result: Mapping[s
         return os.path.relpath(p.resolve(), card_dir.resolve())
 
     shape = ", ".join(str(d) for d in result.get("input_shape", ["batch", "..."]))
-    out = [f"Input `{result.get('input_name', 'input')}` of shape ({shape}), float32; output "
+    dtype = result.get("input_dtype", "float32")  # int64 for token ids
+    out = [f"Input `{result.get('input_name', 'input')}` of shape ({shape}), {dtype}; output "
            f"`{result.get('output_name', 'logits')}`. Inputs: {result.get('normalisation', 'unknown')}.", ""]
     for f in files:
         if f.suffix == ".onnx":
             out += [f"ONNX (`{rel(f)}`), with onnxruntime:", "", "```python", "import numpy as np, onnxruntime as ort",
                     f'session = ort.InferenceSession("{rel(f)}")',
                     f'logits = session.run(["{result.get("output_name", "logits")}"], '
-                    f'{{"{result.get("input_name", "input")}": x.astype(np.float32)}})[0]', "```", ""]
+                    f'{{"{result.get("input_name", "input")}": x.astype(np.{dtype})}})[0]', "```", ""]
         elif f.suffix == ".pt":
             out += [f"TorchScript (`{rel(f)}`):", "", "```python", "import torch",
                     f'model = torch.jit.load("{rel(f)}", map_location="cpu").eval()', "logits = model(x)", "```", ""]

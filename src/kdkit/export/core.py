@@ -280,8 +280,9 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
         reference = model(inputs).float().numpy()
     result: Dict[str, Any] = {"format": fmt, "int8": int8, "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
                               "input_shape": ["batch", *inputs.shape[1:]]}
+    result["input_dtype"] = "float32"
     if is_token_ids(inputs):  # int64 token ids, any sequence length up to the model's positions
-        result["input_shape"] = ["batch", "sequence"]
+        result["input_shape"], result["input_dtype"] = ["batch", "sequence"], "int64"
     if fmt == "onnx":
         if int8:
             if calibration is None:
