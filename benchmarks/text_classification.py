@@ -67,9 +67,35 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- data and models
 
 def load_data(args):
-    return kdkit.DATASETS.get("fortunes_topics")(
+    """The fortunes splits; with ``--labelled-fraction F < 1`` also ``splits.labelled`` (the labelled share of the
+    training texts: the teacher's and the labels-only students' training set) and ``splits.transfer`` (every
+    training text, the unlabelled ones with target -1: the distilled students' transfer set)."""
+    splits = kdkit.DATASETS.get("fortunes_topics")(
         tokenizer="minilm", max_length=args.max_length, topics=TOPICS, per_topic=args.per_topic, val_fraction=0.0,
-        test_fraction=0.35, cache_dir=str(OUT / "tokens"))
+        test_fraction=0.35, cache_dir=str(OUT.parent / "text_classification" / "tokens"))
+    splits.labelled = splits.transfer = splits.train
+    fraction = getattr(args, "labelled_fraction", 1.0)
+    if fraction < 1.0:
+        train = splits.train
+        keep = labelled_indices(train.y, fraction)
+        mask = torch.zeros(len(train), dtype=torch.bool)
+        mask[keep] = True
+        common = dict(pad_token_id=train.pad_token_id, bucket_by_length=train.bucket_by_length)
+        splits.labelled = ArrayData(train.x[keep], train.y[keep], **common)
+        splits.transfer = ArrayData(train.x, torch.where(mask, train.y, torch.full_like(train.y, -1)), **common)
+    return splits
+
+
+def labelled_indices(y: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A fixed, class-stratified share of the training texts that keeps its labels: in each class, the first
+    ``round(fraction · n_c)`` of a permutation drawn with seed 0 (sorted, so the subset keeps dataset order)."""
+    g = torch.Generator().manual_seed(0)
+    keep = []
+    for c in sorted(set(y.tolist())):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        keep.append(idx[:max(1, round(fraction * len(idx)))])
+    return torch.cat(keep).sort().values
 
 
 def fresh_teacher(num_classes: int):
@@ -81,6 +107,8 @@ def get_teacher(splits, args) -> Dict[str, Any]:
     """Fine-tune MiniLM once with kdkit.train; later runs load the weights when the settings match."""
     settings = {"topics": TOPICS, "per_topic": args.per_topic, "max_length": args.max_length,
                 "epochs": args.teacher_epochs, "lr": args.teacher_lr, "batch_size": args.batch_size}
+    if getattr(args, "labelled_fraction", 1.0) < 1.0:
+        settings["labelled_fraction"] = args.labelled_fraction
     OUT.mkdir(parents=True, exist_ok=True)
     path, meta_path = OUT / "teacher.safetensors", OUT / "teacher.json"
     teacher = fresh_teacher(splits.num_classes)
@@ -89,9 +117,9 @@ def get_teacher(splits, args) -> Dict[str, Any]:
         load_weights(teacher, path)
         log(f"teacher: loaded {path} (fine-tuned earlier in {meta['train_seconds']:.0f} s)")
         return {"model": teacher.eval(), "train_seconds": meta["train_seconds"], "reused": True, "settings": settings}
-    log(f"teacher: fine-tuning MiniLM-L6 on {len(splits.train)} texts, {args.teacher_epochs} epochs ...")
+    log(f"teacher: fine-tuning MiniLM-L6 on {len(splits.labelled)} labelled texts, {args.teacher_epochs} epochs ...")
     t0 = time.perf_counter()
-    kdkit.train(teacher, splits.train, epochs=args.teacher_epochs, lr=args.teacher_lr, batch_size=args.batch_size,
+    kdkit.train(teacher, splits.labelled, epochs=args.teacher_epochs, lr=args.teacher_lr, batch_size=args.batch_size,
                 optimizer="adamw", weight_decay=0.01, seed=0, device="cpu", threads=1, progress=False, quiet=True)
     seconds = time.perf_counter() - t0
     save_weights(teacher, path)
@@ -141,14 +169,14 @@ def train_student(student_name: str, regime: str, seed: int, teacher, splits, ar
                   seed=seed, device="cpu", threads=1, progress=False, quiet=True)
     t0 = time.perf_counter()
     if regime == "labels":
-        run = kdkit.train(student, splits.train, **common)
+        run = kdkit.train(student, splits.labelled, **common)
     else:
         options = dict(temperature=args.temperature, alpha=args.alpha)
         if regime == "kd":
             options.update(teacher_cache="disk", cache_dir=str(OUT / "teacher_logits"))
         else:
             options.update(beta=args.beta)
-        run = kdkit.distill(teacher, student, splits.train, method=regime, **common, **options)
+        run = kdkit.distill(teacher, student, splits.transfer, method=regime, **common, **options)
     seconds = time.perf_counter() - t0
     result = score(run.student, splits.test, splits.num_classes)
     result.update(seed=seed, seconds=seconds, epoch_seconds=[h["epoch_seconds"] for h in run.history])
@@ -243,6 +271,25 @@ def jobs(args) -> List[tuple]:
     return boe + main + first + rest
 
 
+# settings that choose which jobs run, not what a job computes: a --resume may change them
+JOB_SELECTION = ("budget_min", "regimes", "students", "resume", "quick", "loop_only", "seeds")
+
+
+def previous_runs(settings: Dict[str, Any]):
+    """The per-cell runs of an earlier RESULT whose settings match these (apart from the job selection), and that
+    result; an earlier result with other settings is an error rather than silently mixed in."""
+    if not RESULT.exists():
+        return {}, {}
+    old = json.loads(RESULT.read_text())
+    same = {k: v for k, v in old["settings"].items() if k not in JOB_SELECTION}
+    new = {k: v for k, v in settings.items() if k not in JOB_SELECTION}
+    if same != new:
+        diff = sorted(k for k in set(same) | set(new) if same.get(k) != new.get(k))
+        raise kdkit.KdkitError(f"--resume: {RESULT} was run with other settings ({', '.join(diff)}); "
+                               "move it away or run without --resume")
+    return {k: list(v["runs"]) for k, v in old["results"].items()}, old
+
+
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     out = {"seeds": [r["seed"] for r in runs], "runs": runs}
     for key in ("accuracy", "macro_f1", "seconds"):
@@ -256,24 +303,36 @@ def run_all(args) -> Dict[str, Any]:
     deadline = start + 60 * args.budget_min
     torch.set_num_threads(1)
     splits = load_data(args)
-    log(f"data: {len(splits.train)} training / {len(splits.test)} test texts, {splits.num_classes} topics, "
-        f"max_length {args.max_length}")
+    log(f"data: {len(splits.train)} training ({len(splits.labelled)} labelled) / {len(splits.test)} test texts, "
+        f"{splits.num_classes} topics, max_length {args.max_length}")
     t = get_teacher(splits, args)
     teacher = t["model"]
     teacher_scores = score(teacher, splits.test, splits.num_classes)
     log(f"teacher: accuracy {100 * teacher_scores['accuracy']:.2f}%, macro-F1 {100 * teacher_scores['macro_f1']:.2f}%")
     result: Dict[str, Any] = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("table",)}, "topics": TOPICS,
-        "data": {"train": len(splits.train), "test": len(splits.test), "source": splits.info.get("source")},
+        "data": {"train": len(splits.train), "labelled": len(splits.labelled), "test": len(splits.test),
+                 "source": splits.info.get("source")},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1,
                     "cpu_count": os.cpu_count()},
         "teacher": {**teacher_scores, **size(teacher), "train_seconds": t["train_seconds"], "reused": t["reused"]},
         "students": {k: v for k, v in STUDENTS.items()}, "regimes": REGIMES, "results": {}, "cut": [],
     }
     costs: Dict[tuple, float] = {}
-    per_cell: Dict[str, List[Dict[str, Any]]] = {}
-    loop_done = False
+    per_cell, earlier = previous_runs(result["settings"]) if args.resume else ({}, {})
+    if per_cell:
+        log(f"--resume: keeping {sum(map(len, per_cell.values()))} runs of {RESULT.name} (same settings)")
+        result["results"] = {k: summarise(v) for k, v in per_cell.items()}
+    loop_done = "loop_cost" in earlier
+    if loop_done:
+        result["loop_cost"] = earlier["loop_cost"]
     for student_name, regime, seed in jobs(args):
+        if args.regimes and regime not in args.regimes or args.students and student_name not in args.students:
+            continue
+        if any(r["seed"] == seed for r in per_cell.get(f"{student_name}/{regime}", [])):
+            continue  # kept from the earlier run
+        if not loop_done and args.labelled_fraction < 1.0:
+            loop_done = True  # measured in the fully labelled setting (same students, same work per text)
         if not loop_done and student_name not in ("L3-init", "boe"):  # after the main comparison: the loop cost
             if time.perf_counter() + costs.get(("L3-init", "kd"), 0) * 0.8 < deadline:
                 result["loop_cost"] = loop_cost(teacher, splits, args)
@@ -367,7 +426,7 @@ def table(result: Dict[str, Any]) -> str:
                      f"{arch.get('parameters', 0):,} | {arch.get('bytes', 0):,} | "
                      f"{lat if lat is None else round(lat, 1)} | {speed} | {cell['seconds']['mean']:.0f} |")
     lc = result.get("loop_cost")
-    if lc is None and LOOP_RESULT.exists():
+    if lc is None and LOOP_RESULT.exists() and result["settings"].get("labelled_fraction", 1.0) == 1.0:
         lc = json.loads(LOOP_RESULT.read_text())["loop_cost"]
     if lc:
         lines += ["", f"Loop cost (L3-init, kd from cached logits, {lc['samples']} texts, {lc['repeats']} interleaved "
@@ -399,9 +458,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--beta", type=float, default=1.0, help="tinybert: weight of hidden MSE + attention KL")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--labelled-fraction", type=float, default=1.0,
+                   help="keep labels for this class-stratified share of the training texts: the teacher and the "
+                        "labels-only students train on it, distilled students on all training texts (the rest "
+                        "unlabelled); results go to text_classification_labelled<percent>.json")
     p.add_argument("--loop-samples", type=int, default=96)
     p.add_argument("--loop-repeats", type=int, default=3)
     p.add_argument("--latency-rounds", type=int, default=20)
+    p.add_argument("--regimes", nargs="+", choices=list(REGIMES), help="run only these regimes")
+    p.add_argument("--students", nargs="+", choices=list(STUDENTS), help="run only these students")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs of an existing result file with the same settings and add the missing ones")
     p.add_argument("--budget-min", type=float, default=30.0, help="stop starting new runs after this many minutes")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (results not for the README)")
     p.add_argument("--loop-only", action="store_true",
@@ -412,6 +479,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(table(json.loads(Path(args.table).read_text())))
         return 0
     global OUT, RESULT
+    if not 0.0 < args.labelled_fraction <= 1.0:
+        print(f"error: --labelled-fraction must be in (0, 1]; given {args.labelled_fraction}", file=sys.stderr)
+        return 2
+    if args.labelled_fraction < 1.0:
+        tag = f"labelled{round(100 * args.labelled_fraction)}"
+        OUT, RESULT = OUT.with_name(f"text_classification_{tag}"), RESULT.with_name(f"text_classification_{tag}.json")
     if args.quick:
         args.per_topic, args.teacher_epochs, args.epochs, args.seeds = 12, 1, 1, [0, 1]
         args.loop_samples, args.loop_repeats, args.latency_rounds = 32, 1, 3
