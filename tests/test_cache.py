@@ -13,6 +13,7 @@ from kdkit.config import TrainConfig
 from kdkit.data import ArrayData
 from kdkit.errors import KdkitError
 from kdkit.methods import METHODS
+from kdkit.methods.base import Method
 from kdkit.teacher import Teacher
 from kdkit.teacher.cache import (
     CacheSpec,
@@ -201,27 +202,41 @@ def _fitnets(net, c=2):
     return build_method("fitnets", student, Teacher(net), {}, train_data=_data())
 
 
+class _OwnTeacherForward(Method):
+    """Reads a teacher layer in its own forward() (and the teacher's weights): no cache can stand in for that."""
+
+    teacher_layers = ("0",)
+
+    def forward(self, batch):  # pragma: no cover - never trained here
+        return {"loss": self.teacher.model[0].weight.sum()}
+
+
 def test_the_cache_is_decided_from_what_the_method_declares():
     net = _net(c=2)
     fit = _fitnets(net)
     assert fit.reads_teacher_features and list(fit.teacher_layers) == ["2:input"]
-    # auto: off, saying why (the method and the layers it reads)
+    # auto: cached with the teacher layer it reads, whose bytes the reason names: 64 rows x 16 floats x 2 bytes
     mode, reason = plan.cache_plan(fit, _data(), TrainConfig(teacher_cache="auto"))
-    assert mode == "off" and "FitNets reads the teacher's intermediate layers (2:input)" in reason
-    # an explicit cache that cannot be correct is an error naming why (it used to end "off" silently after epoch 1)
+    assert mode == "memory"
+    assert f"of which {64 * 16 * 2 / 2**20:.1f} MiB the teacher layers 2:input in float16" in reason
+    # a method whose own forward() reads the teacher network: refused, saying why; explicit modes are errors
+    own = _OwnTeacherForward(nn.Linear(6, 2), Teacher(net))
+    mode, reason = plan.cache_plan(own, _data(), TrainConfig(teacher_cache="auto"))
+    assert mode == "off" and "_OwnTeacherForward reads the teacher's layers (0) in its own forward()" in reason
     for mode in ("memory", "disk"):
-        with pytest.raises(KdkitError, match=f"teacher_cache={mode} cannot be used: method FitNets reads"):
-            plan.cache_plan(fit, _data(), TrainConfig(teacher_cache=mode))
+        with pytest.raises(KdkitError, match=f"teacher_cache={mode} cannot be used: method _OwnTeacherForward"):
+            plan.cache_plan(own, _data(), TrainConfig(teacher_cache=mode))
     # a logits method: cached in memory
     kd = _kd(net, 2)
     assert not kd.reads_teacher_features
     assert plan.cache_plan(kd, _data(), TrainConfig(teacher_cache="auto"))[0] == "memory"
-    # a combination reads what its parts read
+    # a combination reads what its parts read: the union of their teacher layers is cached
     from kdkit.methods.build import build_method
 
     student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     combo = build_method("combo", student, Teacher(net), {"parts": {"kd": {}, "fitnets": {}}}, train_data=_data())
-    assert plan.cache_plan(combo, _data(), TrainConfig(teacher_cache="auto"))[0] == "off"
+    mode, reason = plan.cache_plan(combo, _data(), TrainConfig(teacher_cache="auto"))
+    assert mode == "memory" and "teacher layers 2:input" in reason
     combo = build_method("combo", student, Teacher(net), {"parts": {"kd": {}, "mse": {}}}, train_data=_data())
     assert plan.cache_plan(combo, _data(), TrainConfig(teacher_cache="auto"))[0] == "memory"
 

@@ -106,7 +106,7 @@ def test_encoder_layout_of_tiny_bert():
                                      *[f"hf.bert.encoder.layer.{i}.attention.self.{n}"
                                        for i in (0, 1) for n in ("query", "key", "value")]]
     assert method.teacher_layers[:2] == ["hf.bert.encoder.layer.1", "hf.bert.encoder.layer.3"]
-    assert method.reads_teacher_features  # so the output cache is never used for it
+    assert method.reads_teacher_features  # so a teacher cache for it holds these layers too
 
 
 # ----------------------------------------------------------------------------- losses against HF's own outputs
@@ -248,7 +248,7 @@ def test_combo_shares_one_forward_and_adds_terms():
 
 
 def test_distill_end_to_end_on_token_ids(tmp_path):
-    """The loop, the cache plan (off: teacher layers) and the report take text models unchanged."""
+    """The loop, the cache plan (a feature cache of the teacher layers) and the report take text models unchanged."""
     student, teacher = models(dropout=0.1)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1, 40, (24, 6), generator=g)

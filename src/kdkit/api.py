@@ -503,11 +503,12 @@ def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
     """``kdkit cache``: precompute a distillation config's teacher outputs into a disk cache (resumable).
 
     The cache is written where ``train.cache_dir`` says (default ``$KDKIT_CACHE_DIR`` or
-    ``~/.cache/kdkit/teacher``), in the form ``train.cache_dtype`` / ``train.cache_topk`` say; a later
+    ``~/.cache/kdkit/teacher``), in the form ``train.cache_dtype`` / ``train.cache_topk`` say, with the teacher
+    layers the config's method reads (``train.cache_feature_dtype``) for a feature method; a later
     ``kdkit distill`` of the same config finds it by fingerprint and skips the teacher entirely.
     """
-    from .teacher.cache import CacheSpec, build_cache
-    from .teacher.plan import cache_plan
+    from .teacher.cache import build_cache
+    from .teacher.plan import cache_plan, cache_spec
 
     cfg = validate(cfg.model_copy(update={"out_dir": cfg.out_dir or "(unused)"}), "distill")
     splits = build_data(cfg.data, cfg.seed)
@@ -521,11 +522,12 @@ def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
     if mode == "off":
         raise KdkitError(f"kdkit cache: this run cannot use a teacher cache: {reason}")
     teacher.to(resolve_device(cfg.device))
-    cache = build_cache(teacher.model, splits.train, CacheSpec(cfg.train.cache_dtype, cfg.train.cache_topk, "disk"),
+    # With the method's teacher_layers (a feature method): `kdkit distill` of this config then finds this very slot.
+    cache = build_cache(teacher.model, splits.train, cache_spec(method, cfg.train, "disk"),
                         cache_dir=Path(cfg.train.cache_dir) if cfg.train.cache_dir else None,
                         batch_size=cfg.data.eval_batch_size, progress=cfg.train.progress, log=log)
     return {"path": str(cache.path), "rows": len(cache), "bytes": cache.nbytes, "description": cache.describe(),
-            **{k: v for k, v in cache.meta.items() if k.startswith(("topk_kl", "fp16"))}}
+            **{k: v for k, v in cache.meta.items() if k.startswith(("topk_kl", "fp16", "feature_fp16", "layers"))}}
 
 
 def evaluate_run(run_dir, split: str = "test") -> Dict[str, Dict[str, Any]]:

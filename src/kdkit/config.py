@@ -113,6 +113,8 @@ class TrainConfig(_Strict):
     teacher_cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="reuse the teacher's outputs across epochs; auto: cache when correct, in memory if it fits")
     cache_dtype: Literal["float32", "float16"] = "float32"
+    cache_feature_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="storage of the teacher's intermediate layers when a feature method's cache holds them")
     cache_topk: Optional[int] = Field(None, gt=0, description="store only the k largest teacher logits per sample")
     cache_dir: Optional[str] = Field(
         None, description="folder of disk caches (default $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher)")

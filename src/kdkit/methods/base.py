@@ -23,7 +23,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..data.core import teacher_inputs
 from ..losses import masked_cross_entropy
 from ..registry import Registry
 from ..teacher import Teacher
@@ -88,9 +87,9 @@ def run_networks(student: nn.Module, teacher: Optional[Teacher], batch: Batch,
                  student_capture: Optional[FeatureCapture], teacher_capture: Optional[FeatureCapture]) -> Outputs:
     """The student's forward, and the teacher's, each once, capturing the named layers with forward hooks.
 
-    Without teacher layers the teacher is called as a :class:`~kdkit.teacher.Teacher` (so a cache attached by
-    the engine can answer); with them its network runs live under inference mode, and only the captured
-    tensors and its outputs are copied out (inference tensors cannot be saved for the student's backward).
+    The teacher's side goes through the :class:`~kdkit.teacher.Teacher`, so a cache attached by the engine can
+    answer: ``teacher(batch)`` without teacher layers, :meth:`~kdkit.teacher.Teacher.with_features` with them
+    (the cache holds those layers, or the network runs live with the hooks).
     """
     x = batch["x"]
     features: Dict[str, torch.Tensor] = {}
@@ -105,12 +104,7 @@ def run_networks(student: nn.Module, teacher: Optional[Teacher], batch: Batch,
     if teacher is not None and teacher_capture is None:
         t_logits = teacher(batch)
     elif teacher is not None:
-        with teacher_capture:
-            with torch.inference_mode():
-                t_out = teacher.model(teacher_inputs(batch))  # teacher_x when the teacher has its own tokenizer
-            t_features = dict(zip(teacher_capture.names, teacher_capture.features()))
-        teacher_capture.clear()
-        t_logits = t_out.clone()  # outside inference mode now: an ordinary tensor
+        t_logits, t_features = teacher.with_features(batch, teacher_capture)
     return Outputs(logits, features, t_logits, t_features)
 
 
@@ -125,12 +119,17 @@ class Method(nn.Module):
         needs_teacher: whether the method requires a teacher.
         student_layers, teacher_layers: names of the layers the method reads (set in the constructor once the
             layers are known). A method that reads the teacher's layers must declare them: the teacher cache is
-            decided from this declaration before training (:attr:`reads_teacher_features`).
+            decided from this declaration before training and then holds those layers too
+            (:attr:`reads_teacher_features`).
+        teacher_through_forward_pass: set True by a method that overrides ``forward`` but takes everything of
+            the teacher from :meth:`forward_pass` (its outputs and the hooked ``teacher_layers``; RKD, CRD), so a
+            feature cache can stand in for the network. Left False, such a method runs its teacher live.
     """
 
     needs_teacher = True
     student_layers: Sequence[str] = ()
     teacher_layers: Sequence[str] = ()
+    teacher_through_forward_pass = False
 
     def __init__(self, student: nn.Module, teacher: Optional[Teacher] = None):
         super().__init__()
@@ -140,15 +139,21 @@ class Method(nn.Module):
 
     @property
     def reads_teacher_features(self) -> bool:
-        """Whether the method reads the teacher's intermediate layers, which a cache of its outputs lacks."""
+        """Whether the method reads the teacher's intermediate layers (a cache for it holds them too)."""
         return bool(self.teacher_layers)
 
     @property
     def teacher_cache_refusal(self) -> Optional[str]:
-        """Why the teacher-output cache must not be used for this method (a one-line reason), or None.
+        """Why the teacher cache must not be used for this method (a one-line reason), or None.
 
         Read once by :func:`kdkit.teacher.plan.cache_plan`. ``lm_kd`` declares one (per-token distributions of a
-        whole vocabulary); methods that only read the teacher's layers use :attr:`reads_teacher_features`."""
+        whole vocabulary). By default a method that reads teacher layers is refused only when it overrides
+        ``forward`` without declaring :attr:`teacher_through_forward_pass`: its own forward may read more of the
+        teacher network (other modules' inputs, gradients, parameters) than a cache of the hooked tensors holds."""
+        if self.teacher_layers and not (type(self).forward is Method.forward or self.teacher_through_forward_pass):
+            return (f"method {type(self).__name__} reads the teacher's layers ({', '.join(self.teacher_layers)}) in "
+                    f"its own forward(), which may use more of the teacher network than the hooked outputs a cache "
+                    f"holds (module inputs, gradients, parameters); it runs the teacher live")
         return None
 
     @property

@@ -53,6 +53,7 @@ class CRD(FeatureMethod):
 
     feature_kind = "embedding"
     part = "crd"
+    teacher_through_forward_pass = True  # its forward takes the teacher's side from self.run (forward_pass) only
 
     def __init__(self, student: nn.Module, teacher, num_samples: Optional[int] = None, feat_dim: int = 128,
                  nce_k: int = 4096, nce_t: float = 0.07, momentum: float = 0.5, beta: float = 0.8, **kwargs):

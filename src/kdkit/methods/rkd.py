@@ -29,6 +29,7 @@ class RKD(FeatureMethod):
 
     feature_kind = "embedding"
     part = "rkd"
+    teacher_through_forward_pass = True  # its forward takes the teacher's side from self.run (forward_pass) only
 
     def __init__(self, student: nn.Module, teacher, distance_weight: float = 25.0, angle_weight: float = 50.0,
                  beta: float = 1.0, **kwargs):

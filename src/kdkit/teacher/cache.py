@@ -31,6 +31,15 @@ stale, reported with a message naming what changed, and rebuilt. Building is
 resumable: rows are written in chunks and marked done only after they are
 flushed.
 
+Teacher features (issue 10). A method that reads the teacher's intermediate layers declares them
+(``method.teacher_layers``); the cache then also holds, per row, what forward hooks capture at exactly those
+module names (outputs, or inputs for ``name:input``), in ``train.cache_feature_dtype`` (default ``float16``:
+half the memory; the logits keep ``train.cache_dtype``). For a text teacher that drops trailing all-pad
+columns (:func:`sequence_length`), a captured tensor whose dimension 1 is the sequence is stored at the
+dataset's full padded length, zeros past each example's real length, and cut on reading to the length the
+teacher would have run at for that batch, so a method sees the same shapes cached and live.
+:meth:`kdkit.teacher.Teacher.with_features` is the one place a method's teacher features come from.
+
 Random augmentation breaks the premise (the teacher would see a different view
 each epoch). kdkit's own replayable augmentation (:mod:`kdkit.teacher.augment`,
 ``data.augment: crop_flip``) keeps it: a fixed number of views per sample, each
@@ -50,7 +59,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -163,11 +172,15 @@ def fingerprint_data(data) -> str:
     return h.hexdigest()
 
 
-def slot_name(model: nn.Module, data, out_shape: Tuple[int, ...], dtype: str, topk: Optional[int]) -> str:
-    """The name of a disk cache: what the teacher and dataset *look like*, not their content."""
+def slot_name(model: nn.Module, data, out_shape: Tuple[int, ...], dtype: str, topk: Optional[int],
+              layers: Sequence[str] = (), feature_dtype: str = "float16") -> str:
+    """The name of a disk cache: what the teacher and dataset *look like*, not their content, and which teacher
+    layers it holds (a cache of outputs only and one with features never share a slot)."""
     x = getattr(data, "x", None)
     shape = tuple(x.shape) if torch.is_tensor(x) else (len(data),)
     key = f"{type(model).__qualname__}|{type(data).__qualname__}|{shape}|{out_shape}|{dtype}|{topk}"
+    if layers:  # outputs-only slots keep the names they always had
+        key += f"|layers={list(layers)}|{feature_dtype}"
     return f"{type(model).__name__.lower()}-{len(data)}-" + hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
 
 
@@ -175,6 +188,86 @@ def default_cache_dir() -> Path:
     """``$KDKIT_CACHE_DIR``, else ``~/.cache/kdkit/teacher``."""
     env = os.environ.get("KDKIT_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "kdkit" / "teacher"
+
+
+# ----------------------------------------------------------------------------- teacher features
+
+def sequence_length(model: nn.Module, x: torch.Tensor) -> Optional[int]:
+    """The sequence length a text teacher runs at for the batch ``x`` (B, L): the longest row's non-pad count (at
+    least 1; :func:`kdkit.hf.models.trim_to_longest`'s rule) when the model trims trailing all-pad columns
+    (``trim`` and ``pad_token_id`` attributes, as :class:`~kdkit.hf.HFClassifier` and ``HFCausalLM``); None for
+    every other model, which runs at the width it is given."""
+    if not getattr(model, "trim", False) or getattr(model, "pad_token_id", None) is None:
+        return None
+    if not torch.is_tensor(x) or x.dim() != 2 or x.is_floating_point():
+        return None
+    from ..hf.models import trim_to_longest  # the same rule the model applies (torch only, no transformers)
+
+    return int(trim_to_longest(x, int(model.pad_token_id)).shape[1])
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """What a cache stores of the teacher's layers: ``names`` (module names, ``name:input`` for inputs), one row's
+    ``shapes`` (a sequence feature at the dataset's full padded length), and ``sequence``: whether dimension 1
+    of each is the sequence (cut to the batch's run length when read)."""
+
+    names: Tuple[str, ...]
+    shapes: Tuple[Tuple[int, ...], ...]
+    sequence: Tuple[bool, ...]
+
+    def describe(self) -> str:
+        return ", ".join(f"{n} {tuple(s)}" for n, s in zip(self.names, self.shapes))
+
+
+def _captured(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The model's outputs on ``x`` and the tensors forward hooks capture at ``layers`` (call under inference mode)."""
+    from ..methods.hooks import FeatureCapture  # the same capture the methods' live path uses
+
+    if not layers:
+        return model(x), []
+    capture = FeatureCapture(model, layers, "teacher")
+    with capture:
+        out = model(x)
+        feats = capture.features()
+    capture.clear()
+    return out, feats
+
+
+def probe(model: nn.Module, data, device: torch.device,
+          layers: Sequence[str] = ()) -> Tuple[Tuple[int, ...], Optional[FeatureLayout]]:
+    """The teacher's output shape per sample and, with ``layers``, the :class:`FeatureLayout` of those layers,
+    from a forward pass on the first two samples.
+
+    A text teacher (:func:`sequence_length`) runs twice, the second time one position shorter: a captured tensor
+    whose dimension 1 follows the run length is a sequence feature, stored at the data's full width.
+
+    Raises:
+        KdkitError: the teacher's output is not a tensor.
+    """
+    from ..data.core import make_loader
+
+    batch = next(iter(make_loader(data, 2)))
+    x = teacher_inputs(batch).to(device)
+    with torch.inference_mode():
+        out, feats = _captured(model, x, layers)
+        length = sequence_length(model, x)
+        shorter = _captured(model, x[:, :length - 1], layers)[1] if layers and length and length > 1 else None
+    if not torch.is_tensor(out):
+        raise KdkitError(f"the teacher returns {type(out).__name__}, not a tensor; only tensor outputs can be cached")
+    if not layers:
+        return tuple(out.shape[1:]), None
+    shapes, sequence = [], []
+    for i, f in enumerate(feats):
+        seq = (length is not None and f.dim() >= 2 and f.shape[1] == length
+               and (shorter is None or shorter[i].shape[1] == length - 1))
+        shapes.append((x.shape[1], *f.shape[2:]) if seq else tuple(f.shape[1:]))
+        sequence.append(bool(seq))
+    return tuple(out.shape[1:]), FeatureLayout(tuple(layers), tuple(shapes), tuple(sequence))
+
+
+def _probe(model: nn.Module, data, device: torch.device) -> Tuple[int, ...]:
+    return probe(model, data, device)[0]
 
 
 # ----------------------------------------------------------------------------- top-k form
@@ -219,40 +312,62 @@ def soft_target_kl(full: torch.Tensor, approx: torch.Tensor, temperature: float 
 
 @dataclass
 class CacheSpec:
-    """How to store: ``dtype`` "float32"|"float16"; ``topk`` None (dense) or k; ``storage`` "memory"|"disk"."""
+    """How to store: ``dtype`` "float32"|"float16" (the outputs); ``topk`` None (dense) or k; ``storage``
+    "memory"|"disk"; ``layers``: module names of the teacher whose captured tensors are stored too (a feature
+    method's ``teacher_layers``; empty: outputs only), in ``feature_dtype``."""
 
     dtype: str = "float32"
     topk: Optional[int] = None
     storage: str = "memory"
+    layers: Tuple[str, ...] = ()
+    feature_dtype: str = "float16"
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise KdkitError(f"cache dtype must be float32 or float16; got {self.dtype!r}")
+        if self.feature_dtype not in _DTYPES:
+            raise KdkitError(f"cache feature dtype must be float32 or float16; got {self.feature_dtype!r}")
+        if isinstance(self.layers, str) or not all(isinstance(n, str) and n for n in self.layers):
+            raise KdkitError(f"cache layers must be a list of module names; got {self.layers!r}")
+        self.layers = tuple(dict.fromkeys(self.layers))
         if self.topk is not None and self.topk < 1:
             raise KdkitError(f"cache top-k must be >= 1; got {self.topk}")
         if self.storage not in ("memory", "disk"):
             raise KdkitError(f"cache storage must be memory or disk; got {self.storage!r}")
 
 
-def cache_bytes(n: int, out_shape: Tuple[int, ...], spec: CacheSpec) -> int:
-    """Bytes the cache's arrays take (values, plus indices and rest for top-k, plus the 1-byte done mask)."""
+def feature_bytes(n: int, features: Optional["FeatureLayout"], spec: CacheSpec) -> int:
+    """Bytes the stored teacher features take: ``n`` rows × Σ over layers of the per-row size (a sequence
+    feature at the dataset's full padded length) × 2 (float16) or 4 (float32)."""
+    if features is None:
+        return 0
+    itemsize = 2 if spec.feature_dtype == "float16" else 4
+    return n * sum(int(np.prod(shape)) for shape in features.shapes) * itemsize
+
+
+def cache_bytes(n: int, out_shape: Tuple[int, ...], spec: CacheSpec, features: Optional["FeatureLayout"] = None) -> int:
+    """Bytes the cache's arrays take (values, plus indices and rest for top-k, plus the 1-byte done mask, plus the
+    teacher features of :func:`feature_bytes`)."""
     itemsize = 2 if spec.dtype == "float16" else 4
     if spec.topk is None or len(out_shape) != 1 or spec.topk >= out_shape[0]:
-        return n * int(np.prod(out_shape)) * itemsize + n
+        return n * int(np.prod(out_shape)) * itemsize + n + feature_bytes(n, features, spec)
     k = spec.topk
     idx_size = 2 if out_shape[0] <= 32767 else 4
-    return n * k * (itemsize + idx_size) + n * 4 + n
+    return n * k * (itemsize + idx_size) + n * 4 + n + feature_bytes(n, features, spec)
 
 
 class TeacherCache:
     """A table of teacher outputs, one row per training sample, looked up by sample index.
 
-    Build one with :meth:`build` (or :meth:`open` a complete disk cache). ``get(index)`` returns float32
-    outputs (B, *out_shape) on the requested device.
+    Build one with :func:`build_cache` (or :meth:`open` a complete disk cache). ``get(index)`` returns float32
+    outputs (B, *out_shape) on the requested device; ``get_features(index, names, length)`` the stored teacher
+    features (``feature0.npy``, ``feature1.npy``, ... in the order of ``meta["layers"]``).
 
     Attributes:
-        meta: ``fingerprint``, ``n``, ``out_shape``, ``dtype``, ``topk``, ``complete`` and measured errors.
+        meta: ``fingerprint``, ``n``, ``out_shape``, ``dtype``, ``topk``, ``complete``, measured errors, and for a
+            feature cache ``layers``, ``feature_shapes``, ``feature_sequence``, ``feature_dtype``.
         path: the directory of a disk cache, or None in memory.
+        features: the :class:`FeatureLayout` stored, or None (outputs only).
     """
 
     def __init__(self, arrays: Dict[str, Any], meta: Dict[str, Any], path: Optional[Path] = None):
@@ -263,6 +378,9 @@ class TeacherCache:
         self._t = {k: torch.from_numpy(v) for k, v in arrays.items()}
         self.out_shape = tuple(meta["out_shape"])
         self.topk = meta.get("topk")
+        layers = meta.get("layers") or []
+        self.features = (FeatureLayout(tuple(layers), tuple(tuple(s) for s in meta["feature_shapes"]),
+                                       tuple(bool(b) for b in meta["feature_sequence"])) if layers else None)
         self.filled = int(arrays["done"].sum()) if not meta.get("complete") else len(arrays["done"])
 
     # -- facts
@@ -286,6 +404,12 @@ class TeacherCache:
                      f"{self.meta['topk_kl_mean_t4']:.2e} (T=4), max {self.meta['topk_kl_max_t1']:.2e} (T=1)")
         if "fp16_max_abs_error" in self.meta:
             text += f"; fp16 max |error| {self.meta['fp16_max_abs_error']:.2e}"
+        if self.features is not None:
+            mib = sum(a.nbytes for k, a in self._np.items() if k.startswith("feature")) / 2**20
+            text += (f"; teacher layers {', '.join(self.features.names)} in {self.meta['feature_dtype']}, "
+                     f"{mib:.1f} MiB of it")
+            if "feature_fp16_max_abs_error" in self.meta:
+                text += f" (fp16 max |error| {self.meta['feature_fp16_max_abs_error']:.2e})"
         return text
 
     # -- lookup
@@ -299,6 +423,33 @@ class TeacherCache:
             out = self._t["values"][idx].float()
         return out if device is None or out.device == torch.device(device) else out.to(device, non_blocking=True)
 
+    def get_features(self, index: torch.Tensor, names: Sequence[str], length: Optional[int] = None,
+                     device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
+        """The stored teacher features of samples ``index`` (B,) at module names ``names``, as float32 on ``device``.
+
+        A sequence feature is cut to ``length`` positions (the length the teacher would have run at for this batch,
+        :func:`sequence_length`); positions past a row's real length hold zeros.
+
+        Raises:
+            KdkitError: a name this cache does not hold (it was built for other layers, or without features).
+        """
+        held = self.features.names if self.features is not None else ()
+        missing = [n for n in names if n not in held]
+        if missing:
+            raise KdkitError(f"the teacher cache holds no features of teacher layer(s) {', '.join(missing)} (it holds "
+                             f"{', '.join(held) or 'outputs only'}); build it with those layers (CacheSpec.layers, "
+                             f"the method's teacher_layers) or use train.teacher_cache=off")
+        idx = index.to("cpu", torch.long)
+        out = {}
+        for name in names:
+            i = held.index(name)
+            t = self._t[f"feature{i}"][idx]
+            if self.features.sequence[i] and length is not None:
+                t = t[:, :length]
+            t = t.float()
+            out[name] = t if device is None or t.device == torch.device(device) else t.to(device, non_blocking=True)
+        return out
+
     def has(self, index: torch.Tensor) -> bool:
         """Whether every row of ``index`` is stored (a host-side check of the CPU done mask)."""
         return self.filled >= len(self) or bool(self._t["done"][index.to("cpu", torch.long)].all())
@@ -306,8 +457,9 @@ class TeacherCache:
     # -- building
     @classmethod
     def allocate(cls, n: int, out_shape: Tuple[int, ...], spec: CacheSpec, fingerprint: Dict[str, str],
-                 path: Optional[Path] = None) -> "TeacherCache":
-        """Empty arrays (memory, or fresh ``.npy`` memmaps under ``path``) for ``n`` rows."""
+                 path: Optional[Path] = None, features: Optional[FeatureLayout] = None) -> "TeacherCache":
+        """Empty arrays (memory, or fresh ``.npy`` memmaps under ``path``) for ``n`` rows, with room for the teacher
+        ``features`` (from :func:`probe`) when given."""
         np_dtype = _DTYPES[spec.dtype][1]
         topk = spec.topk if spec.topk is not None and len(out_shape) == 1 and spec.topk < out_shape[0] else None
         shapes: Dict[str, Tuple[Tuple[int, ...], Any]] = {"done": ((n,), np.uint8)}
@@ -318,6 +470,11 @@ class TeacherCache:
             shapes["values"] = ((n, *out_shape), np_dtype)
         meta = {"version": CACHE_VERSION, "n": n, "out_shape": list(out_shape), "dtype": spec.dtype, "topk": topk,
                 "complete": False, **fingerprint}
+        if features is not None:
+            for i, shape in enumerate(features.shapes):
+                shapes[f"feature{i}"] = ((n, *shape), _DTYPES[spec.feature_dtype][1])
+            meta.update(layers=list(features.names), feature_shapes=[list(s) for s in features.shapes],
+                        feature_sequence=list(features.sequence), feature_dtype=spec.feature_dtype)
         if path is None:
             arrays = {k: np.zeros(s, dtype=d) for k, (s, d) in shapes.items()}
         else:
@@ -345,6 +502,46 @@ class TeacherCache:
             if self.meta["dtype"] == "float16":
                 err = (self._t["values"][idx].float() - out).abs().reshape(len(idx), -1).amax(1)
                 self._stat("fp16_abs_error", err)
+
+    def put_features(self, index: torch.Tensor, features: Sequence[torch.Tensor], real: Optional[torch.Tensor]) -> None:
+        """Store the captured teacher tensors of samples ``index`` (B,), in the order of the layout's names.
+
+        A sequence feature (B, R, ...) ran at length R: it is written at positions ``0..R-1`` of its full-width
+        row, multiplied by ``real`` (B, R), the mask of the example's real (non-pad) positions, so every position
+        past an example's real length holds zero.
+
+        Raises:
+            KdkitError: a feature whose shape does not fit the layout (dimension 1 does not follow the run length),
+                or a finite value beyond float16's range.
+        """
+        idx = index.to("cpu", torch.long)
+        layout = self.features
+        for i, (name, f) in enumerate(zip(layout.names, features)):
+            f = f.detach().to("cpu").float()
+            store = self._t[f"feature{i}"]
+            row = tuple(store.shape[1:])
+            if layout.sequence[i]:
+                r = f.shape[1] if f.dim() >= 2 else -1
+                if real is None or r != real.shape[1] or tuple(f.shape[2:]) != row[1:] or r > row[0]:
+                    raise KdkitError(f"teacher layer {name!r} gave shape {tuple(f.shape)} on a batch the teacher ran "
+                                     f"at length {None if real is None else real.shape[1]}; expected (B, that length, "
+                                     f"{', '.join(map(str, row[1:]))}) as on the first batch")
+                f = torch.where(real.reshape(*real.shape, *([1] * (f.dim() - 2))), f, torch.zeros((), dtype=f.dtype))
+                full = torch.zeros((len(idx), *row), dtype=f.dtype)
+                full[:, :r] = f
+                f = full
+            elif tuple(f.shape[1:]) != row:
+                raise KdkitError(f"teacher layer {name!r} gave shape {tuple(f.shape)}; expected (B, "
+                                 f"{', '.join(map(str, row))}) as on the first batch")
+            stored = f.to(store.dtype)
+            if store.dtype == torch.float16:
+                bad = torch.isfinite(f) & ~torch.isfinite(stored)
+                if bool(bad.any()):
+                    raise KdkitError(f"teacher layer {name!r} has values beyond float16's range (max |value| "
+                                     f"{float(f[bad].abs().max()):.3g} > 65504); use train.cache_feature_dtype: "
+                                     f"float32")
+                self._stat("feature_fp16_abs_error", (stored.float() - f).abs().reshape(len(idx), -1).amax(1))
+            store[idx] = stored
 
     def _stat(self, name: str, per_sample: torch.Tensor) -> None:
         s = self.__dict__.setdefault("_stats", {})
@@ -378,6 +575,8 @@ class TeacherCache:
         if "fp16_abs_error" in stats:
             tot, mx, cnt = stats["fp16_abs_error"]
             self.meta["fp16_max_abs_error"] = mx
+        if "feature_fp16_abs_error" in stats:
+            self.meta["feature_fp16_max_abs_error"] = stats["feature_fp16_abs_error"][1]
         self.meta["complete"] = True
         if self.path is not None:
             self.flush()
@@ -393,7 +592,8 @@ class TeacherCache:
         meta = json.loads(meta_file.read_text())
         if meta.get("version") != CACHE_VERSION:
             return None
-        names = ["done", "values"] + (["indices", "rest"] if meta.get("topk") else [])
+        names = (["done", "values"] + (["indices", "rest"] if meta.get("topk") else [])
+                 + [f"feature{i}" for i in range(len(meta.get("layers") or []))])
         try:
             arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r+" if writable else "r", allow_pickle=False)
                       for k in names}
@@ -412,10 +612,15 @@ class TeacherCache:
         """A copy held in RAM (for a disk cache that fits)."""
         return TeacherCache({k: np.array(v) for k, v in self._np.items()}, dict(self.meta), None)
 
-    def matches(self, fingerprint: Dict[str, str]) -> Optional[str]:
-        """None if this cache was built for ``fingerprint``, else what changed (one phrase)."""
+    def matches(self, fingerprint: Dict[str, str], layers: Sequence[str] = ()) -> Optional[str]:
+        """None if this cache was built for ``fingerprint`` and holds the teacher ``layers``, else what differs
+        (one phrase)."""
         changed = [what for what, key in (("teacher weights", "teacher_fingerprint"), ("dataset", "data_fingerprint"))
                    if self.meta.get(key) != fingerprint.get(key)]
+        held = list(self.meta.get("layers") or [])
+        if held != list(layers):
+            changed.append(f"teacher layers (it holds {', '.join(held) or 'none'}, the method reads "
+                           f"{', '.join(layers) or 'none'})")
         return " and ".join(changed) + " changed" if changed else None
 
 
@@ -423,17 +628,6 @@ def _write_meta(path: Path, meta: Dict[str, Any]) -> None:
     tmp = path / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, path / "meta.json")
-
-
-def _probe(model: nn.Module, data, device: torch.device) -> Tuple[int, ...]:
-    from ..data.core import make_loader
-
-    batch = next(iter(make_loader(data, 2)))
-    with torch.inference_mode():
-        out = model(teacher_inputs(batch).to(device))
-    if not torch.is_tensor(out):
-        raise KdkitError(f"the teacher returns {type(out).__name__}, not a tensor; only tensor outputs can be cached")
-    return tuple(out.shape[1:])
 
 
 def fingerprint(model: nn.Module, data) -> Dict[str, str]:
@@ -444,10 +638,12 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
                 progress: bool = False, log: Callable[[str], None] = print) -> TeacherCache:
     """Compute (or reuse) the teacher's outputs on every sample of ``data``.
 
+    With ``spec.layers`` the tensors forward hooks capture at those teacher modules are stored too (see the module
+    docstring: full padded length and zeros past each example for a text teacher's sequence features).
     With ``spec.storage == "disk"`` the cache lives under ``cache_dir / slot``: a complete cache with the same
-    fingerprint is reused as is, an incomplete one is resumed, a stale one (teacher or dataset changed) is
-    rebuilt after saying so. With ``"memory"``, a matching complete disk cache (if ``cache_dir`` has one) is
-    loaded into RAM, else the outputs are computed in RAM.
+    fingerprint and the same layers is reused as is, an incomplete one is resumed, a stale one (teacher or
+    dataset changed) is rebuilt after saying so. With ``"memory"``, a matching complete disk cache (if
+    ``cache_dir`` has one) is loaded into RAM, else the outputs are computed in RAM.
 
     Args:
         model: the frozen teacher network (eval mode).
@@ -466,16 +662,16 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     was_training = model.training
     model.eval()
-    out_shape = _probe(model, data, device)
+    out_shape, features = probe(model, data, device, spec.layers)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / slot_name(model, data, out_shape, spec.dtype, spec.topk)
+    path = cache_dir / slot_name(model, data, out_shape, spec.dtype, spec.topk, spec.layers, spec.feature_dtype)
     fp: Optional[Dict[str, str]] = None
     if spec.storage == "disk" or (path / "meta.json").is_file():
         fp = fingerprint(model, data)  # hashing weights and data costs a fraction of one teacher pass
     existing = TeacherCache.open(path, writable=spec.storage == "disk")
     cache: Optional[TeacherCache] = None
     if existing is not None:
-        stale = existing.matches(fp)
+        stale = existing.matches(fp, spec.layers)
         if stale is not None:
             log(f"teacher cache {path} is stale ({stale}); " + ("rebuilding it" if spec.storage == "disk"
                                                                  else "ignoring it and caching in memory"))
@@ -491,7 +687,7 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
     views = getattr(augment, "views", 1)  # replayable augmentation (kdkit.teacher.augment): one row per (sample, view)
     if cache is None:
         cache = TeacherCache.allocate(len(data) * views, out_shape, spec, fp or {},
-                                      path if spec.storage == "disk" else None)
+                                      path if spec.storage == "disk" else None, features)
     todo = cache.missing()
     chunks: Iterable = make_loader(data, batch_size)
     if views > 1 or augment is not None:
@@ -508,7 +704,13 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
                 idx = batch.get("cache_index", batch["index"])
                 if cache.has(idx):  # done before an interruption
                     continue
-                cache.put(idx, model(teacher_inputs(batch).to(device)))
+                x = teacher_inputs(batch).to(device)
+                out, feats = _captured(model, x, spec.layers)
+                cache.put(idx, out)
+                if feats:
+                    length = sequence_length(model, x)
+                    real = None if length is None else (x[:, :length] != int(model.pad_token_id)).cpu()
+                    cache.put_features(idx, feats, real)
                 cache.mark_done(idx)
                 if cache.path is not None and i % 20 == 19:
                     cache.flush()

@@ -22,8 +22,10 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
 
     ``auto`` caches only when it is correct (a frozen :class:`~kdkit.teacher.Teacher`, an in-memory or
     indexable dataset without random augmentation or with a finite set of replayable views (crop/flip, not
-    mixup/CutMix), a method that reads only the teacher's outputs) and
+    mixup/CutMix), a method without a :attr:`~kdkit.methods.base.Method.teacher_cache_refusal`) and
     picks memory when the cache fits ``cache_memory_mb`` (disk under DDP, shared by the ranks).
+    A method that reads the teacher's intermediate layers (``teacher_layers``) gets them cached too, in
+    ``cache_feature_dtype``, and their bytes count in the estimate.
     An explicit ``memory``/``disk`` that would be wrong is an error.
 
     Raises:
@@ -43,10 +45,6 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
         reason = "the method has no frozen kdkit Teacher"
     elif getattr(method, "teacher_cache_refusal", None):  # Method.teacher_cache_refusal (lm_kd: per-token logits)
         reason = method.teacher_cache_refusal
-    elif getattr(method, "reads_teacher_features", False):  # declared by the method (Method.teacher_layers)
-        layers = ", ".join(getattr(method, "teacher_layers", ()))
-        reason = (f"method {type(method).__name__} reads the teacher's intermediate layers ({layers}), which a cache "
-                  f"of its outputs does not hold")
     elif isinstance(train_data, DataLoader) or not hasattr(train_data, "__getitem__"):
         reason = "the training data is a DataLoader/iterable whose sample indices and transforms kdkit cannot see"
     elif getattr(getattr(train_data, "augment", None), "not_cacheable", None):  # kdkit.teacher.augment.Mix
@@ -62,14 +60,28 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
         return mode, f"train.teacher_cache={mode}"
     if world_size > 1:
         return "disk", "auto: several processes share one memory-mapped cache"
-    from ..teacher.cache import CacheSpec, _probe, cache_bytes
+    from ..teacher.cache import cache_bytes, feature_bytes, probe
 
-    out_shape = _probe(teacher.model, train_data, teacher.device)
+    spec = cache_spec(method, cfg)
+    out_shape, features = probe(teacher.model, train_data, teacher.device, spec.layers)
     rows = len(train_data) * getattr(getattr(train_data, "augment", None), "views", 1)  # FKD: one row per view
-    est = cache_bytes(rows, out_shape, CacheSpec(cfg.cache_dtype, cfg.cache_topk))
+    est = cache_bytes(rows, out_shape, spec, features)
+    size = f"{est / 2**20:.1f} MiB"
+    if features is not None:
+        size += (f" (of which {feature_bytes(rows, features, spec) / 2**20:.1f} MiB the teacher layers "
+                 f"{', '.join(features.names)} in {spec.feature_dtype})")
     if est <= cfg.cache_memory_mb * 2**20:
-        return "memory", f"auto: {est / 2**20:.1f} MiB fits train.cache_memory_mb={cfg.cache_memory_mb}"
-    return "disk", f"auto: {est / 2**20:.1f} MiB exceeds train.cache_memory_mb={cfg.cache_memory_mb}"
+        return "memory", f"auto: {size} fits train.cache_memory_mb={cfg.cache_memory_mb}"
+    return "disk", f"auto: {size} exceeds train.cache_memory_mb={cfg.cache_memory_mb}"
+
+
+def cache_spec(method, cfg: TrainConfig, storage: str = "memory"):
+    """The :class:`~kdkit.teacher.cache.CacheSpec` a run's cache is built with: ``cfg``'s storage form, plus the
+    teacher layers the method declares (``method.teacher_layers``; a ``combo``: the union of its parts')."""
+    from ..teacher.cache import CacheSpec
+
+    return CacheSpec(cfg.cache_dtype, cfg.cache_topk, storage, tuple(getattr(method, "teacher_layers", ()) or ()),
+                     cfg.cache_feature_dtype)
 
 
 def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, batch_size: int = 512,
@@ -78,14 +90,14 @@ def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, ba
 
     Returns ``(cache or None, description)``.
     """
-    from ..teacher.cache import CacheSpec, build_cache
+    from ..teacher.cache import build_cache
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     mode, reason = cache_plan(method, train_data, cfg, world_size)
     if mode == "off":
         return None, f"off ({reason})"
     teacher = method.teacher
-    spec = CacheSpec(cfg.cache_dtype, cfg.cache_topk, mode)
+    spec = cache_spec(method, cfg, mode)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
     if world_size > 1 and mode == "disk":
         # Rank 0 builds (or validates) the file; the others open what it wrote, read-only.

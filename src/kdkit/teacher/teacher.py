@@ -8,14 +8,15 @@ mode. It runs under ``torch.inference_mode()``.
 Caching its outputs is the teacher's business: while the engine trains with a
 :class:`kdkit.teacher.cache.TeacherCache` attached (``train.teacher_cache``), a call with a
 batch dict answers by ``batch["index"]`` from the cache (complete before the first step),
-so methods never know. Whether a cache may be
-attached at all is decided once, before training, by :func:`kdkit.teacher.plan.cache_plan`: never for a
-method that declares it reads the teacher's intermediate layers (those run the network themselves).
+so methods never know. A method that reads the teacher's intermediate layers gets them, with the outputs,
+from :meth:`Teacher.with_features` (through :func:`kdkit.methods.base.run_networks`): the one place where they
+come either from the cache (which then holds those layers) or from a live pass with forward hooks. Whether a
+cache may be attached at all is decided once, before training, by :func:`kdkit.teacher.plan.cache_plan`.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -77,6 +78,36 @@ class Teacher:
         # Inference tensors cannot be saved for the student's backward pass; a copy of the
         # (B, C) outputs is cheap and turns them into ordinary constants.
         return out.clone()
+
+    def with_features(self, batch: Union[Batch, torch.Tensor], capture) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The teacher's outputs and the tensors of ``capture``'s layers (a
+        :class:`~kdkit.methods.hooks.FeatureCapture` on ``self.model``) on ``batch``, as ordinary tensors.
+
+        From the cache when one is attached and the batch carries ``index``: the stored rows, a text teacher's
+        sequence features cut to the length the network would have run at for this batch
+        (:func:`kdkit.teacher.cache.sequence_length`), so shapes are the same as live. Otherwise the network runs
+        under inference mode with the hooks installed, and only the captured tensors and outputs are copied out
+        (inference tensors cannot be saved for the student's backward pass).
+
+        Raises:
+            KdkitError: the attached cache does not hold one of the layers (built for other layers).
+        """
+        x = teacher_inputs(batch) if isinstance(batch, dict) else batch
+        cache = self.cache
+        if cache is not None and isinstance(batch, dict) and "index" in batch:
+            from .cache import sequence_length
+
+            self.cache_hits += 1
+            index = batch.get("cache_index", batch["index"])  # with replayable augmentation: (sample, view) row
+            features = cache.get_features(index, capture.names, sequence_length(self.model, x), device=x.device)
+            return cache.get(index, device=x.device), features
+        self.live_calls += 1
+        with capture:
+            with torch.inference_mode():
+                out = self.model(x)
+            features = dict(zip(capture.names, capture.features()))  # copied out of inference mode by the hooks
+        capture.clear()
+        return out.clone(), features
 
 
 def as_teacher(teacher: Optional[Union[Teacher, nn.Module]]) -> Optional[Teacher]:
