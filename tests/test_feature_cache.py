@@ -129,7 +129,9 @@ def test_text_distillation_trains_from_the_feature_cache(tmp_path):
     method = _text_method("tinybert", student, teacher, data)
     cfg = TrainConfig(epochs=2, lr=1e-3, progress=False, teacher_cache="auto", cache_dir=str(tmp_path))
     hist = engine.fit(method, data, None, cfg, batch_size=8)
-    assert "teacher layers hf.bert.encoder.layer.1" in hist.teacher_cache and "in float16" in hist.teacher_cache
+    n = len(method.teacher_layers)  # 2 hidden states + 2 x (query, key, value)
+    assert f"{n} teacher layers (hf.bert.encoder.layer.1, ..., " in hist.teacher_cache
+    assert "in float16" in hist.teacher_cache and n == 8
     assert method.teacher.live_calls == 0 and method.teacher.cache_hits == 6  # 2 epochs x 3 batches
 
 

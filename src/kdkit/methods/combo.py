@@ -72,7 +72,8 @@ class Combo(Method):
         for label, options in parts.items():
             built[label], self.weights[label] = self._build_part(str(label), options, context)
         self.parts = nn.ModuleDict(built)
-        # Declared once: what the combination reads is what its parts read (the teacher cache is decided from it).
+        # Declared once: what the combination reads is what its parts read (the teacher cache is decided from it and
+        # holds the union of the parts' teacher layers).
         self.student_layers = _union(p.student_layers for p in self.parts.values())
         self.teacher_layers = _union(p.teacher_layers for p in self.parts.values())
         self.shared = [label for label, p in self.parts.items() if share_forward and p.shares_forward]

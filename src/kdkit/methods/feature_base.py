@@ -75,8 +75,8 @@ class FeatureMethod(Method):
     Subclasses set ``feature_kind`` (``"map"``, ``"embedding"`` or ``"any"``), ``part`` (the name of their
     loss in the output dict) and implement :meth:`feature_loss`. A subclass takes its own options and forwards
     the rest (``**kwargs``) here; option checking follows that chain, so every option below stays checked.
-    The layers found are declared as ``student_layers`` / ``teacher_layers`` (so the teacher's outputs are
-    never cached for a feature method, and ``combo`` captures them in its one forward).
+    The layers found are declared as ``student_layers`` / ``teacher_layers`` (so a teacher cache for the method
+    holds those layers too, and ``combo`` captures them in its one forward).
 
     Args:
         student, teacher: as for every method (``teacher.model`` is hooked).

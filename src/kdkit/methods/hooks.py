@@ -17,7 +17,8 @@ pass, or whose output was changed in place after it was captured (a following
 ``ReLU(inplace=True)``), says so instead of handing back a wrong tensor.
 
 Teacher features are captured with ``copy_out_of_inference=True`` while the frozen
-model runs under ``torch.inference_mode()`` (:func:`kdkit.methods.base.run_networks`):
+model runs under ``torch.inference_mode()`` (:meth:`kdkit.teacher.Teacher.with_features`, when no
+feature cache answers):
 only the captured tensors are copied out of inference mode (inference tensors
 cannot be saved for the student's backward pass; the copy is made in the hook,
 so a later in-place op cannot alter it).

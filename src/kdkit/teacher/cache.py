@@ -217,7 +217,11 @@ class FeatureLayout:
     sequence: Tuple[bool, ...]
 
     def describe(self) -> str:
-        return ", ".join(f"{n} {tuple(s)}" for n, s in zip(self.names, self.shapes))
+        """``the teacher layers a, b`` (three or fewer), else ``N teacher layers (first, ..., last)``."""
+        names = self.names
+        if len(names) <= 3:
+            return f"the teacher layers {', '.join(names)}"
+        return f"{len(names)} teacher layers ({names[0]}, ..., {names[-1]})"
 
 
 def _captured(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -406,8 +410,7 @@ class TeacherCache:
             text += f"; fp16 max |error| {self.meta['fp16_max_abs_error']:.2e}"
         if self.features is not None:
             mib = sum(a.nbytes for k, a in self._np.items() if k.startswith("feature")) / 2**20
-            text += (f"; teacher layers {', '.join(self.features.names)} in {self.meta['feature_dtype']}, "
-                     f"{mib:.1f} MiB of it")
+            text += f"; {self.features.describe()} in {self.meta['feature_dtype']}, {mib:.1f} MiB of it"
             if "feature_fp16_max_abs_error" in self.meta:
                 text += f" (fp16 max |error| {self.meta['feature_fp16_max_abs_error']:.2e})"
         return text

@@ -68,8 +68,8 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     est = cache_bytes(rows, out_shape, spec, features)
     size = f"{est / 2**20:.1f} MiB"
     if features is not None:
-        size += (f" (of which {feature_bytes(rows, features, spec) / 2**20:.1f} MiB the teacher layers "
-                 f"{', '.join(features.names)} in {spec.feature_dtype})")
+        size += (f" (of which {feature_bytes(rows, features, spec) / 2**20:.1f} MiB {features.describe()} in "
+                 f"{spec.feature_dtype})")
     if est <= cfg.cache_memory_mb * 2**20:
         return "memory", f"auto: {size} fits train.cache_memory_mb={cfg.cache_memory_mb}"
     return "disk", f"auto: {size} exceeds train.cache_memory_mb={cfg.cache_memory_mb}"
