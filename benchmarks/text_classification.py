@@ -103,14 +103,16 @@ def fresh_teacher(num_classes: int):
     return kdkit.hf.load("minilm", num_labels=num_classes, log=lambda _m: None)
 
 
-def get_teacher(splits, args) -> Dict[str, Any]:
-    """Fine-tune MiniLM once with kdkit.train; later runs load the weights when the settings match."""
+def get_teacher(splits, args, out: Optional[Path] = None) -> Dict[str, Any]:
+    """Fine-tune MiniLM once with kdkit.train; later runs load the weights (from ``out``, default this benchmark's
+    output folder) when the settings match."""
     settings = {"topics": TOPICS, "per_topic": args.per_topic, "max_length": args.max_length,
                 "epochs": args.teacher_epochs, "lr": args.teacher_lr, "batch_size": args.batch_size}
     if getattr(args, "labelled_fraction", 1.0) < 1.0:
         settings["labelled_fraction"] = args.labelled_fraction
-    OUT.mkdir(parents=True, exist_ok=True)
-    path, meta_path = OUT / "teacher.safetensors", OUT / "teacher.json"
+    out = out or OUT
+    out.mkdir(parents=True, exist_ok=True)
+    path, meta_path = out / "teacher.safetensors", out / "teacher.json"
     teacher = fresh_teacher(splits.num_classes)
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     if path.exists() and meta and meta["settings"] == settings:
