@@ -23,8 +23,8 @@ The shared job (everything built by ``text_classification.py``'s own helpers, im
   optimiser step to 0 over all steps (kdkit's ``schedule: cosine``; TextBrewer gets the same ``LambdaLR``), batch
   ``--batch-size``, ``--epochs`` epochs, no gradient clipping, one thread.
 - Variants, each run in its own process, interleaved (kdkit live, TextBrewer live, kdkit cached, TextBrewer
-  cached; the next repeat again), ``--repeats`` times with seed = the repeat's number: ``kdkit-live``
-  (``teacher_cache: off``: the teacher runs every step, the same work as TextBrewer's default),
+  cached; the next repeat in reverse order, and so on), ``--repeats`` times with seed = the repeat's number:
+  ``kdkit-live`` (``teacher_cache: off``: the teacher runs every step, the same work as TextBrewer's default),
   ``textbrewer-live`` (``BasicDistiller``), ``kdkit-cached`` (``teacher_cache: memory``: the teacher's logits are
   computed once before training) and ``textbrewer-cached`` (``DistillationConfig(is_caching_logits=True)``:
   TextBrewer caches the batches of the first pass with the teacher's logits and replays them, shuffled, each
@@ -238,7 +238,7 @@ def check_loss_mapping(args) -> Dict[str, float]:
     p_t = torch.softmax(t_logits / T, 1)
     entropy = -(p_t * p_t.log()).sum(1).mean()
     return {"max_grad_difference": float((s_k.grad - s_b.grad).abs().max()),
-            "max_constant_error": abs(float(loss_b - loss_k) - a * T ** 2 * float(entropy))}
+            "max_constant_error": abs(float(loss_b.detach() - loss_k.detach()) - a * T ** 2 * float(entropy))}
 
 
 def medians(runs: List[Dict[str, Any]]) -> Dict[str, float]:
@@ -261,7 +261,8 @@ def run_all(args) -> Dict[str, Any]:
     load_start = os.getloadavg()
     runs: Dict[str, List[Dict[str, Any]]] = {v: [] for v in args.variants}
     for seed in range(args.repeats):
-        for variant in args.variants:
+        # ABBA: odd repeats run the variants in reverse order, so that no variant always holds the same position
+        for variant in (args.variants if seed % 2 == 0 else args.variants[::-1]):
             runs[variant].append(spawn(variant, seed, args))
     med = {v: medians(r) for v, r in runs.items()}
     ratios = {}
