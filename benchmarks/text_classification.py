@@ -11,7 +11,8 @@
 3. Students: 3- and 2-layer BERTs initialised from the teacher's layers (``kdkit.hf.shrink``), the same
    shapes from random init, and a bag-of-embeddings model (``boe``, Tang et al. 2019's kind of
    non-transformer student); each trained from labels alone (``kdkit.train``), with logits KD (``kd``, teacher
-   logits cached on disk) and with hidden states + attention + logits (``tinybert``; the teacher's logits and layers cached, fp16 layers).
+   logits cached on disk) and with hidden states + attention + logits (``tinybert``; the teacher's logits and
+   layers cached, fp16 layers).
 4. Measured: test accuracy and macro-F1 (mean ± std over seeds, the weights after the last epoch), parameters,
    safetensors bytes, CPU latency at batch 1 (one thread, a fixed sequence of ``--max-length`` tokens, all
    models timed in interleaved rounds, median), and kdkit's seconds per epoch against a minimal hand-written
