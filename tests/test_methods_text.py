@@ -87,7 +87,12 @@ def test_layer_maps():
     assert layer_map(2, 6, "final") == [(1, 5)]
     assert layer_map(3, 6, [0, -1, 5]) == [(0, 0), (2, 5)]
     assert layer_map(3, 6, [[2, 5], [0, 1]]) == [(2, 5), (0, 1)]
-    for spec, msg in (("every", "must be 'uniform'"), ([0, 1], "the student has 3 layers"),
+    assert layer_map(3, 6, "copied", source_layers=[0, 2, 4]) == [(0, 0), (1, 2), (2, 4)]
+    assert layer_map(3, 6, "auto", source_layers=[0, 2, 4]) == [(0, 0), (1, 2), (2, 4)]
+    assert layer_map(3, 6, "auto") == layer_map(3, 6, "uniform")  # no record of copied layers: TinyBERT's map
+    with pytest.raises(ValueError, match="'copied' needs a student built from the teacher's layers"):
+        layer_map(3, 6, "copied")
+    for spec, msg in (("every", "must be 'auto', 'copied', 'uniform'"), ([0, 1], "the student has 3 layers"),
                       ([[0, 9]], "out of range"), ([0, 1, 6], "out of range")):
         with pytest.raises(ValueError, match=msg):
             layer_map(3, 6, spec)
@@ -107,6 +112,37 @@ def test_encoder_layout_of_tiny_bert():
                                        for i in (0, 1) for n in ("query", "key", "value")]]
     assert method.teacher_layers[:2] == ["hf.bert.encoder.layer.1", "hf.bert.encoder.layer.3"]
     assert method.reads_teacher_features  # so a teacher cache for it holds these layers too
+
+
+def test_shrunk_student_reads_the_layers_it_was_copied_from():
+    """kdkit.hf.shrink records the kept teacher layers; the default map (auto) pairs each student layer with its
+    source, a map given explicitly wins, and a student of another depth or a fresh config falls back to uniform."""
+    _, teacher = models()
+    student = kdkit.hf.shrink(teacher, layers=[0, 2, 3])
+    assert (student.source_layers, student.source_num_layers) == ((0, 2, 3), 4)
+    for name in ("hidden_mse", "tinybert"):
+        assert build(name, student, teacher).hidden_pairs == [(0, 0), (1, 2), (2, 3)]
+    assert build("attention_kl", student, teacher).attention_pairs == [(0, 0), (1, 2), (2, 3)]
+    assert build("tinybert", student, teacher, layer_map="uniform").hidden_pairs == [(0, 0), (1, 1), (2, 3)]
+    fresh = kdkit.hf.shrink(teacher, layers=[0, 2], hidden=16)  # random init: nothing was copied
+    assert getattr(fresh, "source_layers", None) is None
+    assert build("tinybert", fresh, teacher).hidden_pairs == [(0, 1), (1, 3)]
+    deeper = tiny_bert(vocab_size=40, num_labels=C, layers=6, hidden=24, heads=2)  # not the shrunk model's teacher
+    assert build("hidden_mse", student, deeper).hidden_pairs == [(0, 1), (1, 3), (2, 5)]
+    with pytest.raises(KdkitError, match="'copied' needs a student built from the teacher's layers"):
+        build("hidden_mse", fresh, teacher, layer_map="copied")
+
+
+def test_tinybert_default_weights():
+    """loss = 0.9 KD + 0.1 CE + 0.1 (hidden + attention): beta 0.1 by default, each inner weight 1."""
+    student, teacher = models()
+    method = build("tinybert", student, teacher)
+    assert method.beta == 0.1
+    b = batch()
+    out = method(b)
+    expected = kd_part(student, teacher, b).item() + 0.1 * (out["hidden"].item() + out["attn_kl"].item())
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["hidden"].item() > 0.1 and out["attn_kl"].item() > 1e-3  # the feature terms are not vacuous here
 
 
 # ----------------------------------------------------------------------------- losses against HF's own outputs
@@ -140,7 +176,8 @@ def test_attention_kl_equals_reference_from_hf_attentions():
     # eager attention returns the probabilities it used: the method's recomputation from q/k must agree
     ref = sum(ref_kl(t_out.attentions[t], s_out.attentions[s], mask) for s, t in ((0, 2), (1, 3)))
     assert out["attn_kl"].item() == pytest.approx(ref, rel=1e-4)
-    assert out["loss"].item() == pytest.approx(kd_part(student, teacher, b, 0.5, 2.0).item() + ref, rel=1e-4)
+    # default beta 0.1 (measured in benchmarks/tinybert_scale.py: beta 1 let the KL swamp the cross-entropy)
+    assert out["loss"].item() == pytest.approx(kd_part(student, teacher, b, 0.5, 2.0).item() + 0.1 * ref, rel=1e-4)
 
 
 def test_minilm_equals_reference_on_last_layer():

@@ -225,7 +225,9 @@ def shrink(model: HFClassifier, layers: Optional[Sequence[int]] = None, hidden: 
       ``N // 64`` at least 1; ``intermediate`` default ``4 N``) and ``len(layers)`` layers (default: the
       teacher's count), randomly initialised from the run's seed.
 
-    The student shares the teacher's tokenizer and pad id.
+    The student shares the teacher's tokenizer and pad id. A student of copied layers records them as
+    ``source_layers`` (and the teacher's depth as ``source_num_layers``), which the transformer methods' default
+    ``layer_map: auto`` reads to pair each student layer with the teacher layer it was copied from.
     """
     if not isinstance(model, HFClassifier):
         raise KdkitError(f"shrink takes a kdkit.hf.HFClassifier (from kdkit.hf.load); got {type(model).__name__}")
@@ -257,4 +259,8 @@ def shrink(model: HFClassifier, layers: Optional[Sequence[int]] = None, hidden: 
             key = f"{prefix}{new_index[int(old)]}.{rest}"
         state[key] = value.detach().clone()
     student.load_state_dict(state, strict=True)
-    return HFClassifier(student, model.pad_token_id, tokenizer=model.tokenizer, trim=model.trim)
+    out = HFClassifier(student, model.pad_token_id, tokenizer=model.tokenizer, trim=model.trim)
+    # Which teacher layers each student layer holds: the transformer methods' default layer map (``auto``) pairs
+    # each student layer with the layer it was copied from (plain attributes, not saved in checkpoints).
+    out.source_layers, out.source_num_layers = tuple(keep), n
+    return out

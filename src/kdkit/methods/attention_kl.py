@@ -28,17 +28,23 @@ class AttentionKL(TransformerMethod):
     Head counts must match (widths may differ), unless ``relation_heads`` re-splits both models' queries and
     keys into that many heads (MiniLMv2's relation heads, Wang et al. 2021).
 
+    The KL is in nats per query row: between different layers of a real model it is of the order of 1-3 per
+    pair, several times the cross-entropy's gradient on the shared layers, hence ``beta`` 0.1 by default (see
+    ``hidden_mse`` and ``benchmarks/tinybert_scale.py``).
+
     Args:
-        layer_map: as in ``hidden_mse`` (default ``uniform``).
+        layer_map: as in ``hidden_mse`` (default ``auto``: the layers a shrunk student was copied from, else
+            ``uniform``).
         relation_heads: None (the models' own heads) or a number dividing both widths.
-        beta, alpha, temperature: see :class:`~kdkit.methods.transformer_base.TransformerMethod`.
+        beta: weight of the attention term (default 0.1).
+        alpha, temperature: see :class:`~kdkit.methods.transformer_base.TransformerMethod`.
     """
 
     part = "attn_kl"
 
-    def __init__(self, student: nn.Module, teacher, layer_map: LayerMapSpec = "uniform",
-                 relation_heads: Optional[int] = None, **kwargs):
-        super().__init__(student, teacher, **kwargs)
+    def __init__(self, student: nn.Module, teacher, layer_map: LayerMapSpec = "auto",
+                 relation_heads: Optional[int] = None, beta: float = 0.1, **kwargs):
+        super().__init__(student, teacher, beta=beta, **kwargs)
         self.use_attention(self.pairs(layer_map), relation_heads)
 
     def feature_loss(self, batch: Batch, outputs: Outputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

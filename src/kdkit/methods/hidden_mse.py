@@ -24,18 +24,27 @@ class HiddenMSE(TransformerMethod):
     ``W_h`` is one learned linear map shared by every pair (as in the authors' code), created when the widths
     differ; it is a submodule of the method, trained with the student and never exported.
 
+    Defaults, measured (``benchmarks/tinybert_scale.py``): ``layer_map: auto`` pairs each layer of a student
+    built by :func:`kdkit.hf.shrink` with the teacher layer it was copied from (TinyBERT's ``uniform`` map would
+    make a student holding teacher blocks 0, 2, 4 imitate blocks 1, 3, 5), and ``beta`` 0.1: with a short
+    task-specific run the feature term at ``beta`` 1 outweighs the cross-entropy's gradient on the shared
+    layers and cost the teacher-initialised student of the text benchmark accuracy. TinyBERT itself never
+    mixes the two: it distils the intermediate layers first, with no task loss, then the predictions.
+
     Args:
-        layer_map: ``uniform`` (default), ``last``, ``final``, a list of teacher layers (one per student
-            layer, -1 skips) or of ``[student, teacher]`` pairs (:func:`~kdkit.methods.transformer_base.layer_map`).
+        layer_map: ``auto`` (default: ``copied`` for a student of copied teacher layers, else ``uniform``),
+            ``copied``, ``uniform``, ``last``, ``final``, a list of teacher layers (one per student layer, -1
+            skips) or of ``[student, teacher]`` pairs (:func:`~kdkit.methods.transformer_base.layer_map`).
         projection: ``auto`` (a map when widths differ), ``learned`` (always) or ``none``.
-        beta, alpha, temperature: see :class:`~kdkit.methods.transformer_base.TransformerMethod`.
+        beta: weight of the hidden term (default 0.1).
+        alpha, temperature: see :class:`~kdkit.methods.transformer_base.TransformerMethod`.
     """
 
     part = "hidden"
 
-    def __init__(self, student: nn.Module, teacher, layer_map: LayerMapSpec = "uniform", projection: str = "auto",
-                 **kwargs):
-        super().__init__(student, teacher, **kwargs)
+    def __init__(self, student: nn.Module, teacher, layer_map: LayerMapSpec = "auto", projection: str = "auto",
+                 beta: float = 0.1, **kwargs):
+        super().__init__(student, teacher, beta=beta, **kwargs)
         self.use_hidden(self.pairs(layer_map), projection)
 
     def feature_loss(self, batch: Batch, outputs: Outputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

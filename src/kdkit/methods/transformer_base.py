@@ -39,7 +39,8 @@ LayerMapSpec = Union[str, List[int], List[List[int]]]
 _QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
 
 
-def layer_map(num_student: int, num_teacher: int, spec: LayerMapSpec = "uniform") -> List[Tuple[int, int]]:
+def layer_map(num_student: int, num_teacher: int, spec: LayerMapSpec = "uniform",
+              source_layers: Optional[Sequence[int]] = None) -> List[Tuple[int, int]]:
     """Pairs ``(student layer, teacher layer)`` (0-based encoder blocks) to match.
 
     Args:
@@ -48,15 +49,31 @@ def layer_map(num_student: int, num_teacher: int, spec: LayerMapSpec = "uniform"
             ``g(m) = m · N / M``, Jiao et al. 2020; 3 of 6 layers read teacher layers 2, 4, 6);
             ``"last"``: the student's M layers read the teacher's last M (``N - M + m``);
             ``"final"``: only the last layer of each (MiniLM, DistilBERT's output states);
+            ``"copied"``: student layer i reads the teacher layer it was copied from, ``source_layers[i]``
+            (a student of :func:`kdkit.hf.shrink` keeping teacher layers 0, 2, 4 reads 0, 2, 4);
+            ``"auto"``: ``"copied"`` when ``source_layers`` is given, else ``"uniform"``;
             a list of M teacher indices (one per student layer, ``-1`` skips that student layer);
             or a list of ``[student, teacher]`` pairs.
+        source_layers: the teacher layers the student's layers were copied from, one per student layer, or
+            None (a student not built from this teacher's layers).
 
     Raises:
-        ValueError: an unknown strategy, indices out of range, or a list of the wrong length.
+        ValueError: an unknown strategy, indices out of range, a list of the wrong length, or ``"copied"``
+            without ``source_layers``.
     """
     m, n = num_student, num_teacher
     if m < 1 or n < 1:
         raise ValueError(f"layer_map needs at least one layer in each model; got {m} student and {n} teacher layers")
+    if spec == "auto":
+        spec = "uniform" if source_layers is None else "copied"
+    if spec == "copied":
+        if source_layers is None:
+            raise ValueError("layer_map 'copied' needs a student built from the teacher's layers (kdkit.hf.shrink "
+                             "with layers=..., same teacher depth); give a list of teacher layers instead")
+        if len(source_layers) != m:
+            raise ValueError(f"layer_map 'copied': the student has {m} layers but records {len(source_layers)} "
+                             f"source layers {list(source_layers)}")
+        spec = [int(t) for t in source_layers]
     if spec == "uniform":
         return [(i, max(1, ((i + 1) * n) // m) - 1) for i in range(m)]
     if spec == "last":
@@ -66,8 +83,8 @@ def layer_map(num_student: int, num_teacher: int, spec: LayerMapSpec = "uniform"
     if spec == "final":
         return [(m - 1, n - 1)]
     if isinstance(spec, str):
-        raise ValueError(f"layer_map must be 'uniform', 'last', 'final', a list of teacher layers or of "
-                         f"[student, teacher] pairs; given {spec!r}")
+        raise ValueError(f"layer_map must be 'auto', 'copied', 'uniform', 'last', 'final', a list of teacher layers "
+                         f"or of [student, teacher] pairs; given {spec!r}")
     spec = list(spec)
     if spec and all(isinstance(p, (list, tuple)) for p in spec):
         pairs = [tuple(int(v) for v in p) for p in spec]
@@ -161,6 +178,20 @@ def encoder_layout(model: nn.Module, who: str) -> EncoderLayout:
     return EncoderLayout(best[0], len(best[1]), best[2], width, heads, pad)
 
 
+def source_layers(student: nn.Module, num_student: int, num_teacher: int) -> Optional[List[int]]:
+    """The teacher layers ``student``'s encoder layers were copied from, when it records them and they fit.
+
+    :func:`kdkit.hf.shrink` sets ``source_layers`` (the kept teacher layers) and ``source_num_layers`` (the
+    teacher's depth) on the student it builds by copying layers. They are used only when the student still has
+    one layer per recorded source and the teacher being distilled has the recorded depth; otherwise None.
+    """
+    layers = getattr(student, "source_layers", None)
+    depth = getattr(student, "source_num_layers", None)
+    if layers is None or depth != num_teacher or len(layers) != num_student:
+        return None
+    return [int(t) for t in layers]
+
+
 def make_projection(student_width: int, teacher_width: int, projection: str, where: str) -> nn.Module:
     """TinyBERT's learned ``W_h`` (a linear map student width -> teacher width), or the identity.
 
@@ -223,7 +254,10 @@ class TransformerMethod(Method):
         self.teacher_layers = list(dict.fromkeys([*self.teacher_layers, *teacher_names]))
 
     def pairs(self, spec: LayerMapSpec) -> List[Tuple[int, int]]:
-        return layer_map(self.s_layout.num_layers, self.t_layout.num_layers, spec)
+        """The layer pairs of ``spec`` (:func:`layer_map`); ``auto``/``copied`` read the student's record of the
+        teacher layers it was copied from (:func:`source_layers`)."""
+        return layer_map(self.s_layout.num_layers, self.t_layout.num_layers, spec,
+                         source_layers(self.student, self.s_layout.num_layers, self.t_layout.num_layers))
 
     def use_hidden(self, pairs: List[Tuple[int, int]], projection: str) -> None:
         """Read the outputs of the paired blocks; ``self.projection`` maps student to teacher width."""
