@@ -178,7 +178,8 @@ def train_student(student_name: str, regime: str, seed: int, teacher, splits, ar
         if regime == "kd":
             options.update(teacher_cache="disk", cache_dir=str(OUT / "teacher_logits"))
         else:
-            options.update(beta=args.beta)
+            if args.beta is not None:  # else the method's default (0.1 for tinybert)
+                options.update(beta=args.beta)
         run = kdkit.distill(teacher, student, splits.transfer, method=regime, **common, **options)
     seconds = time.perf_counter() - t0
     result = score(run.student, splits.test, splits.num_classes)
@@ -284,8 +285,11 @@ def previous_runs(settings: Dict[str, Any]):
     if not RESULT.exists():
         return {}, {}
     old = json.loads(RESULT.read_text())
-    same = {k: v for k, v in old["settings"].items() if k not in JOB_SELECTION}
-    new = {k: v for k, v in settings.items() if k not in JOB_SELECTION}
+    ignore = set(JOB_SELECTION)
+    if not any(k.endswith("/tinybert") for k in old["results"]):
+        ignore.add("beta")  # only the tinybert runs read it
+    same = {k: v for k, v in old["settings"].items() if k not in ignore}
+    new = {k: v for k, v in settings.items() if k not in ignore}
     if same != new:
         diff = sorted(k for k in set(same) | set(new) if same.get(k) != new.get(k))
         raise kdkit.KdkitError(f"--resume: {RESULT} was run with other settings ({', '.join(diff)}); "
@@ -459,7 +463,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lr-boe", type=float, default=3e-3)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--beta", type=float, default=1.0, help="tinybert: weight of hidden MSE + attention KL")
+    p.add_argument("--beta", type=float, default=None,
+                   help="tinybert: weight of hidden MSE + attention KL (default: the method's own, 0.1)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--labelled-fraction", type=float, default=1.0,
                    help="keep labels for this class-stratified share of the training texts: the teacher and the "
