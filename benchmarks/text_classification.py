@@ -409,6 +409,13 @@ def loop_only(args) -> int:
     return 0
 
 
+def ahead_on_seeds(cell: Dict[str, Any], labels: Dict[str, Any]) -> List[int]:
+    """[seeds where the regime beat labels alone, seeds both ran]: the comparison paired by seed."""
+    lab = {r["seed"]: r["accuracy"] for r in labels["runs"]}
+    both = [r for r in cell["runs"] if r["seed"] in lab]
+    return [sum(r["accuracy"] > lab[r["seed"]] for r in both), len(both)]
+
+
 def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
     """The issue's expectation for the 3-layer teacher-initialised student, per distillation regime."""
     out = {}
@@ -428,6 +435,7 @@ def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
             "at_least_2x_faster": teacher["latency_ms_b1"] >= 2 * arch["latency_ms_b1"],
             "gain_over_labels": acc["mean"] - lab["mean"], "seed_spread": spread,
             "beats_labels_beyond_spread": acc["mean"] - lab["mean"] > spread, "seeds": len(cell["seeds"]),
+            "ahead_on_seeds": ahead_on_seeds(cell, labels),
         }
     return out
 
@@ -470,7 +478,8 @@ def table(result: Dict[str, Any]) -> str:
         lines.append(f"Verdict L3-init {regime}: keeps {100 * v['accuracy_kept']:.1f}% of the teacher's accuracy "
                      f"(>= 97%: {v['keeps_97_percent']}), {v['speedup_b1']:.2f}x faster at batch 1 (>= 2x: "
                      f"{v['at_least_2x_faster']}), {100 * v['gain_over_labels']:+.2f} points over labels-only vs a "
-                     f"seed spread of {100 * v['seed_spread']:.2f} (beyond: {v['beats_labels_beyond_spread']})")
+                     f"seed spread of {100 * v['seed_spread']:.2f} (beyond: {v['beats_labels_beyond_spread']}; "
+                     f"ahead on {v['ahead_on_seeds'][0]} of {v['ahead_on_seeds'][1]} seeds)")
     return "\n".join(lines)
 
 
