@@ -1,6 +1,7 @@
 """Benchmark: distil a fine-tuned MiniLM-L6 into small, fast text classifiers on the Debian fortunes topics (issue 10).
 
-    python benchmarks/text_classification.py            # about 30 minutes on one core; --quick: a smoke run
+    python benchmarks/text_classification.py            # over an hour of one core (README); --quick: a smoke run
+    python benchmarks/text_classification.py --labelled-fraction 0.25   # a quarter labelled, all as transfer set
     python benchmarks/text_classification.py --table benchmarks/results/text_classification.json
 
 1. Data: ``fortunes_topics`` (six topic files, the first ``--per-topic`` quotations of each, kdkit's fixed
