@@ -270,8 +270,6 @@ def probe(model: nn.Module, data, device: torch.device,
     return tuple(out.shape[1:]), FeatureLayout(tuple(layers), tuple(shapes), tuple(sequence))
 
 
-def _probe(model: nn.Module, data, device: torch.device) -> Tuple[int, ...]:
-    return probe(model, data, device)[0]
 
 
 # ----------------------------------------------------------------------------- top-k form
@@ -446,10 +444,10 @@ class TeacherCache:
         out = {}
         for name in names:
             i = held.index(name)
-            t = self._t[f"feature{i}"][idx]
+            t = self._t[f"feature{i}"]
             if self.features.sequence[i] and length is not None:
-                t = t[:, :length]
-            t = t.float()
+                t = t[:, :length]  # a view: the gather below copies only the positions this batch runs at
+            t = t[idx].float()
             out[name] = t if device is None or t.device == torch.device(device) else t.to(device, non_blocking=True)
         return out
 

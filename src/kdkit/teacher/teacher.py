@@ -64,14 +64,20 @@ class Teacher:
             raise ValueError("a teacher cache must be complete before it answers for the teacher")
         self.cache = cache
 
+    def _cache_rows(self, batch: Union[Batch, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The cache rows that answer ``batch`` (counted as a hit), or None when it must run live: no cache
+        attached, or a tensor / a dict without ``index`` (inputs the cache was not built on)."""
+        if self.cache is None or not isinstance(batch, dict) or "index" not in batch:
+            return None
+        self.cache_hits += 1
+        return batch.get("cache_index", batch["index"])  # with replayable augmentation: the (sample, view) row
+
     def __call__(self, batch: Union[Batch, torch.Tensor]) -> torch.Tensor:
         # A teacher with its own tokenizer reads the batch's teacher_x (kdkit.data.core.teacher_inputs).
         x = teacher_inputs(batch) if isinstance(batch, dict) else batch
-        cache = self.cache
-        if cache is not None and isinstance(batch, dict) and "index" in batch:
-            self.cache_hits += 1
-            index = batch.get("cache_index", batch["index"])  # with replayable augmentation: (sample, view) row
-            return cache.get(index, device=x.device)  # (B, C) float32, a fresh tensor
+        index = self._cache_rows(batch)
+        if index is not None:
+            return self.cache.get(index, device=x.device)  # (B, C) float32, a fresh tensor
         self.live_calls += 1
         with torch.inference_mode():
             out = self.model(x)
@@ -93,14 +99,12 @@ class Teacher:
             KdkitError: the attached cache does not hold one of the layers (built for other layers).
         """
         x = teacher_inputs(batch) if isinstance(batch, dict) else batch
-        cache = self.cache
-        if cache is not None and isinstance(batch, dict) and "index" in batch:
+        index = self._cache_rows(batch)
+        if index is not None:
             from .cache import sequence_length
 
-            self.cache_hits += 1
-            index = batch.get("cache_index", batch["index"])  # with replayable augmentation: (sample, view) row
-            features = cache.get_features(index, capture.names, sequence_length(self.model, x), device=x.device)
-            return cache.get(index, device=x.device), features
+            features = self.cache.get_features(index, capture.names, sequence_length(self.model, x), device=x.device)
+            return self.cache.get(index, device=x.device), features
         self.live_calls += 1
         with capture:
             with torch.inference_mode():
