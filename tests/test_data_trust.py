@@ -21,7 +21,8 @@ from kdkit.config import load_config
 from kdkit.data import DATASETS, ArrayData, DataSplits, as_dataset, first_sample, hide_labels, num_samples, read_idx
 from kdkit.data.core import fixed_split, make_loader
 from kdkit.errors import KdkitError
-from kdkit.evaluation.metrics import evaluate, predict, quality
+from kdkit.evaluation.metrics import predict, quality
+from kdkit.tasks import evaluate
 
 
 def _xy(n=48, d=4, seed=0):

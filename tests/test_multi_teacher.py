@@ -10,7 +10,7 @@ from torch import nn
 
 import kdkit
 from kdkit.errors import KdkitError
-from kdkit.evaluation.metrics import evaluate
+from kdkit.tasks import evaluate
 from kdkit.teacher import EnsembleModel, Teacher, TeacherEnsemble, as_teacher, ensemble_weights
 
 

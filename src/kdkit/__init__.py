@@ -18,13 +18,12 @@ from .api import Run, distill, evaluate_run, run_config, train
 from .config import RunConfig, load_config
 from .data import DATASETS, ArrayData
 from .errors import KdkitError
-from .evaluation.metrics import evaluate
+from .tasks import evaluate
 from .methods import METHODS, Method, list_methods, register_method
 from .models import create_model, list_models, register_model
 from .recipes.sweep import sweep
 from .teacher import Teacher
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["ArrayData", "DATASETS", "KdkitError", "METHODS", "Method", "Run", "RunConfig", "Teacher", "create_model",
            "distill", "evaluate", "evaluate_run", "hf", "list_methods", "list_models", "load_config", "register_method",

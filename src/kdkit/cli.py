@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import __version__
 from .errors import KdkitError
+from .version import __version__
 
 #: Commands that read a config and take ``key.path=value`` overrides (the global options become overrides).
 CONFIG_COMMANDS = ("train", "distill", "cache", "compress", "born-again", "sweep")

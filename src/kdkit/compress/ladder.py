@@ -34,13 +34,12 @@ only in the int8 model).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import html
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -51,6 +50,7 @@ from ..evaluation.metrics import latency, predict, quality
 from ..teacher import Teacher
 from ..training.checkpoint import load_weights, read_tensors, save_weights, weights_path
 from ..training.rundir import create_run_dir, read_json, write_json, write_text_atomic
+from ..training.threads import single_thread
 from .lowrank import apply_edits
 from .prune import count_nonzero, count_parameters
 from .quantize import quantized_tensors, save_quantized
@@ -77,7 +77,7 @@ class Ladder:
 
 def validate_compress(cfg: RunConfig) -> RunConfig:
     """Every check that needs no data or training: steps, teacher, student, method, out_dir."""
-    from ..api import resolve_model_spec
+    from ..assemble import resolve_model_spec
     from ..data import DATASETS
     from ..methods import METHODS
     from ..registry import check_kwargs
@@ -121,17 +121,6 @@ def measure(model: nn.Module, data, teacher_outputs: Optional[torch.Tensor], fil
     return m
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Time on one CPU thread: stable on a shared machine, and what one phone core or server worker gets."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _plot(rows: Dict[str, Dict[str, Any]]) -> str:
     from ..evaluation.plots import ladder_html  # one marker per step, named in a legend: no overlapping labels
 
@@ -149,23 +138,26 @@ class _Setup:
     model: nn.Module  # the model the first step starts from
     base_spec: ModelConfig  # the architecture compressed.json rebuilds from
     example: torch.Tensor  # (B <= 4, ...) training inputs that trace layer dependencies
+    task: Any = None  # the kind of task (kdkit.tasks), chosen from the data
 
 
 def _setup(cfg: RunConfig) -> _Setup:
     """Data, teacher and starting model (the student, or a trainable copy of the teacher); call after seeding."""
-    from ..api import build_data, build_model, check_outputs_match
+    from ..assemble import build_data, build_model, check_outputs_match
+    from ..tasks import task_for
 
     splits = build_data(cfg.data, cfg.seed)
-    teacher_model = build_model(cfg.teacher, splits).eval()
+    task = task_for(splits)
+    teacher_model = build_model(cfg.teacher, splits, task=task).eval()
     if cfg.student is not None:
-        model = build_model(cfg.student, splits)
-        check_outputs_match(teacher_model, model, splits.train[0]["x"].unsqueeze(0))
+        model = build_model(cfg.student, splits, task=task)
+        check_outputs_match(teacher_model, model, splits.train[0]["x"].unsqueeze(0), task=task)
     else:
         model = copy.deepcopy(teacher_model).requires_grad_(True)
     example = torch.stack([splits.train[i]["x"] for i in range(min(4, len(splits.train)))])
     return _Setup(splits=splits, test=splits.test if splits.test is not None else splits.val,
                   input_shape=tuple(splits.input_shape), teacher=Teacher(teacher_model), model=model,
-                  base_spec=cfg.student if cfg.student is not None else cfg.teacher, example=example)
+                  base_spec=cfg.student if cfg.student is not None else cfg.teacher, example=example, task=task)
 
 
 def _context(setup: _Setup, recover, index: int = 0, step=None) -> StepContext:
@@ -205,7 +197,7 @@ class _Recovery:
         step_dir.mkdir(parents=True, exist_ok=True)
         history = fit(method, splits.train, splits.val, train_cfg, run_dir=step_dir, seed=cfg.seed, device=cfg.device,
                       batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-                      num_workers=cfg.data.num_workers, name=tag)
+                      num_workers=cfg.data.num_workers, name=tag, task=self.setup.task)
         self.histories[tag] = history.epochs
         best = step_dir / "checkpoints" / "best.safetensors"
         if best.exists():

@@ -351,6 +351,16 @@ def as_dataset(data, split: str = "data") -> Dataset:
                      f"got {type(data).__name__}")
 
 
+def trim_to_longest(x: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Drop trailing columns that are padding in every row of ``x`` (B, L); keep at least one column.
+
+    Right padding is the contract (the tokenising step refuses the pad id as a real token), so the
+    longest row's length is the number of columns any row needs. One host sync per batch.
+    """
+    longest = int((x != pad_token_id).sum(1).max()) if x.numel() else 0
+    return x[:, :max(longest, 1)] if longest < x.shape[1] else x
+
+
 def has_token_targets(data) -> bool:
     """Whether ``data`` holds causal-LM rows: in memory, with integer ``x`` (N, L) token ids and integer ``y`` of the
     same shape (``y[:, t]`` the token position ``t`` must predict, :data:`IGNORE_INDEX` where none is).

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch import nn
 
-from ..data.core import as_dataset, first_sample, has_token_targets, make_loader, teacher_inputs
+from ..data.core import as_dataset, make_loader, teacher_inputs
 from ..errors import KdkitError
-from ..teacher import Teacher
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
@@ -202,54 +201,26 @@ def latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[
     return result
 
 
-def evaluate(model: nn.Module, data, teacher: Optional[nn.Module] = None, batch_size: int = 512,
-             measure_latency: bool = True, input_shape: Optional[Sequence[int]] = None) -> Dict[str, float]:
-    """Everything about ``model`` on ``data``: quality, size and (optionally) CPU latency.
-
-    Args:
-        model: the model to measure.
-        data: a Dataset, a DataLoader, an ``(x, y)`` tuple or a tensor of inputs.
-        teacher: when given, agreement with it (same arg-max) is reported.
-        measure_latency: time batch 1 and batch 256 on the CPU.
+def measure_outputs(model: nn.Module, data, teacher: Optional[nn.Module] = None,
+                    batch_size: int = 512) -> Dict[str, float]:
+    """Quality from ``model``'s outputs on ``data`` (and agreement with ``teacher``'s, which reads the teacher's
+    inputs), plus size: the figures every array and text task reports before its latency.
 
     Regression: ``mse`` and ``mae`` are in the data's own units. Splits built by the ``csv`` dataset hold
     standardised targets and carry their scaling (``data.target_scale``, also in the report's
     ``data_info.preprocess``); outputs and targets are mapped back (``value * std + mean``) before measuring.
-
-    Causal-LM data (token targets ``y`` of shape (N, L), see :func:`kdkit.data.core.has_token_targets`) is
-    measured by :func:`kdkit.lm.evaluate.evaluate_lm` instead: perplexity, next-token accuracy and agreement,
-    generation tokens/s (``measure_latency``), samples.
+    :func:`kdkit.tasks.evaluate` is the entry point that picks the right measurement for the kind of task.
 
     Returns:
-        ``accuracy, nll, ece, agreement`` or ``mse, mae, mse_to_teacher`` (as applicable), ``parameters, bytes``,
-        ``latency_ms_b1``, ``latency_ms_b256``.
+        ``accuracy, macro_f1, nll, ece, agreement`` or ``mse, mae, mse_to_teacher`` (as applicable),
+        ``parameters, bytes``.
     """
     data = as_dataset(data)
-    if has_token_targets(data):  # causal LM: streamed perplexity and agreement, never (N, L, V) outputs
-        from ..lm.evaluate import evaluate_lm
-
-        return evaluate_lm(model, data, teacher.model if isinstance(teacher, Teacher) else teacher,
-                           batch_size=min(batch_size, 64), measure_speed=measure_latency)
-    models = [model]
-    if teacher is not None:
-        models.append(teacher.model if isinstance(teacher, Teacher) else teacher)
+    models = [model] if teacher is None else [model, teacher]
     preds = predict_many(models, data, batch_size, teachers=(False, True)[:len(models)])
-    pred = preds[0]
     t_out = preds[1]["outputs"] if teacher is not None else None
-    metrics = quality(pred["outputs"], pred.get("y"), t_out)
+    metrics = quality(preds[0]["outputs"], preds[0].get("y"), t_out)
     metrics.update(size(model))
-    if measure_latency:
-        sample = first_sample(data)
-        device = model_device(model)
-        cpu_model = model if device.type == "cpu" else _cpu_copy(model)
-        if not sample.is_floating_point() and getattr(model, "pad_token_id", None) is not None:
-            ids = text_latency_input(sample, int(model.pad_token_id))
-            metrics.update(latency(cpu_model, tuple(ids.shape), TEXT_LATENCY_BATCHES, example=ids))
-            metrics["latency_seq_len"] = int(ids.shape[0])
-            for bs in TEXT_LATENCY_BATCHES:
-                metrics[f"latency_ms_per_seq_b{bs}"] = metrics[f"latency_ms_b{bs}"] / bs
-        else:
-            metrics.update(latency(cpu_model, input_shape or tuple(sample.shape)))
     return metrics
 
 
@@ -264,9 +235,3 @@ def text_latency_input(sample: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     if len(real) == 0:
         raise KdkitError("cannot time a text model on a sample of padding only; expected real token ids")
     return real.repeat(-(-len(sample) // len(real)))[:len(sample)]
-
-
-def _cpu_copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model).cpu()

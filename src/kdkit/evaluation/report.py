@@ -95,7 +95,7 @@ def _latency_note(models: Dict[str, Dict[str, Any]]) -> str:
 
 
 def run_info(cfg, *, student, teacher=None, splits=None, device=None, wall_seconds: Optional[float] = None,
-             teacher_val_accuracy: Optional[float] = None, command: str = "distill") -> Dict[str, Any]:
+             teacher_val_accuracy: Optional[float] = None, command: str = "distill", task=None) -> Dict[str, Any]:
     """The ``run`` block of ``report.json``: everything the report names about how the run was made.
 
     Args:
@@ -103,10 +103,11 @@ def run_info(cfg, *, student, teacher=None, splits=None, device=None, wall_secon
         student: the trained model; teacher: a :class:`kdkit.teacher.Teacher` (or ensemble) or None.
         splits: the :class:`kdkit.data.DataSplits` trained on (sizes, labelled share, augmentation).
         device: where it trained; wall_seconds: set-up to the end of training.
+        task: the run's kind of task (:mod:`kdkit.tasks`): its name, and what it says about the training data.
     """
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     def model(m, spec) -> Dict[str, Any]:
         nets = [m] if isinstance(m, torch.nn.Module) else list(getattr(m, "models", None) or [m.model])
@@ -131,18 +132,15 @@ def run_info(cfg, *, student, teacher=None, splits=None, device=None, wall_secon
         "batch_size": cfg.data.batch_size,
         "data": {"name": cfg.data.name, "labelled_fraction_asked": cfg.data.labelled_fraction},
     }
+    if task is not None:
+        info["task"] = task.name
     if splits is not None:
         from ..teacher.cache import transform_description
 
         info["data"]["splits"] = {k: len(getattr(splits, k)) for k in ("train", "val", "test")
                                   if getattr(splits, k) is not None and hasattr(getattr(splits, k), "__len__")}
-        y = getattr(splits.train, "y", None)
-        if y is not None and hasattr(splits.train, "__len__") and len(splits.train):
-            known = (y >= 0) if not y.is_floating_point() else torch.isfinite(y.reshape(len(y), -1)).all(1)
-            info["data"]["labelled_train"] = int(known.sum())
-            info["data"]["labelled_fraction"] = int(known.sum()) / len(splits.train)
-        elif hasattr(splits.train, "__len__"):
-            info["data"]["labelled_train"], info["data"]["labelled_fraction"] = 0, 0.0
+        if task is not None:
+            info["data"].update(task.describe_data(splits.train))
         desc = transform_description(splits.train)
         info["data"]["augment"] = None if desc in ("", "none") else desc
     return info
@@ -173,8 +171,11 @@ def _fmt_data(report: Mapping[str, Any]) -> Optional[str]:
     splits = (d or {}).get("splits")
     parts.append(", ".join(f"{k} {v:,}" for k, v in splits.items()) if splits else f"splits {UNKNOWN}")
     frac = (d or {}).get("labelled_fraction")
-    parts.append(f"labelled {d['labelled_train']:,} of the training samples ({frac:.1%})" if frac is not None
-                 else f"labelled fraction {UNKNOWN}")
+    if report.get("run", {}).get("task") == "causal_lm":
+        parts.append("next-token targets")  # every position with a target is labelled: no share to report
+    else:
+        parts.append(f"labelled {d['labelled_train']:,} of the training samples ({frac:.1%})" if frac is not None
+                     else f"labelled fraction {UNKNOWN}")
     if (d or {}).get("augment"):
         parts.append(f"augmentation {d['augment']}")
     return "; ".join(parts)

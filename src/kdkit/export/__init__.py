@@ -1,11 +1,11 @@
-"""Export: ONNX and TorchScript files with a parity check on real inputs (:mod:`.core`)."""
+"""Export: ONNX and TorchScript files with a parity check on real inputs (:mod:`.core`), and ``kdkit export`` of
+a run directory (:mod:`.run`)."""
 
 from .core import (
     FORMATS,
     compare,
     export_model,
     export_onnx,
-    export_run,
     export_sklearn,
     export_torchscript,
     onnx_latency,
@@ -13,6 +13,7 @@ from .core import (
     quantize_onnx,
     run_onnx,
 )
+from .run import export_run
 
 __all__ = ["FORMATS", "compare", "export_model", "export_onnx", "export_run", "export_sklearn", "export_torchscript",
            "onnx_latency", "onnx_session", "quantize_onnx", "run_onnx"]

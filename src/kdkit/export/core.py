@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import html
 import statistics
 import time
 import warnings
@@ -44,7 +43,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.core import has_token_targets
 from ..errors import KdkitError
 
 FORMATS = ("onnx", "torchscript")
@@ -310,8 +308,8 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
     result["file"] = str(path)
     result["bytes"] = path.stat().st_size
     if timing:
-        from ..compress.ladder import single_thread
         from ..evaluation.metrics import latency
+        from ..training.threads import single_thread
 
         shape = tuple(inputs.shape[1:])
         example, batches = None, (1, 256)
@@ -338,115 +336,6 @@ def _checked(path: Path, fn, *args, **kwargs):
     except KdkitError:
         path.unlink(missing_ok=True)
         raise
-
-
-def _load_run_model(run_dir: Path):
-    """The run's model (best checkpoint, or a compress run's last float model), its config and data splits."""
-    from ..api import build_data, build_model
-    from ..compress.ladder import is_compress_run, load_compressed
-    from ..config import load_config
-
-    if not (run_dir / "config.yaml").is_file():
-        raise KdkitError(f"{run_dir} is not a kdkit run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    splits = build_data(cfg.data, cfg.seed)
-    if is_compress_run(run_dir):
-        return load_compressed(run_dir), cfg, splits
-    spec = cfg.model or cfg.student
-    if spec is None:
-        raise KdkitError(f"{run_dir}/config.yaml names no model or student to export")
-    return build_model(spec.model_copy(update={"checkpoint": str(run_dir)}), splits).eval(), cfg, splits
-
-
-def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples: int = 256,
-               calibration_samples: int = 512) -> Dict[str, Any]:
-    """``kdkit export``: export a run directory's model, check parity on test inputs, add it to the report.
-
-    The file goes to ``out`` or ``RUN_DIR/export/model[-int8].onnx`` / ``model.pt``; ``export.json`` (or
-    ``<file>.json``) beside it holds the numbers, which are also appended to the run's report, and
-    ``MODEL_CARD.md`` beside it describes the model (:mod:`kdkit.export.card`).
-    """
-    if fmt not in FORMATS:
-        raise KdkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    run_dir = Path(run_dir)
-    model, cfg, splits = _load_run_model(run_dir)
-    data = splits.test if splits.test is not None else splits.val
-    n = min(samples, len(data))
-    if has_token_targets(data):  # causal LM: ids in, (B, L, V) logits out, dynamic sequence axis
-        return _export_lm_run(run_dir, model, data.x[:min(n, 32)], fmt, int8, out)
-    inputs = data.x[:n] if hasattr(data, "x") else torch.stack([data[i]["x"] for i in range(n)])
-    calibration = None
-    if int8:
-        m = min(calibration_samples, len(splits.train))
-        calibration = splits.train.x[:m] if hasattr(splits.train, "x") else \
-            torch.stack([splits.train[i]["x"] for i in range(m)])
-    preprocess = splits.preprocess
-    if preprocess is not None:
-        # The file takes raw rows: parity is checked (and int8 calibrated) on the same rows un-standardised.
-        model = Preprocessed(model, preprocess).eval()
-        with torch.no_grad():
-            inputs = model.raw(inputs)
-            calibration = model.raw(calibration) if calibration is not None else None
-    suffix = ".onnx" if fmt == "onnx" else ".pt"
-    path = Path(out) if out is not None else run_dir / "export" / (("model-int8" if int8 else "model") + suffix)
-    from .card import card_path, check_card_writable, write_model_card
-
-    check_card_writable(card_path(path))  # before anything is written: an edited or foreign card stops the export
-    result = export_model(model, inputs, path, fmt, int8=int8, calibration=calibration)
-    if preprocess is not None:
-        columns = splits.info.get("features")
-        result["normalisation"] = (
-            "baked in: the file takes raw rows of the dataset's feature columns"
-            + (f" ({', '.join(map(str, columns))})" if columns else "") + " and standardises them itself"
-            + ("; its outputs are predictions in the target's own units" if "target_mean" in preprocess else ""))
-        result["preprocess"] = preprocess
-        if columns:
-            result["input_columns"] = list(columns)
-    elif is_token_ids(inputs):
-        text = splits.info.get("text", {}) if isinstance(splits.info, dict) else {}
-        result["normalisation"] = (f"token ids: int64 (batch, sequence), right-padded with pad id "
-                                   f"{text.get('pad_token_id')} from the tokenizer {text.get('tokenizer')!r}; "
-                                   "the attention mask is computed inside the graph (ids != pad id)")
-    else:
-        result["normalisation"] = ("none baked in: feed inputs exactly as kdkit's dataset builder "
-                                   f"{cfg.data.name!r} produces them")
-    from ..training.rundir import write_json
-
-    result["model_card"] = str(write_model_card(run_dir, cfg, result))
-    write_json(path.with_suffix(".json"), result)
-    from ..evaluation.report import append_report, format_table
-
-    row = {**result["parity"], **result.get("pytorch", {}), **result.get("onnxruntime", {})}
-    models = {f"{fmt}{' int8' if int8 else ''} ({path.name})": {
-        "bytes": result["bytes"], **{k: v for k, v in row.items() if k.startswith(("latency", "ort_latency"))}}}
-    section = (f"<h2>Export: {html.escape(path.name)}</h2><p>max abs diff vs PyTorch "
-               f"{result['parity']['max_abs_diff']:.3g}, arg-max agreement {result['parity']['argmax_agreement']:.4f} "
-               f"on {result['parity']['samples']} test inputs.</p><pre>{html.escape(format_table(models))}</pre>")
-    append_report(run_dir, f"export_{path.stem}", result, section)
-    return result
-
-
-def _export_lm_run(run_dir: Path, model: nn.Module, ids: torch.Tensor, fmt: str, int8: bool, out) -> Dict[str, Any]:
-    """``kdkit export`` of a causal-LM run (:mod:`kdkit.lm.export`): ONNX only, float."""
-    if fmt != "onnx" or int8:
-        raise KdkitError("causal LMs export to float ONNX only (--format onnx without --int8); see kdkit.lm.export")
-    from ..evaluation.report import append_report
-    from ..lm.export import export_lm
-    from ..training.rundir import write_json
-
-    path = Path(out) if out is not None else run_dir / "export" / "model.onnx"
-    result = export_lm(model, ids, path)
-    write_json(path.with_suffix(".json"), result)
-    p = result["parity"]
-    speed = ""
-    if "onnxruntime" in result:
-        speed = (f" Greedy generation at batch 1: onnxruntime {result['onnxruntime']['onnx_gen_tokens_per_s']:.1f} "
-                 f"tokens/s (no KV cache), PyTorch {result['pytorch']['gen_tokens_per_s']:.1f} tokens/s (KV cache).")
-    section = (f"<h2>Export: {html.escape(path.name)}</h2><p>{result['bytes']:,} bytes; max abs diff vs PyTorch "
-               f"{p['max_abs_diff']:.3g} over real positions, arg-max agreement {p['argmax_agreement']:.4f} on "
-               f"{p['samples']} test rows.{speed}</p>")
-    append_report(run_dir, f"export_{path.stem}", result, section)
-    return result
 
 
 def export_sklearn(estimator, x: np.ndarray, path, atol: float = 1e-4) -> Dict[str, Any]:
@@ -487,5 +376,5 @@ def export_sklearn(estimator, x: np.ndarray, path, atol: float = 1e-4) -> Dict[s
     return result
 
 
-__all__ = ["FORMATS", "Preprocessed", "compare", "export_model", "export_onnx", "export_run", "export_sklearn",
+__all__ = ["FORMATS", "Preprocessed", "compare", "export_model", "export_onnx", "export_sklearn",
            "export_torchscript", "onnx_latency", "quantize_onnx", "run_onnx"]

@@ -16,16 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import KdkitError
-
-
-def require_hf() -> Any:
-    """Import and return ``transformers``, or raise a :class:`KdkitError` naming the ``hf`` extra."""
-    try:
-        import transformers
-    except ImportError:
-        raise KdkitError("this feature needs the optional extra 'hf': pip install 'kdkit[hf]'") from None
-    return transformers
+from .require import require_hf
 
 
 def __getattr__(name: str) -> Any:

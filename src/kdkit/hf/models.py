@@ -12,18 +12,9 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..data.core import trim_to_longest
 from ..errors import KdkitError
-from . import require_hf
-
-
-def trim_to_longest(x: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Drop trailing columns that are padding in every row of ``x`` (B, L); keep at least one column.
-
-    Right padding is the contract (the tokenising step refuses the pad id as a real token), so the
-    longest row's length is the number of columns any row needs. One host sync per batch.
-    """
-    longest = int((x != pad_token_id).sum(1).max()) if x.numel() else 0
-    return x[:, :max(longest, 1)] if longest < x.shape[1] else x
+from .require import require_hf
 
 
 class HFClassifier(nn.Module):

@@ -127,7 +127,7 @@ def export_lm(model: nn.Module, ids: torch.Tensor, path, atol: float = 1e-4, rto
                               "normalisation": "none: the file takes token ids right-padded with the pad id "
                                                f"({pad}) and derives the attention mask itself"}
     if timing:
-        from ..compress.ladder import single_thread
+        from ..training.threads import single_thread
         from .evaluate import _room, generation_speed
 
         prompt = ids[:1][:, :8]

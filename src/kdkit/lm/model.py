@@ -25,8 +25,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..data.core import trim_to_longest
 from ..errors import KdkitError
-from ..hf.models import trim_to_longest
 
 
 def require_transformers():

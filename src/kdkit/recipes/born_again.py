@@ -27,9 +27,9 @@ from torch import nn
 
 from ..config import ModelConfig, RunConfig
 from ..errors import KdkitError
-from ..evaluation.metrics import evaluate
 from ..evaluation.report import format_table
 from ..methods.dml import reinitialise
+from ..tasks import evaluate
 from ..training.rundir import create_run_dir, write_json
 
 
@@ -116,7 +116,8 @@ def born_again_config(cfg: RunConfig, generations: int = 2) -> BornAgainRun:
     ``student`` (or ``model``) section into ``out_dir/gen0``. Every later generation uses generation 0's
     architecture, the config's ``method``/``train``/``data`` and seed ``seed + k``.
     """
-    from ..api import _model_spec_from_run, run_config, validate
+    from ..api import run_config
+    from ..assemble import _model_spec_from_run, validate
 
     if generations < 1:
         raise KdkitError(f"--generations must be >= 1; got {generations}")
@@ -160,7 +161,7 @@ def born_again_config(cfg: RunConfig, generations: int = 2) -> BornAgainRun:
             gen0_metrics = run.metrics.get("teacher")
         runs.append(run)
         previous = ModelConfig(checkpoint=str(run.dir))
-    from ..api import build_data
+    from ..assemble import build_data
 
     splits = build_data(cfg.data, cfg.seed)
     test = splits.test if splits.test is not None else splits.val

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
-from ..api import build_data, build_model, run_config
+from ..api import run_config
+from ..assemble import build_data, build_model
 from ..config import ModelConfig, load_config
 from ..evaluation.metrics import predict, quality
 from ..evaluation.report import format_table, write_report

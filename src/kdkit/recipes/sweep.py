@@ -43,13 +43,13 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..config import RunConfig, flatten, load_config, parse_yaml, quote
 from ..errors import KdkitError
+from .sweep_report import SweepResult, _safe_url
 from .sweep_space import Dimension, SweepConfig, parse_space, parse_sweep_block, split_args
 
 SweepSource = Union[str, Path, Dict[str, Any], RunConfig]
@@ -68,33 +68,6 @@ def _optuna():
     # heartbeats and their retry callback are marked experimental; kdkit relies on them knowingly
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
-
-
-@dataclass
-class SweepResult:
-    """What :func:`sweep` hands back.
-
-    Attributes:
-        dir: the sweep directory.
-        best_config: the best trial's resolved config (``best.yaml``; its ``out_dir`` is ``SWEEP_DIR/best``),
-            None when no trial finished.
-        best_value: its score (``metric`` at its kept epoch, on the validation split).
-        best_trial: its trial number; ``best_params`` the searched values it ran with.
-        trials: one row per trial (as in ``sweep.json``).
-        teacher: teacher passes over the training set done, and saved by the shared cache.
-        study: the Optuna study.
-    """
-
-    dir: Path
-    metric: str
-    direction: str
-    best_config: Optional[RunConfig] = None
-    best_value: Optional[float] = None
-    best_trial: Optional[int] = None
-    best_params: Dict[str, Any] = field(default_factory=dict)
-    trials: List[Dict[str, Any]] = field(default_factory=list)
-    teacher: Dict[str, Any] = field(default_factory=dict)
-    study: Any = None
 
 
 # ----------------------------------------------------------------------------- reading the sweep
@@ -258,7 +231,7 @@ class Space:
 
     def check(self, sweep_dir: Path) -> None:
         """Validate one config per method choice, with every range at each end, before any work is done."""
-        from ..api import validate
+        from ..assemble import validate
 
         for method in self.methods:
             for end in (0, -1):
@@ -294,16 +267,6 @@ def _storage(url: str, heartbeat: int, retries: int):
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries))
     except Exception as e:  # SQLAlchemy: bad URL, missing driver, unreachable server
         raise KdkitError(f"sweep storage {_safe_url(url)!r} cannot be opened: {str(e).splitlines()[0]}") from None
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password (for messages and sweep.json)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
 
 
 def _sampler(name: str, space: Space, seed: int, startup: int):
@@ -398,7 +361,7 @@ def build_shared_cache(base: RunConfig, cache_dir: Path, log: Callable[[str], No
     Returns ``{"status": "built"|"reused"|"off", "reason": ...}``. Whether a trial may read it is still
     decided by each trial's own plan (:func:`kdkit.teacher.plan.cache_plan`).
     """
-    from ..api import build_data, build_teacher, validate
+    from ..assemble import build_data, build_teacher, validate
     from ..teacher.cache import BUILD_COUNTS, CacheSpec, build_cache
     from ..teacher.plan import cache_plan
     from ..training.loop import resolve_device, seed_everything

@@ -13,12 +13,50 @@ import html
 import json
 import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..config import dump_config, load_config
+from ..config import RunConfig, dump_config, load_config
 from ..evaluation.plots import png_base64, pyplot
 from ..training.rundir import read_metrics, write_text_atomic
+
+
+@dataclass
+class SweepResult:
+    """What :func:`sweep` hands back.
+
+    Attributes:
+        dir: the sweep directory.
+        best_config: the best trial's resolved config (``best.yaml``; its ``out_dir`` is ``SWEEP_DIR/best``),
+            None when no trial finished.
+        best_value: its score (``metric`` at its kept epoch, on the validation split).
+        best_trial: its trial number; ``best_params`` the searched values it ran with.
+        trials: one row per trial (as in ``sweep.json``).
+        teacher: teacher passes over the training set done, and saved by the shared cache.
+        study: the Optuna study.
+    """
+
+    dir: Path
+    metric: str
+    direction: str
+    best_config: Optional[RunConfig] = None
+    best_value: Optional[float] = None
+    best_trial: Optional[int] = None
+    best_params: Dict[str, Any] = field(default_factory=dict)
+    trials: List[Dict[str, Any]] = field(default_factory=list)
+    teacher: Dict[str, Any] = field(default_factory=dict)
+    study: Any = None
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password (for messages and sweep.json)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
 
 
 def _rows(study, space) -> List[Dict[str, Any]]:
@@ -73,8 +111,6 @@ def importance(study) -> Dict[str, float]:
 
 def write_outputs(study, sweep_dir: Path, block, space, storage_url: str, seconds: float):
     """``best.yaml`` (runnable with ``kdkit distill``/``train``), ``sweep.json`` and ``report.html``."""
-    from .sweep import SweepResult, _safe_url
-
     rows = _rows(study, space)
     result = SweepResult(dir=sweep_dir, metric=block.metric, direction=block.resolved_direction(), trials=rows,
                          teacher=teacher_accounting(study, rows), study=study)

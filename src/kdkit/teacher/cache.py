@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.core import teacher_inputs
+from ..data.core import teacher_inputs, trim_to_longest
 from ..errors import KdkitError
 
 CACHE_VERSION = 1
@@ -194,14 +194,13 @@ def default_cache_dir() -> Path:
 
 def sequence_length(model: nn.Module, x: torch.Tensor) -> Optional[int]:
     """The sequence length a text teacher runs at for the batch ``x`` (B, L): the longest row's non-pad count (at
-    least 1; :func:`kdkit.hf.models.trim_to_longest`'s rule) when the model trims trailing all-pad columns
+    least 1; :func:`kdkit.data.core.trim_to_longest`'s rule) when the model trims trailing all-pad columns
     (``trim`` and ``pad_token_id`` attributes, as :class:`~kdkit.hf.HFClassifier` and ``HFCausalLM``); None for
     every other model, which runs at the width it is given."""
     if not getattr(model, "trim", False) or getattr(model, "pad_token_id", None) is None:
         return None
     if not torch.is_tensor(x) or x.dim() != 2 or x.is_floating_point():
         return None
-    from ..hf.models import trim_to_longest  # the same rule the model applies (torch only, no transformers)
 
     return int(trim_to_longest(x, int(model.pad_token_id)).shape[1])
 

@@ -17,7 +17,7 @@ from ..errors import KdkitError
 from ..training.distributed import barrier
 
 
-def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int = 1) -> Tuple[str, str]:
+def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int = 1, task=None) -> Tuple[str, str]:
     """Decide what ``train.teacher_cache`` means for this run: ``("off"|"memory"|"disk", reason)``.
 
     ``auto`` caches only when it is correct (a frozen :class:`~kdkit.teacher.Teacher`, an in-memory or
@@ -26,7 +26,8 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
     picks memory when the cache fits ``cache_memory_mb`` (disk under DDP, shared by the ranks).
     A method that reads the teacher's intermediate layers (``teacher_layers``) gets them cached too, in
     ``cache_feature_dtype``, and their bytes count in the estimate.
-    An explicit ``memory``/``disk`` that would be wrong is an error.
+    An explicit ``memory``/``disk`` that would be wrong is an error. ``task`` (:mod:`kdkit.tasks`) may refuse a
+    dense cache for every method of its kind (:attr:`~kdkit.tasks.base.Task.cache_refusal`: causal LMs).
 
     Raises:
         KdkitError: ``teacher_cache`` is ``memory``/``disk`` but caching would give wrong targets.
@@ -45,6 +46,8 @@ def cache_plan(method: nn.Module, train_data, cfg: TrainConfig, world_size: int 
         reason = "the method has no frozen kdkit Teacher"
     elif getattr(method, "teacher_cache_refusal", None):  # Method.teacher_cache_refusal (lm_kd: per-token logits)
         reason = method.teacher_cache_refusal
+    elif getattr(task, "cache_refusal", None):
+        reason = task.cache_refusal
     elif isinstance(train_data, DataLoader) or not hasattr(train_data, "__getitem__"):
         reason = "the training data is a DataLoader/iterable whose sample indices and transforms kdkit cannot see"
     elif getattr(getattr(train_data, "augment", None), "not_cacheable", None):  # kdkit.teacher.augment.Mix
@@ -85,7 +88,7 @@ def cache_spec(method, cfg: TrainConfig, storage: str = "memory"):
 
 
 def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, batch_size: int = 512,
-                          rank: int = 0, world_size: int = 1, log=None):
+                          rank: int = 0, world_size: int = 1, log=None, task=None):
     """Build (or reuse) the teacher cache ``cfg`` asks for and attach it to the method's teacher.
 
     Returns ``(cache or None, description)``.
@@ -93,7 +96,7 @@ def prepare_teacher_cache(method: nn.Module, train_data, cfg: TrainConfig, *, ba
     from ..teacher.cache import build_cache
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    mode, reason = cache_plan(method, train_data, cfg, world_size)
+    mode, reason = cache_plan(method, train_data, cfg, world_size, task)
     if mode == "off":
         return None, f"off ({reason})"
     teacher = method.teacher

@@ -50,12 +50,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
-from ..data.core import ArrayData, has_token_targets, make_loader
+from ..data.core import ArrayData, make_loader
 from ..errors import KdkitError
-from ..evaluation.metrics import predict, predict_many, quality
 from ..teacher import Teacher
 from ..teacher.plan import prepare_teacher_cache
 from .checkpoint import STATE_FILE, load_training_state, non_finite, save_training_state, save_weights
@@ -184,7 +182,8 @@ class _Loop:
     name: str
     ckpt: Optional[Path]
     metrics_path: Optional[Path]
-    val_teacher_outputs: Optional[torch.Tensor] = None
+    task: Any = None  # the kind of task (kdkit.tasks): how validation measures the student
+    val_teacher_outputs: Any = None  # what task.validate keeps of the frozen teacher's outputs between epochs
     tracking: Optional[Tracking] = None
 
     @property
@@ -206,7 +205,7 @@ def _check_inputs(train_data) -> None:
 
 
 def _setup(method: nn.Module, train_data, cfg: TrainConfig, *, run_dir, seed: int, device: str, batch_size: int,
-           eval_batch_size: int, num_workers: int, name: str, history: History) -> _Loop:
+           eval_batch_size: int, num_workers: int, name: str, history: History, task) -> _Loop:
     dev = resolve_device(device)
     rank, world, dev = init_distributed(dev)
     if batch_size % world:
@@ -224,7 +223,7 @@ def _setup(method: nn.Module, train_data, cfg: TrainConfig, *, run_dir, seed: in
         if cfg.channels_last and hasattr(teacher, "model"):
             teacher.model.to(memory_format=torch.channels_last)
     cache, history.teacher_cache = prepare_teacher_cache(method, train_data, cfg, batch_size=eval_batch_size,
-                                                         rank=rank, world_size=world)
+                                                         rank=rank, world_size=world, task=task)
     prepared = method.prepare(train_data, batch_size=eval_batch_size,
                               log=lambda msg: print(msg, file=sys.stderr)) if hasattr(method, "prepare") else None
     if prepared:
@@ -240,7 +239,7 @@ def _setup(method: nn.Module, train_data, cfg: TrainConfig, *, run_dir, seed: in
                 else contextlib.nullcontext)
     augment = getattr(train_data, "augment", None)  # kdkit.teacher.augment: replayable views (FKD)
     run_dir = Path(run_dir) if run_dir is not None else None
-    return _Loop(method=method, model=model, cfg=cfg, device=dev, rank=rank, world=world, loader=loader,
+    return _Loop(method=method, model=model, cfg=cfg, device=dev, rank=rank, world=world, loader=loader, task=task,
                  optimizer=optimizer, scheduler=scheduler, params=params, ddp=ddp, cache=cache, autocast=autocast,
                  augment=augment if hasattr(augment, "batch") else None, name=name,
                  ckpt=run_dir / "checkpoints" if run_dir else None,
@@ -368,26 +367,12 @@ def _kept(ckpt: Optional[Path]) -> str:
 
 
 def _validate(loop: _Loop, val_data, batch_size: int) -> Dict[str, float]:
+    """The task's validation figures; what it keeps of the frozen teacher's outputs is reused next epoch."""
     teacher = loop.teacher
     teacher_model = teacher.model if teacher is not None and hasattr(teacher, "model") else None
-    if has_token_targets(val_data):
-        # Causal LM: streamed per batch (never (N, L, V) outputs); the teacher's arg-max tokens, kept in
-        # val_teacher_outputs, are computed once per run.
-        from ..lm.evaluate import lm_quality
-
-        val, loop.val_teacher_outputs = lm_quality(loop.method.student, val_data, min(batch_size, 64),
-                                                   teacher_model, loop.val_teacher_outputs)
-        return val
-    if teacher_model is not None and isinstance(val_data, DataLoader):
-        # A user's loader may reshuffle on every pass: student and teacher outputs must come from the same one.
-        pred, t_pred = predict_many([loop.method.student, teacher_model], val_data, batch_size,
-                                    teachers=(False, True))
-        return quality(pred["outputs"], pred.get("y"), t_pred["outputs"])
-    pred = predict(loop.method.student, val_data, batch_size)
-    if teacher_model is not None and loop.val_teacher_outputs is None:
-        # The teacher is frozen: its validation outputs are the same every epoch, computed once per run.
-        loop.val_teacher_outputs = predict(teacher_model, val_data, batch_size, teacher=True)["outputs"]
-    return quality(pred["outputs"], pred.get("y"), loop.val_teacher_outputs)
+    val, loop.val_teacher_outputs = loop.task.validate(loop.method.student, val_data, batch_size, teacher_model,
+                                                       loop.val_teacher_outputs)
+    return val
 
 
 # ----------------------------------------------------------------------------- saving
@@ -444,7 +429,7 @@ def epoch_hook(callback: Callable[[Dict[str, Any]], None]):
 def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig] = None, *,
         run_dir: Optional[Path] = None, seed: int = 0, device: str = "auto", batch_size: int = 128,
         eval_batch_size: int = 512, num_workers: int = 0, resume: bool = False, name: str = "student",
-        tracking: Optional[Tracking] = None) -> History:
+        tracking: Optional[Tracking] = None, task=None) -> History:
     """Train ``method`` (its student and trainable extras) on ``train_data``.
 
     Args:
@@ -458,15 +443,21 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
         name: label of this model in progress bars and logs.
         tracking: started backends to send each epoch to (:mod:`kdkit.training.tracking`; the caller ends
             them). None: TensorBoard in ``run_dir/tensorboard`` when the package is installed, ended here.
+        task: the kind of task (:mod:`kdkit.tasks`), which says how validation measures the student and what
+            the teacher cache may hold; None: chosen from ``train_data``.
 
     Returns:
         The :class:`History`. ``method.student`` holds the last epoch's weights; the kept ones are in
         ``run_dir/checkpoints/best.safetensors`` (or ``history.kept_state`` without a run directory).
     """
     cfg = cfg or TrainConfig()
+    if task is None:
+        from ..tasks import task_for
+
+        task = task_for(train_data)
     history = History(keep=cfg.keep)
     loop = _setup(method, train_data, cfg, run_dir=run_dir, seed=seed, device=device, batch_size=batch_size,
-                  eval_batch_size=eval_batch_size, num_workers=num_workers, name=name, history=history)
+                  eval_batch_size=eval_batch_size, num_workers=num_workers, name=name, history=history, task=task)
     own_tracking = tracking is None
     loop.tracking = tracking if tracking is not None else Tracking([TensorBoardBackend()] if loop.ckpt else [])
     if own_tracking and loop.main and loop.ckpt is not None:

@@ -17,8 +17,9 @@ over ``auto``.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Mapping, Optional, Union
+from typing import Iterator, Mapping, Optional, Union
 
 from ..errors import KdkitError
 
@@ -66,3 +67,16 @@ def apply_threads(value: Union[int, str]) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Time on one CPU thread: stable on a shared machine, and what one phone core or server worker gets."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,99 @@
+"""Causal language models: token rows ``x`` (N, L) and next-token targets ``y`` (N, L) (``-100``: nothing to predict).
+
+Measured by :mod:`kdkit.lm.evaluate` (streamed perplexity, next-token accuracy and agreement, generation speed,
+samples: never (N, L, V) outputs in memory), exported by :mod:`kdkit.lm.export` (ids in, (B, L, V) logits out,
+both axes dynamic). A dense teacher cache is refused: it would hold N x L x V floats; ``lm_kd`` keeps an offline
+top-k store of its own instead (``method.teacher_topk``).
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..data.core import has_token_targets
+from ..errors import KdkitError
+from .base import Task
+from .text_classification import check_token_fit, token_context
+
+
+class CausalLM(Task):
+    """Next-token prediction over token rows."""
+
+    name = "causal_lm"
+    cache_refusal = ("a causal LM's teacher outputs are (N, L, V) next-token logits, too large for the dense cache "
+                     "(lm_kd keeps an offline top-k store instead: method.teacher_topk)")
+    writes_model_card = False
+
+    @staticmethod
+    def matches(data) -> bool:
+        return has_token_targets(data)
+
+    def model_context(self, splits, teacher: bool = False) -> Dict[str, Any]:
+        return token_context(splits, teacher)
+
+    def check_fit(self, model: nn.Module, teacher, splits) -> None:
+        check_token_fit(model, teacher, splits)
+        super().check_fit(model, teacher, splits)
+
+    def check_outputs(self, teacher_out: torch.Tensor, student_out: torch.Tensor) -> None:
+        t, s = teacher_out, student_out
+        if t.dim() == 3 and s.dim() == 3 and t.shape[-1] != s.shape[-1]:  # (B, L, V) next-token logits
+            raise KdkitError(f"teacher vocabulary has {t.shape[-1]} tokens but the student's has {s.shape[-1]}; "
+                             f"token-level distillation needs one shared tokenizer (mapping between vocabularies "
+                             f"is not supported by kdkit)")
+        super().check_outputs(t, s)
+
+    def evaluate(self, model: nn.Module, data, teacher: Optional[nn.Module] = None, batch_size: int = 512,
+                 measure_latency: bool = True, input_shape: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+        from ..lm.evaluate import evaluate_lm
+
+        return evaluate_lm(model, data, teacher, batch_size=min(batch_size, 64), measure_speed=measure_latency)
+
+    def validate(self, student: nn.Module, val_data, batch_size: int, teacher: Optional[nn.Module],
+                 teacher_outputs: Any = None) -> Tuple[Dict[str, float], Any]:
+        """Streamed per batch; the teacher's arg-max tokens (``teacher_outputs``) are computed once per run."""
+        from ..lm.evaluate import lm_quality
+
+        return lm_quality(student, val_data, min(batch_size, 64), teacher, teacher_outputs)
+
+    def teacher_val_accuracy(self, teacher, val) -> Optional[float]:
+        """The teacher's next-token accuracy on the validation rows (streamed)."""
+        if teacher is None or val is None or not hasattr(teacher, "model"):
+            return None
+        from ..lm.evaluate import lm_quality
+
+        return lm_quality(teacher.model, val)[0]["token_accuracy"]
+
+    def describe_data(self, train) -> Dict[str, Any]:
+        """Every position with a target is a label: the labelled share of a token corpus means nothing."""
+        return {}
+
+    def export_name(self, fmt: str, int8: bool) -> str:
+        return "model.onnx"
+
+    def export(self, model: nn.Module, splits, path, fmt: str, int8: bool, *, samples: int = 256,
+               calibration_samples: int = 512, dataset: str = "") -> Tuple[Dict[str, Any], str]:
+        """ONNX only, float: ids in, (B, L, V) logits out, parity on the first test rows."""
+        if fmt != "onnx" or int8:
+            raise KdkitError("causal LMs export to float ONNX only (--format onnx without --int8); see kdkit.lm.export")
+        from ..lm.export import export_lm
+
+        data = splits.test if splits.test is not None else splits.val
+        result = export_lm(model, data.x[:min(samples, len(data), 32)], path)
+        p = result["parity"]
+        speed = ""
+        if "onnxruntime" in result:
+            speed = (f" Greedy generation at batch 1: onnxruntime "
+                     f"{result['onnxruntime']['onnx_gen_tokens_per_s']:.1f} tokens/s (no KV cache), PyTorch "
+                     f"{result['pytorch']['gen_tokens_per_s']:.1f} tokens/s (KV cache).")
+        section = (f"<h2>Export: {html.escape(path.name)}</h2><p>{result['bytes']:,} bytes; max abs diff vs PyTorch "
+                   f"{p['max_abs_diff']:.3g} over real positions, arg-max agreement {p['argmax_agreement']:.4f} on "
+                   f"{p['samples']} test rows.{speed}</p>")
+        return result, section
+
+
+__all__ = ["CausalLM"]
