@@ -81,6 +81,18 @@ def _parser() -> argparse.ArgumentParser:
     _global_options(p, in_command=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    _run_commands(sub)
+    _other_commands(sub)
+    for command_parser in sub.choices.values():
+        _global_options(command_parser, in_command=True)
+        # --plugin after the command too; a separate dest, because a command's parser starts an empty list
+        command_parser.add_argument("--plugin", action="append", dest="plugin_after", default=argparse.SUPPRESS,
+                                    metavar="MODULE", help="import your own code first (see kdkit --help)")
+    return p
+
+
+def _run_commands(sub) -> None:
+    """The commands that train, cache, evaluate or compress: demo, train, distill, cache, evaluate, ls, compress."""
     d = _command(sub, "demo", "teacher, scratch student and distilled student on embedded digits",
                  "kdkit demo --epochs 10 --out runs/demo")
     d.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-N if taken)")
@@ -116,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("config", help="YAML config with teacher, compress steps (and optionally student, method, train)")
     cp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.001 out_dir=runs/c2")
 
+
+def _other_commands(sub) -> None:
+    """The commands that export, inspect or run a recipe: export, inspect, born-again, compare, sweep."""
     ex = _command(sub, "export", "export a run's model to ONNX or TorchScript and check it against PyTorch",
                   "kdkit export runs/digits-kd --format onnx --int8")
     ex.add_argument("run_dir")
@@ -155,12 +170,6 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--storage", help="SQLAlchemy URL of the study (default sqlite:///SWEEP_DIR/study.db)")
     sw.add_argument("--study", help="study name in the storage (default kdkit-sweep)")
     sw.add_argument("--resume", action="store_true", help="continue (or join from another process) the study")
-    for command_parser in sub.choices.values():
-        _global_options(command_parser, in_command=True)
-        # --plugin after the command too; a separate dest, because a command's parser starts an empty list
-        command_parser.add_argument("--plugin", action="append", dest="plugin_after", default=argparse.SUPPRESS,
-                                    metavar="MODULE", help="import your own code first (see kdkit --help)")
-    return p
 
 
 def _demo_dir(out: Optional[str]) -> Path:

@@ -308,24 +308,30 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
     result["file"] = str(path)
     result["bytes"] = path.stat().st_size
     if timing:
-        from ..evaluation.metrics import latency
-        from ..training.threads import single_thread
+        result.update(_timings(model, inputs, path, fmt, loaded if fmt != "onnx" else None))
+    return result
 
-        shape = tuple(inputs.shape[1:])
-        example, batches = None, (1, 256)
-        if is_token_ids(inputs) and getattr(model, "pad_token_id", None) is not None:
-            from ..evaluation.metrics import TEXT_LATENCY_BATCHES, text_latency_input
 
-            example, batches = text_latency_input(inputs[0], int(model.pad_token_id)), TEXT_LATENCY_BATCHES
-            result["latency_seq_len"] = int(example.shape[0])
-        with single_thread():
-            result["pytorch"] = latency(model, shape, batches, example=example)
-            if fmt == "onnx":
-                result["onnxruntime"] = onnx_latency(path, shape, batches,
-                                                     example=None if example is None else example.numpy())
-            else:
-                result["torchscript"] = {k.replace("latency", "ts_latency"): v
-                                         for k, v in latency(loaded, shape, batches, example=example).items()}
+def _timings(model: nn.Module, inputs: torch.Tensor, path: Path, fmt: str, loaded=None) -> Dict[str, Any]:
+    """One-thread latency of the PyTorch model and of the exported file (onnxruntime, or the loaded TorchScript
+    module), on token ids repeated to the full length for text models, else random inputs."""
+    from ..evaluation.metrics import TEXT_LATENCY_BATCHES, latency, text_latency_input
+    from ..training.threads import single_thread
+
+    shape = tuple(inputs.shape[1:])
+    example, batches = None, (1, 256)
+    result: Dict[str, Any] = {}
+    if is_token_ids(inputs) and getattr(model, "pad_token_id", None) is not None:
+        example, batches = text_latency_input(inputs[0], int(model.pad_token_id)), TEXT_LATENCY_BATCHES
+        result["latency_seq_len"] = int(example.shape[0])
+    with single_thread():
+        result["pytorch"] = latency(model, shape, batches, example=example)
+        if fmt == "onnx":
+            result["onnxruntime"] = onnx_latency(path, shape, batches,
+                                                 example=None if example is None else example.numpy())
+        else:
+            result["torchscript"] = {k.replace("latency", "ts_latency"): v
+                                     for k, v in latency(loaded, shape, batches, example=example).items()}
     return result
 
 

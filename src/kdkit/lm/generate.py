@@ -23,7 +23,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -344,6 +344,17 @@ def sequence_kd_data(teacher: nn.Module, x, y: Optional[torch.Tensor] = None, *,
 
             saved = load_file(str(path))
             return token_data(saved["x"], saved["y"])
+    ids, targets = _continue_all(teacher, prompts, lengths, cfg, seed, batch_size, pad, width)
+    data = token_data(ids, targets)
+    if path is not None:
+        _save_set(path, data, cfg, seed)
+    return data
+
+
+def _continue_all(teacher: nn.Module, prompts: torch.Tensor, lengths: torch.Tensor, cfg: GenerationConfig,
+                  seed: int, batch_size: int, pad: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's continuations of every prompt, batch by batch with one seeded generator, all padded to the
+    same width; returns ``(ids, targets)``."""
     generator = torch.Generator().manual_seed(seed)
     xs, ys = [], []
     total = width + cfg.max_new_tokens if cfg.max_length is None else min(width + cfg.max_new_tokens, cfg.max_length)
@@ -353,13 +364,15 @@ def sequence_kd_data(teacher: nn.Module, x, y: Optional[torch.Tensor] = None, *,
         grow = total - part.x.shape[1]  # every batch padded to the same width
         xs.append(torch.nn.functional.pad(part.x, (0, grow), value=pad))
         ys.append(torch.nn.functional.pad(part.y, (0, grow), value=IGNORE))
-    data = token_data(torch.cat(xs), torch.cat(ys))
-    if path is not None:
-        from safetensors.torch import save_file
+    return torch.cat(xs), torch.cat(ys)
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"x": data.x.contiguous(), "y": data.y.contiguous()}, str(tmp),
-                  metadata={"config": json.dumps(asdict(cfg)), "seed": str(seed)})
-        tmp.replace(path)
-    return data
+
+def _save_set(path: Path, data, cfg: GenerationConfig, seed: int) -> None:
+    """Write the generated set atomically (a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"x": data.x.contiguous(), "y": data.y.contiguous()}, str(tmp),
+              metadata={"config": json.dumps(asdict(cfg)), "seed": str(seed)})
+    tmp.replace(path)

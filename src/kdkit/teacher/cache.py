@@ -657,8 +657,6 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
     The returned cache is complete. A disk build that is interrupted (an exception, Ctrl-C) flushes the rows
     it finished, so the next build resumes from them.
     """
-    from ..data.core import make_loader
-
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     was_training = model.training
     model.eval()
@@ -668,52 +666,19 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
     fp: Optional[Dict[str, str]] = None
     if spec.storage == "disk" or (path / "meta.json").is_file():
         fp = fingerprint(model, data)  # hashing weights and data costs a fraction of one teacher pass
-    existing = TeacherCache.open(path, writable=spec.storage == "disk")
-    cache: Optional[TeacherCache] = None
-    if existing is not None:
-        stale = existing.matches(fp, spec.layers)
-        if stale is not None:
-            log(f"teacher cache {path} is stale ({stale}); " + ("rebuilding it" if spec.storage == "disk"
-                                                                 else "ignoring it and caching in memory"))
-        elif existing.complete:
-            log(f"teacher cache: reusing {path}")
-            BUILD_COUNTS["reused"] += 1
-            model.train(was_training)
-            return existing.to_memory() if spec.storage == "memory" else existing
-        elif spec.storage == "disk":
-            cache = existing
-            log(f"teacher cache: resuming {path} ({cache.filled}/{len(cache)} rows done)")
+    cache, reused = _existing_cache(path, fp, spec, log)
+    if reused:
+        model.train(was_training)
+        return cache
     augment = getattr(data, "augment", None)
     views = getattr(augment, "views", 1)  # replayable augmentation (kdkit.teacher.augment): one row per (sample, view)
     if cache is None:
         cache = TeacherCache.allocate(len(data) * views, out_shape, spec, fp or {},
                                       path if spec.storage == "disk" else None, features)
     todo = cache.missing()
-    chunks: Iterable = make_loader(data, batch_size)
-    if views > 1 or augment is not None:
-        chunks = _view_batches(data, augment, batch_size)
-    elif len(todo) < len(cache):  # resume: only the missing rows, in chunks of batch_size
-        chunks = _subset_batches(data, todo, batch_size)
-    if progress:  # a bar on a terminal only: a redirected log gets no bar fragments
-        from ..training.progress import Progress
-
-        chunks = Progress(bar=True)(chunks, total=-(-len(todo) // batch_size), desc="teacher cache")
+    chunks = _build_batches(data, augment, views, todo, len(cache), batch_size, progress)
     try:
-        with torch.inference_mode():
-            for i, batch in enumerate(chunks):
-                idx = batch.get("cache_index", batch["index"])
-                if cache.has(idx):  # done before an interruption
-                    continue
-                x = teacher_inputs(batch).to(device)
-                out, feats = _captured(model, x, spec.layers)
-                cache.put(idx, out)
-                if feats:
-                    length = sequence_length(model, x)
-                    real = None if length is None else (x[:, :length] != int(model.pad_token_id)).cpu()
-                    cache.put_features(idx, feats, real)
-                cache.mark_done(idx)
-                if cache.path is not None and i % 20 == 19:
-                    cache.flush()
+        _fill(cache, model, chunks, device, spec.layers)
     finally:
         if cache.path is not None:
             cache.flush()  # values first, then the done mask: what was finished is kept for a resume
@@ -723,6 +688,66 @@ def build_cache(model: nn.Module, data, spec: CacheSpec, *, cache_dir: Optional[
     BUILD_COUNTS["built"] += 1
     BUILD_COUNTS["rows"] += len(todo)
     return cache
+
+
+def _existing_cache(path: Path, fp: Optional[Dict[str, str]], spec: CacheSpec,
+                    log: Callable[[str], None]) -> Tuple[Optional[TeacherCache], bool]:
+    """What is on disk at ``path``: ``(cache, True)`` a complete matching cache to use as is, ``(cache, False)`` an
+    incomplete disk cache to resume, ``(None, False)`` nothing usable (missing, or stale: said through ``log``)."""
+    existing = TeacherCache.open(path, writable=spec.storage == "disk")
+    if existing is None:
+        return None, False
+    stale = existing.matches(fp, spec.layers)
+    if stale is not None:
+        log(f"teacher cache {path} is stale ({stale}); " + ("rebuilding it" if spec.storage == "disk"
+                                                             else "ignoring it and caching in memory"))
+        return None, False
+    if existing.complete:
+        log(f"teacher cache: reusing {path}")
+        BUILD_COUNTS["reused"] += 1
+        return (existing.to_memory() if spec.storage == "memory" else existing), True
+    if spec.storage == "disk":
+        log(f"teacher cache: resuming {path} ({existing.filled}/{len(existing)} rows done)")
+        return existing, False
+    return None, False
+
+
+def _build_batches(data, augment, views: int, todo, rows: int, batch_size: int, progress: bool) -> Iterable:
+    """The batches a build runs the teacher on: every (sample, view) of augmented data, only the missing rows of a
+    resumed cache, else the dataset in order; behind a progress bar on request (a terminal only)."""
+    from ..data.core import make_loader
+
+    chunks: Iterable = make_loader(data, batch_size)
+    if views > 1 or augment is not None:
+        chunks = _view_batches(data, augment, batch_size)
+    elif len(todo) < rows:  # resume: only the missing rows, in chunks of batch_size
+        chunks = _subset_batches(data, todo, batch_size)
+    if progress:  # a redirected log gets no bar fragments
+        from ..training.progress import Progress
+
+        chunks = Progress(bar=True)(chunks, total=-(-len(todo) // batch_size), desc="teacher cache")
+    return chunks
+
+
+@torch.inference_mode()
+def _fill(cache: TeacherCache, model: nn.Module, chunks: Iterable, device: torch.device,
+          layers: Sequence[str]) -> None:
+    """Run the teacher on each batch not yet done and store its outputs (and captured layers); a disk cache is
+    flushed every 20 batches."""
+    for i, batch in enumerate(chunks):
+        idx = batch.get("cache_index", batch["index"])
+        if cache.has(idx):  # done before an interruption
+            continue
+        x = teacher_inputs(batch).to(device)
+        out, feats = _captured(model, x, layers)
+        cache.put(idx, out)
+        if feats:
+            length = sequence_length(model, x)
+            real = None if length is None else (x[:, :length] != int(model.pad_token_id)).cpu()
+            cache.put_features(idx, feats, real)
+        cache.mark_done(idx)
+        if cache.path is not None and i % 20 == 19:
+            cache.flush()
 
 
 def _view_batches(data, augment, batch_size: int):
