@@ -415,13 +415,17 @@ class TeacherCache:
     # -- lookup
     def get(self, index: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
         """Teacher outputs of samples ``index`` (B,), as float32 (B, *out_shape) on ``device``."""
-        idx = index.to("cpu", torch.long)
+        # The training step's hot path: no conversion (nor device object) made when none is needed.
+        idx = index if index.dtype == torch.long and index.device.type == "cpu" else index.to("cpu", torch.long)
         if self.topk:
             out = topk_expand(self._t["values"][idx], self._t["indices"][idx], self._t["rest"][idx],
                               self.out_shape[0])
         else:
-            out = self._t["values"][idx].float()
-        return out if device is None or out.device == torch.device(device) else out.to(device, non_blocking=True)
+            out = self._t["values"][idx]
+            out = out if out.dtype == torch.float32 else out.float()
+        if device is None or out.device == (device if isinstance(device, torch.device) else torch.device(device)):
+            return out
+        return out.to(device, non_blocking=True)
 
     def get_features(self, index: torch.Tensor, names: Sequence[str], length: Optional[int] = None,
                      device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
