@@ -128,3 +128,17 @@ def test_real_process_exit_status(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: config file") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("body, said", [("import sys\nsys.exit(3)\n", "called sys.exit(3)"),
+                                        ("raise KeyboardInterrupt\n", "interrupted while importing"),
+                                        ("class Stop(BaseException):\n    pass\nraise Stop('no')\n",
+                                         "failed while importing: Stop: no")])
+def test_a_plugin_that_exits_or_raises_a_base_exception_is_one_error_line(tmp_path, capsys, body, said):
+    plugin = tmp_path / "quitting_plugin.py"
+    plugin.write_text(body)
+    code, out, err = _run(["--plugin", str(plugin), "ls"], capsys)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: plugin") and said in lines[0], err
+    assert "quitting_plugin" in lines[0] and "Traceback" not in err

@@ -420,3 +420,26 @@ def test_api_test_label_beyond_the_outputs_fails_before_training(tmp_path):
 def test_api_resume_without_out_dir_is_a_clear_error():
     with pytest.raises(KdkitError, match="resume needs the run directory"):
         kdkit.train(nn.Linear(4, 2), _tie_data(), epochs=1, quiet=True, resume=True)
+
+
+def test_a_moved_or_copied_run_directory_resumes_wherever_it_lies(tmp_path, monkeypatch):
+    """A run directory is something users copy and send: resuming it under another name, a trailing slash or an
+    absolute path continues the same run to the same weights; a changed setting is still refused."""
+    import shutil
+
+    full = kdkit.run_config(kdkit.load_config(_tiny_train_cfg(tmp_path / "full")), "train")
+    with _killed_after_saving(monkeypatch, 1):
+        kdkit.run_config(kdkit.load_config(_tiny_train_cfg(tmp_path / "orig")), "train")
+    for i, spelling in enumerate([lambda p: str(p), lambda p: str(p) + "/", lambda p: str(p.resolve())]):
+        moved = tmp_path / f"elsewhere{i}"
+        shutil.copytree(tmp_path / "orig", moved)
+        monkeypatch.chdir(tmp_path)
+        where = spelling(moved.relative_to(tmp_path)) if i < 2 else spelling(moved)
+        cfg = kdkit.load_config(moved / "config.yaml", [f"out_dir={where}"])
+        kdkit.run_config(cfg, "train", resume=True)
+        assert _same(_weights(moved), _weights(full.dir)), where
+    changed = tmp_path / "changed"
+    shutil.copytree(tmp_path / "orig", changed)
+    cfg = kdkit.load_config(changed / "config.yaml", [f"out_dir={changed}", "train.lr=0.5"])
+    with pytest.raises(KdkitError, match="train.lr"):
+        kdkit.run_config(cfg, "train", resume=True)

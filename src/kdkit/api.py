@@ -215,8 +215,10 @@ def _check_resume(cfg: RunConfig) -> None:
         raise KdkitError(f"cannot resume: {cfg.out_dir} is not a kdkit run directory (no config.yaml)")
     stored = flatten(load_config(stored_path).model_dump(mode="json"))
     given = flatten(cfg.model_dump(mode="json"))
-    # how the run is watched or scheduled, not what it computes
-    ignored = {"train.progress", "train.quiet", "train.threads"}
+    # How the run is watched or scheduled, not what it computes; and where its directory lies now: a run directory
+    # that was moved, copied to another machine or named another way (a trailing slash, an absolute path) is
+    # the same run, and its stored out_dir is only where it started.
+    ignored = {"train.progress", "train.quiet", "train.threads", "out_dir"}
     for key in sorted(set(stored) | set(given)):
         if key not in ignored and stored.get(key) != given.get(key):
             raise KdkitError(f"cannot resume {cfg.out_dir}: its config.yaml has {key}={stored.get(key)!r} but this "

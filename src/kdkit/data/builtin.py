@@ -228,6 +228,8 @@ def _read_csv(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
     import csv as _csv
 
     rows: List[Tuple[int, List[str]]] = []
+    # Long documents are real: no field limit but memory (Python's default refuses fields over 131,072 characters).
+    limit = _csv.field_size_limit(2**31 - 1)
     try:
         # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name.
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -240,6 +242,8 @@ def _read_csv(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
                          "file with a header row") from None
     except (_csv.Error, OSError) as e:  # _csv.Error: NUL bytes, unterminated quotes, oversized fields
         raise KdkitError(f"csv: cannot parse {path}: {e}; expected a UTF-8 CSV file with a header row") from None
+    finally:
+        _csv.field_size_limit(limit)
     if len(rows) < 2:
         raise KdkitError(f"csv: {path} has no data rows (a header row, then one row per sample)")
     header = [h.strip() for h in rows[0][1]]

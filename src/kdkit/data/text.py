@@ -139,9 +139,11 @@ def fortunes_topics(tokenizer: Optional[str] = None, max_length: int = 64, topic
 
 def _read_records(path: Path, fmt: str) -> List[dict]:
     try:
-        if fmt == "csv":
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                return list(_csv.DictReader(fh))
+        if fmt == "csv":  # the tabular reader's checks: a row with too many or too few fields names its line
+            from .builtin import _read_csv
+
+            header, rows = _read_csv(str(path))
+            return [dict(zip(header, fields)) for _, fields in rows]
         rows = []
         with open(path, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):

@@ -142,6 +142,74 @@ def load_tokenizer(path: Any) -> Any:
 _TOKENIZERS: Dict[str, Any] = {}
 
 
+#: Module names of the classification heads ``...ForSequenceClassification`` adds to a bare encoder.
+_HEAD_PREFIXES = ("classifier", "score", "pre_classifier", "bert.pooler", "pooler", "dropout")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "tf_model.h5", "model.ckpt.index", "flax_model.msgpack")
+
+
+def check_weight_files(p: Path) -> None:
+    """Refuse a model folder whose weights kdkit cannot use, in one line each, before ``from_pretrained``.
+
+    kdkit loads safetensors only: a pickled ``pytorch_model.bin`` can run code when it is read, so it is never
+    loaded (converted once, where the file is trusted, it is). A truncated or garbage ``.safetensors`` file is
+    named with what is wrong.
+
+    Raises:
+        KdkitError: no safetensors weights (with how to convert pickled ones), or an unreadable safetensors file.
+    """
+    from safetensors import safe_open
+
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        pickled = [n for n in PICKLED_WEIGHTS if (p / n).exists()]
+        pickled += sorted(f.name for f in p.glob("pytorch_model-*.bin"))
+        if pickled:
+            raise KdkitError(
+                f"{p} holds its weights as {pickled[0]}, a pickle, which kdkit never loads (reading a pickle can run "
+                f"code); convert it once where you trust the file: python -c \"import transformers as t; "
+                f"t.AutoModel.from_pretrained('{p}', use_safetensors=False).save_pretrained('{p}', "
+                f"safe_serialization=True)\" (or re-save it with save_pretrained)")
+        raise KdkitError(f"{p} has no model.safetensors; expected the weights saved by save_pretrained")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()  # a garbage file has no readable header
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+            raise KdkitError(f"{f} is not a readable safetensors file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'damaged'}); expected the weights saved by "
+                             f"save_pretrained (truncated or damaged on the way?)") from None
+        _check_offsets(f, f.stat().st_size)
+
+
+def _check_offsets(f: Path, size: int) -> None:
+    """The data a safetensors header promises lies inside the file (a cut-off download passes the header)."""
+    import json
+    import struct
+
+    with open(f, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise KdkitError(f"{f} is truncated: its header describes {8 + n + end:,} bytes but the file has {size:,}; "
+                         f"expected the complete weights saved by save_pretrained")
+
+
+def check_loading_info(p: Path, info: Dict[str, Any], allowed_missing: Sequence[str] = ()) -> None:
+    """Refuse weights that do not fit their config: tensors of other shapes, or model tensors the file lacks."""
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        first = mismatched[0]
+        name = first[0] if isinstance(first, (list, tuple)) else first
+        raise KdkitError(f"{p}: the weights do not match config.json ({len(mismatched)} tensor(s) of another shape, "
+                         f"the first {name}); expected the config the weights were saved with")
+    missing = [k for k in info.get("missing_keys") or [] if not k.startswith(tuple(allowed_missing))]
+    if missing:
+        raise KdkitError(f"{p}: config.json describes {len(missing)} tensor(s) the weights lack (the first "
+                         f"{missing[0]}); expected the config the weights were saved with")
+
+
+
 def load(path: Any, num_labels: Optional[int] = None, *, tokenizer: bool = True,
          attn_implementation: Optional[str] = None, log: Callable[[str], None] = print) -> HFClassifier:
     """Load a local Hugging Face model directory as an :class:`HFClassifier` (ids in, logits out).
@@ -178,11 +246,15 @@ def load(path: Any, num_labels: Optional[int] = None, *, tokenizer: bool = True,
         kwargs["num_labels"] = int(num_labels)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    check_weight_files(p)
     try:
         with _quiet_transformers(transformers):
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(str(p), **kwargs)
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(p), use_safetensors=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise KdkitError(f"cannot load a sequence classifier from {p}: {str(e).splitlines()[0]}") from None
+    # A bare encoder's fresh head is missing by design; any other missing tensor means another config.
+    check_loading_info(p, info, allowed_missing=() if has_head else _HEAD_PREFIXES)
     if not has_head:
         log(f"kdkit.hf.load: {p} is a bare encoder; added a fresh {num_labels}-way classification head "
             f"(random init, seeded by the run, unless trained weights are loaded next)")

@@ -231,7 +231,17 @@ def splits_from_documents(docs: Sequence[str], *, max_length: int, vocab_size: i
     """Documents -> a fixed split by document (seed 0), a tokenizer trained on the training documents only
     (or the one given), rows per :func:`document_rows`."""
     docs = _dedupe([d for d in docs if d.strip()])
+    where = f" in {source}" if source else ""
+    if len(docs) < 2:
+        raise KdkitError(f"only {len(docs)} distinct document{'s' if len(docs) != 1 else ''}{where}; a corpus needs "
+                         f"documents to split into training and held-out rows (for a file with one document per "
+                         f"line set data.separator: line; blank lines or lines holding only % separate documents "
+                         f"by default)")
     tr, va, te = _split_docs(len(docs), val_fraction, test_fraction)
+    if not va and not te:  # the run would end with an empty report
+        raise KdkitError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} of {len(docs)} "
+                         f"documents{where} give no validation or test documents: nothing to measure the model on; "
+                         f"raise one of them (or give more documents)")
     train_docs = [docs[i] for i in tr]
     tok = _tokenizer_for(train_docs, tokenizer, vocab_size, cache_dir)
     pad, eos = tokmod.special_ids(tok)

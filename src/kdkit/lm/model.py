@@ -143,10 +143,15 @@ def load(path, pad_token_id: Optional[int] = None, dtype: torch.dtype = torch.fl
                          f"kdkit never downloads models)")
     if not (p / "config.json").is_file():
         raise KdkitError(f"{p} has no config.json; expected a Hugging Face model directory")
+    from ..hf.models import check_loading_info, check_weight_files
+
+    check_weight_files(p)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
-    except (ValueError, OSError, KeyError) as e:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(p), local_files_only=True, dtype=dtype, use_safetensors=True, output_loading_info=True)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise KdkitError(f"cannot load a causal LM from {p}: {str(e).splitlines()[0]}") from None
+    check_loading_info(p, info)
     tokenizer = _local_tokenizer(p)
     if pad_token_id is None and tokenizer is not None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None)

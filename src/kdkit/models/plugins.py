@@ -62,6 +62,17 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}{where}"
 
 
+def _base_exception(what: str, e: BaseException) -> KdkitError:
+    """The one-line error for a plugin that ends the import with a non-``Exception`` (``sys.exit()``, ``Ctrl-C``,
+    a ``BaseException`` of its own): never kdkit's exit code or a silent stop."""
+    if isinstance(e, SystemExit):
+        return KdkitError(f"plugin {what!r} called sys.exit({e.code!r}) while importing; a plugin should define and "
+                          f"register models, not end the program")
+    if isinstance(e, KeyboardInterrupt):
+        return KdkitError(f"plugin {what!r} was interrupted while importing")
+    return KdkitError(f"plugin {what!r} failed while importing: {_first_line(e)}")
+
+
 def _import_name(name: str) -> ModuleType:
     """Import ``name`` with the current directory on ``sys.path`` (so ``PYTHONPATH=.`` is not needed)."""
     cwd = os.getcwd()
@@ -79,6 +90,8 @@ def _import_name(name: str) -> ModuleType:
         raise KdkitError(f"plugin {name!r}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any failure of the user's module is reported on one line
         raise KdkitError(f"plugin {name!r} failed while importing: {_first_line(e)}") from None
+    except BaseException as e:  # noqa: BLE001 - sys.exit() and the like inside the user's module, also one line
+        raise _base_exception(name, e) from None
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)
@@ -125,6 +138,9 @@ def _import_path(text: str) -> ModuleType:
     except Exception as e:  # noqa: BLE001 - any failure of the user's module is reported on one line
         del sys.modules[name]
         raise KdkitError(f"plugin {text!r} failed while importing: {_first_line(e)}") from None
+    except BaseException as e:  # noqa: BLE001 - sys.exit() and the like inside the user's module, also one line
+        sys.modules.pop(name, None)
+        raise _base_exception(text, e) from None
     _BY_PATH[key] = name
     return module
 
