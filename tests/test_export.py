@@ -1,5 +1,7 @@
 """Export: ONNX and TorchScript files that compute what the PyTorch model does."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,29 @@ def test_export_cli_on_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", str(run_dir), "--format", "keras"])
     assert e.value.code == 2 and "unknown export format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure", ["parity", "onnxruntime", "interrupt"])
+def test_a_failed_or_interrupted_export_leaves_no_file_behind(tmp_path, monkeypatch, failure):
+    import kdkit.export.core as core
+
+    model = create_model("mlp", num_classes=3, input_shape=(4,), hidden=[8]).eval()
+    x = torch.randn(16, 4)
+    if failure == "parity":
+        monkeypatch.setattr(core, "run_onnx", lambda path, x: np.zeros((len(x), 3), dtype=np.float32) + 99)
+        expected, match = KdkitError, "differ"
+    elif failure == "onnxruntime":
+        def broken(float_path, out_path, calibration):
+            Path(out_path).write_bytes(b"half-written")
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : quantisation broke\nmore lines")
+        monkeypatch.setattr(core, "quantize_onnx", broken)
+        expected, match = KdkitError, "int8 onnx export model.onnx failed: RuntimeError: .ONNXRuntimeError"
+    else:
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(core, "run_onnx", interrupted)
+        expected, match = KeyboardInterrupt, None
+    with pytest.raises(expected, match=match):
+        export_model(model, x, tmp_path / "model.onnx", "onnx", int8=failure == "onnxruntime", calibration=x,
+                     timing=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

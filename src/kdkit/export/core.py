@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
 import time
 import warnings
@@ -281,35 +282,52 @@ def export_model(model: nn.Module, inputs: torch.Tensor, path, fmt: str = "onnx"
     result["input_dtype"] = "float32"
     if is_token_ids(inputs):  # int64 token ids, any sequence length up to the model's positions
         result["input_shape"], result["input_dtype"] = ["batch", "sequence"], "int64"
+    # Written under a temporary name, checked, then renamed: a failed check, an error or an interruption leaves
+    # no unchecked file behind (and no second file a model card could list).
+    work = path.with_name(f".{path.stem}.partial{path.suffix}")
+    float_path = path.with_name(f".{path.stem}.float.partial.onnx")
+    try:
+        loaded, result["parity"] = _write_checked(model, inputs, reference, work, float_path, fmt, int8, calibration,
+                                                  (0.0, int8_rtol) if int8 else (atol, rtol), path.name)
+        os.replace(work, path)
+    except KdkitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an exporter or onnxruntime failure is one line, the files removed
+        raise KdkitError(f"{'int8 ' if int8 else ''}{fmt} export {path.name} failed: {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    finally:
+        for leftover in (work, float_path, work.with_name(work.stem + ".pre.onnx")):
+            leftover.unlink(missing_ok=True)
+    result["file"] = str(path)
+    result["bytes"] = path.stat().st_size
+    if timing:
+        result.update(_timings(model, inputs, path, fmt, loaded))
+    return result
+
+
+def _write_checked(model: nn.Module, inputs: torch.Tensor, reference: np.ndarray, work: Path, float_path: Path,
+                   fmt: str, int8: bool, calibration: Optional[torch.Tensor], tolerance, name: str):
+    """Write the file at ``work`` (int8: a float ONNX at ``float_path`` first), load it back and compare its
+    outputs with ``reference``; returns ``(the loaded TorchScript module or None, the parity record)``."""
     if fmt == "onnx":
         if int8:
             if calibration is None:
                 raise KdkitError("int8 export needs calibration inputs")
-            float_path = path.with_name(path.stem + ".float.onnx")
             export_onnx(model, inputs[:1], float_path)
-            quantize_onnx(float_path, path, calibration.cpu().numpy())
-            float_path.unlink()
+            quantize_onnx(float_path, work, calibration.cpu().numpy())
         else:
-            export_onnx(model, inputs[:1], path)
+            export_onnx(model, inputs[:1], work)
         import onnx
 
-        onnx.checker.check_model(str(path))
-        exported = run_onnx(path, inputs.numpy())
-        result["parity"] = _checked(path, compare, reference, exported, *((0.0, int8_rtol) if int8 else (atol, rtol)),
-                                   what=f"ONNX export {path.name}")
-    else:
-        export_torchscript(model, inputs[:1], path)
-        with _quiet():  # torch 2.13 marks torch.jit deprecated; TorchScript is still the format asked for
-            loaded = torch.jit.load(str(path), map_location="cpu")
-        with torch.inference_mode():
-            exported = loaded(inputs).float().numpy()
-        result["parity"] = _checked(path, compare, reference, exported, atol, rtol,
-                                    what=f"TorchScript export {path.name}")
-    result["file"] = str(path)
-    result["bytes"] = path.stat().st_size
-    if timing:
-        result.update(_timings(model, inputs, path, fmt, loaded if fmt != "onnx" else None))
-    return result
+        onnx.checker.check_model(str(work))
+        exported = run_onnx(work, inputs.numpy())
+        return None, compare(reference, exported, *tolerance, what=f"ONNX export {name}")
+    export_torchscript(model, inputs[:1], work)
+    with _quiet():  # torch 2.13 marks torch.jit deprecated; TorchScript is still the format asked for
+        loaded = torch.jit.load(str(work), map_location="cpu")
+    with torch.inference_mode():
+        exported = loaded(inputs).float().numpy()
+    return loaded, compare(reference, exported, *tolerance, what=f"TorchScript export {name}")
 
 
 def _timings(model: nn.Module, inputs: torch.Tensor, path: Path, fmt: str, loaded=None) -> Dict[str, Any]:
@@ -333,15 +351,6 @@ def _timings(model: nn.Module, inputs: torch.Tensor, path: Path, fmt: str, loade
             result["torchscript"] = {k.replace("latency", "ts_latency"): v
                                      for k, v in latency(loaded, shape, batches, example=example).items()}
     return result
-
-
-def _checked(path: Path, fn, *args, **kwargs):
-    """Run a parity check; a failed check removes the file so no unverified export is left behind."""
-    try:
-        return fn(*args, **kwargs)
-    except KdkitError:
-        path.unlink(missing_ok=True)
-        raise
 
 
 def export_sklearn(estimator, x: np.ndarray, path, atol: float = 1e-4) -> Dict[str, Any]:
