@@ -142,3 +142,13 @@ def test_a_plugin_that_exits_or_raises_a_base_exception_is_one_error_line(tmp_pa
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: plugin") and said in lines[0], err
     assert "quitting_plugin" in lines[0] and "Traceback" not in err
+
+
+def test_overrides_may_come_after_an_option(tmp_path, capsys):
+    cfg = _write(tmp_path / "c.yaml", tiny_config(tmp_path / "unused", model={"name": "mlp", "hidden": [8]},
+                                                  train={"epochs": 1, "progress": False}))
+    code, _, err = _run(["train", cfg, "-q", f"out_dir={tmp_path / 'r'}", "train.lr=0.02"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "r" / "config.yaml").is_file() and "lr: 0.02" in (tmp_path / "r" / "config.yaml").read_text()
+    code, _, err = _run(["train", cfg, "-q", "--no-such-flag"], capsys)
+    assert code == 2 and "unrecognized arguments: --no-such-flag" in err

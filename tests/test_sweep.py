@@ -97,6 +97,29 @@ def test_without_optuna_the_error_names_the_extra(teacher_run, tmp_path, monkeyp
         kdkit.sweep(_cfg(teacher_run, tmp_path / "s", trials=1), space={"method.alpha": "0..1"}, quiet=True)
 
 
+def test_an_unknown_sweep_metric_is_refused_before_the_first_trial(teacher_run, tmp_path):
+    out = tmp_path / "s"
+    with pytest.raises(KdkitError, match="sweep.metric 'val_bogus' is not a validation metric.*val_agreement"):
+        kdkit.sweep(_cfg(teacher_run, out, trials=1, metric="val_bogus"), space={"method.alpha": "0..1"},
+                    quiet=True)
+    assert not out.exists()  # nothing written: the retry is not refused
+
+
+def test_the_declared_validation_metrics_are_what_validation_reports(teacher_run, tmp_path):
+    run = kdkit.distill(kdkit.create_model("cnn_small", num_classes=10, input_shape=(1, 8, 8), width=8),
+                        kdkit.create_model("mlp", num_classes=10, input_shape=(1, 8, 8), hidden=[8]),
+                        *_digits_slice(), epochs=1, progress=False, quiet=True)
+    from kdkit.tasks import task_for
+
+    reported = {k[len("val_"):] for k in run.history[0] if k.startswith("val_")}
+    assert reported == set(task_for(_digits_slice()[0]).validation_metrics(teacher=True))
+
+
+def _digits_slice():
+    splits = kdkit.DATASETS.get("digits")()
+    return splits.train, splits.val
+
+
 # ----------------------------------------------------------------------------- sweeps on digits
 
 def _puts(monkeypatch):

@@ -378,9 +378,21 @@ COMMANDS = {"inspect": _cmd_inspect, "ls": _cmd_ls, "compress": _cmd_compress, "
             "sweep": _cmd_sweep}
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """Parse the command line; dotted overrides (``KEY=VALUE``) may also come after an option
+    (``kdkit distill cfg.yaml -q out_dir=runs/x``), where argparse alone would stop collecting them."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
 def run(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command is None:  # plain `kdkit`: say what it can do
         parser.print_help()
         return 0

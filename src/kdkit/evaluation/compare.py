@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import flatten
 from ..errors import KdkitError
-from ..training.rundir import read_metrics, write_text_atomic
+from ..training.rundir import read_json, read_metrics, write_text_atomic
 
 #: Columns of the comparison: (key, header, format). Keys come from the run's main model in report.json,
 #: except ``kept_epoch``, ``epochs`` and ``wall_seconds`` (see :func:`load_run`).
@@ -73,17 +73,15 @@ def load_run(path) -> RunSummary:
     from ..config import parse_yaml
 
     path = Path(path)
-    config = parse_yaml((path / "config.yaml").read_text(encoding="utf-8"), str(path / "config.yaml")) or {}
-    report: Dict[str, Any] = {}
-    if (path / "report.json").is_file():
-        try:
-            report = json.loads((path / "report.json").read_text())
-        except json.JSONDecodeError:
-            raise KdkitError(f"{path / 'report.json'} is damaged (not JSON); rerun kdkit evaluate on it") from None
     try:
-        epochs = read_metrics(path)
-    except json.JSONDecodeError:
-        raise KdkitError(f"{path / 'metrics.jsonl'} is damaged (a line is not JSON)") from None
+        text = (path / "config.yaml").read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KdkitError(f"{path / 'config.yaml'}: not a YAML config (not UTF-8 text, byte {e.start})") from None
+    config = parse_yaml(text, str(path / "config.yaml")) or {}
+    if not isinstance(config, dict):
+        raise KdkitError(f"{path / 'config.yaml'}: not a kdkit config (expected a mapping of sections)")
+    report: Dict[str, Any] = read_json(path / "report.json") or {}  # damaged or foreign: one error naming it
+    epochs = read_metrics(path)
     models = report.get("models") if isinstance(report.get("models"), dict) else {}
     main = _main_model(models)
     numbers = {k: v for k, v in main.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

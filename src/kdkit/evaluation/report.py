@@ -309,23 +309,13 @@ def render_report(run_dir) -> Path:
         KdkitError: no readable ``report.json`` in ``run_dir``.
     """
     from ..errors import KdkitError
-    from ..training.rundir import read_json
+    from ..training.rundir import read_json, read_metrics
 
     run_dir = Path(run_dir)
-    try:
-        report = read_json(run_dir / "report.json")
-    except (ValueError, OSError):
-        report = None
-    if not isinstance(report, dict):
+    report = read_json(run_dir / "report.json")  # damaged or foreign: one error naming the file
+    if report is None:
         raise KdkitError(f"{run_dir} has no readable report.json; expected a finished kdkit run directory")
-    history: List[Dict[str, Any]] = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                history.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a half-written last line
+    history = read_metrics(run_dir)  # a half-written last line is left out
     name = "model" if _get(report, "run", "command") == "train" or "model" in (report.get("models") or {}) \
         else "student"
     page = run_dir / "report.html"

@@ -45,13 +45,14 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
     model (:mod:`kdkit.export.card`; not for causal LMs).
     """
     from ..evaluation.report import append_report
-    from ..training.rundir import write_json
+    from ..training.rundir import read_json, write_json
     from .card import card_path, check_card_writable, write_model_card
 
     if fmt not in FORMATS:
         raise KdkitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
     model, cfg, splits, task = _load_run_model(run_dir)
+    read_json(run_dir / "report.json")  # the report the export is added to: damaged or foreign fails before writing
     path = Path(out) if out is not None else run_dir / "export" / task.export_name(fmt, int8)
     if task.writes_model_card:
         check_card_writable(card_path(path))  # before anything is written: an edited or foreign card stops the export

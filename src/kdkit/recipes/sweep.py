@@ -543,6 +543,7 @@ def sweep(config: SweepSource, *, trials: Optional[int] = None, space: Optional[
     space_obj = Space(base, specs, block.sampler)
     space_obj.check(sweep_dir)
     _check_sweep_dir(sweep_dir, resume, block.storage)
+    _check_metric(base, block)
     say = (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     storage_url = block.storage or default_storage(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -569,6 +570,19 @@ def sweep(config: SweepSource, *, trials: Optional[int] = None, space: Optional[
             write_outputs(st, sweep_dir, block, space_obj, storage_url, time.perf_counter() - t0)
         raise
     return write_outputs(st, sweep_dir, block, space_obj, storage_url, time.perf_counter() - t0)
+
+
+def _check_metric(base: RunConfig, block: SweepConfig) -> None:
+    """The scored metric is one the runs' validation reports (their kind of task says which), checked before the
+    first trial and before anything is written."""
+    from ..assemble import build_data
+    from ..tasks import task_for
+
+    with_teacher = _command(base) == "distill" and (base.teacher is not None or bool(base.teachers))
+    names = task_for(build_data(base.data, base.seed)).validation_metrics(with_teacher)
+    if block.metric[len("val_"):] not in names:
+        raise KdkitError(f"sweep.metric {block.metric!r} is not a validation metric of these runs; expected one of "
+                         f"{', '.join('val_' + n for n in names)}")
 
 
 def _updated(block: SweepConfig, updates: Dict[str, Any]) -> SweepConfig:

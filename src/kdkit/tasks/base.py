@@ -102,6 +102,10 @@ class Task:
             teacher_outputs = predict(teacher, val_data, batch_size, teacher=True)["outputs"]
         return quality(pred["outputs"], pred.get("y"), teacher_outputs), teacher_outputs
 
+    def validation_metrics(self, teacher: bool) -> Tuple[str, ...]:
+        """The figures :meth:`validate` reports (``val_<name>`` in ``metrics.jsonl``): what a sweep may score."""
+        return ("accuracy", "macro_f1", "nll", "ece") + (("agreement",) if teacher else ())
+
     def teacher_val_accuracy(self, teacher, val) -> Optional[float]:
         """The teacher's validation accuracy: the reference line of the report's accuracy curves (None: none)."""
         if teacher is None or val is None or not hasattr(teacher, "model"):

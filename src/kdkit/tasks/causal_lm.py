@@ -60,6 +60,9 @@ class CausalLM(Task):
 
         return lm_quality(student, val_data, min(batch_size, 64), teacher, teacher_outputs)
 
+    def validation_metrics(self, teacher: bool) -> Tuple[str, ...]:
+        return ("nll", "perplexity", "token_accuracy", "tokens") + (("agreement",) if teacher else ())
+
     def teacher_val_accuracy(self, teacher, val) -> Optional[float]:
         """The teacher's next-token accuracy on the validation rows (streamed)."""
         if teacher is None or val is None or not hasattr(teacher, "model"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 from .base import Task, first_target
 
 
@@ -15,6 +17,9 @@ class Regression(Task):
     def matches(data) -> bool:
         y = first_target(data)
         return y is not None and y.is_floating_point()
+
+    def validation_metrics(self, teacher: bool) -> Tuple[str, ...]:
+        return ("mse", "mae") + (("mse_to_teacher",) if teacher else ())
 
 
 __all__ = ["Regression"]

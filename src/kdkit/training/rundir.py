@@ -60,10 +60,34 @@ def write_text_atomic(path, text: str) -> None:
 
 
 def read_metrics(run_dir) -> List[Dict[str, Any]]:
+    """The epoch records of ``run_dir/metrics.jsonl`` ([] when there is none).
+
+    A last line without its newline is one being written (or cut by a kill) and is left out; any other line that is
+    not a JSON object is damage, named with its line.
+
+    Raises:
+        KdkitError: a line that is not JSON or not an object, or a file that is not UTF-8 text.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = _text(path)
+    lines = text.split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # the half-written last line of a run in progress or killed
+                break
+            raise KdkitError(f"{path} line {n} is damaged (not JSON); expected one JSON object per epoch") from None
+        if not isinstance(record, dict):
+            raise KdkitError(f"{path} line {n} holds a JSON {type(record).__name__}, not an epoch record (a JSON "
+                             f"object); is this a kdkit run directory?")
+        records.append(record)
+    return records
 
 
 def write_json(path, data: Dict[str, Any]) -> None:
@@ -71,5 +95,28 @@ def write_json(path, data: Dict[str, Any]) -> None:
 
 
 def read_json(path) -> Optional[Dict[str, Any]]:
+    """A JSON object kdkit wrote (``report.json``, ``compressed.json``, ...), or None when the file is missing.
+
+    Raises:
+        KdkitError: the file is not UTF-8, not JSON, or JSON of another shape (not an object); named with its path.
+    """
     p = Path(path)
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(_text(p))
+    except json.JSONDecodeError as e:
+        raise KdkitError(f"{p} is damaged (not JSON: {e.msg} at line {e.lineno}); expected the file as kdkit wrote "
+                         f"it (rerun the command that writes it)") from None
+    if not isinstance(data, dict):
+        raise KdkitError(f"{p} holds a JSON {type(data).__name__}, not the object kdkit writes there; is this a kdkit "
+                         f"run directory?")
+    return data
+
+
+def _text(p: Path) -> str:
+    """A run-directory file as UTF-8 text, or one error naming it."""
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KdkitError(f"{p} is not UTF-8 text (byte {e.start}); expected the file as kdkit wrote it") from None
