@@ -212,3 +212,17 @@ def test_session_ends_with_the_runs_status(tmp_path, raised, status):
             if raised is not None:
                 raise raised("stop")
     assert rec.calls == [("start", True), ("end", status)]
+
+
+def test_an_mlflow_store_that_cannot_be_opened_fails_before_the_run_directory_is_written(tmp_path):
+    pytest.importorskip("mlflow")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = tmp_path / "run"
+    cfg = tiny_config(out, model={"name": "mlp", "hidden": [8]}, train={"epochs": 1, "progress": False},
+                      tracking={"backend": "mlflow", "uri": f"sqlite:///{blocker}/inside/mlflow.db"})
+    with pytest.raises(KdkitError, match="tracking: cannot open the MLflow store"):
+        kdkit.run_config(load_config(cfg), "train")
+    assert not out.exists()  # the retry, with a store that works, is not refused
+    cfg["tracking"] = {"backend": "mlflow", "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    assert kdkit.run_config(load_config(cfg), "train").dir == out

@@ -187,6 +187,8 @@ def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[
     tracking = Tracking.from_config(cfg.tracking, enabled=rank == 0)
     run_dir = None
     if cfg.out_dir is not None:
+        if rank == 0:
+            tracking.connect(Path(cfg.out_dir).parent)  # an unreachable store fails now, with nothing written
         run_dir = create_run_dir(cfg.out_dir, resume) if rank == 0 else Path(cfg.out_dir)
         if not resume and rank == 0:
             write_text_atomic(run_dir / "config.yaml", dump_config(cfg))

@@ -78,6 +78,10 @@ class Backend:
     def start(self, run_dir: Path, params: Dict[str, Any], resume: bool) -> None:
         pass
 
+    def connect(self, store_dir: Path) -> None:
+        """Open the backend's store before the run directory is written (a store that cannot be opened then
+        fails the run with nothing left behind); the default does nothing."""
+
     def catch_up(self, records: Sequence[Dict[str, Any]]) -> None:
         """After a resume: send the finished epochs this backend has not recorded yet."""
 
@@ -144,6 +148,9 @@ class MlflowBackend(Backend):
             raise
         except Exception as e:  # MLflow raises many types (connection, SQL, permission): one line either way
             raise KdkitError(f"tracking: cannot open the MLflow store {uri}: {_first_line(e)}") from None
+
+    def connect(self, store_dir: Path) -> None:
+        self._connect(store_dir)
 
     def start(self, run_dir: Path, params: Dict[str, Any], resume: bool) -> None:
         run_dir = Path(run_dir)
@@ -287,6 +294,11 @@ class Tracking:
                 backends.append(MlflowBackend(tracking.uri, tracking.experiment, tracking.run_name,
                                               tracking.artifact_location, tracking.parent_run_id, tracking.tags))
         return cls(backends)
+
+    def connect(self, store_dir: Path) -> None:
+        """Open every backend's store (see :meth:`Backend.connect`): call before writing the run directory."""
+        for b in self.backends:
+            b.connect(Path(store_dir))
 
     def start(self, run_dir: Path, params: Dict[str, Any], resume: bool = False) -> "Tracking":
         for b in self.backends:
