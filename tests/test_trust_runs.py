@@ -443,3 +443,52 @@ def test_a_moved_or_copied_run_directory_resumes_wherever_it_lies(tmp_path, monk
     cfg = kdkit.load_config(changed / "config.yaml", [f"out_dir={changed}", "train.lr=0.5"])
     with pytest.raises(KdkitError, match="train.lr"):
         kdkit.run_config(cfg, "train", resume=True)
+
+
+def _torchrun(*args, wait=True):
+    """``torchrun --nproc_per_node 2 -m kdkit ...`` on the CPU (gloo), one thread per process, its own session."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "kdkit", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_two_process_ddp_distillation_killed_mid_epoch_resumes_bit_identical(tmp_path, teacher_run):
+    """kill -9 of the whole torchrun group (both ranks) during an epoch, then --resume under torchrun: the same
+    weights as the uninterrupted two-process run."""
+    import signal
+    import time
+
+    cfg = tiny_config(None, student={"name": "mlp", "hidden": [16]}, teacher={"checkpoint": str(teacher_run)},
+                      method={"name": "kd"}, train={"epochs": 8, "lr": 0.01, "progress": False})
+    cfg["data"]["train_subset"] = 1024
+    path = _write(tmp_path / "c.yaml", {k: v for k, v in cfg.items() if k != "out_dir"})
+    r = _torchrun("distill", path, f"out_dir={tmp_path / 'full'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    reference = _weights(tmp_path / "full")
+    out = tmp_path / "killed"
+    proc = _torchrun("distill", path, f"out_dir={out}", wait=False)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "state.safetensors").is_file() and time.time() < deadline:
+        time.sleep(0.05)  # killed once the first epoch's resume state is on disk: inside a later epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert 1 <= len(done) < 8  # it really died mid-run
+    r = _torchrun("distill", "--resume", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _same(_weights(out), reference)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 9))
