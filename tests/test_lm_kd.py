@@ -171,3 +171,11 @@ def test_yaml_teacher_then_distill_with_offline_topk(tmp_path, monkeypatch):
     run2 = kdkit.run_config(kdkit.load_config(cfg), "distill")
     assert "reusing" in json.loads((tmp_path / "kd2" / "report.json").read_text())["teacher_cache"]
     assert run2.metrics["student"]["perplexity"] == pytest.approx(run.metrics["student"]["perplexity"])
+
+
+def test_a_top_k_larger_than_the_vocabulary_is_refused_before_training(splits):
+    teacher, student = _pair(splits.num_classes)
+    vocab = splits.num_classes
+    with pytest.raises(KdkitError, match=f"teacher_topk={vocab + 1} is larger than the vocabulary"):
+        build_method("lm_kd", student, Teacher(teacher), {"teacher_topk": vocab + 1}, train_data=splits.train)
+    build_method("lm_kd", student, Teacher(teacher), {"teacher_topk": vocab}, train_data=splits.train)  # k = V: fine

@@ -292,3 +292,25 @@ def test_trials_are_mlflow_children_of_the_sweep_run(teacher_run, tmp_path):
         trial = result.trials[int(r.data.tags["kdkit.sweep_trial"])]
         assert float(r.data.params["method.temperature"]) == pytest.approx(trial["params"]["method.temperature"])
         assert trial["epochs"] == 1 and r.data.metrics["val_accuracy"] == pytest.approx(trial["value"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quiet", [[], ["-q"]])
+def test_ctrl_c_during_a_sweep_is_one_line_with_the_resume_command(tmp_path, quiet):
+    import signal
+
+    cfg = tiny_config(tmp_path / "s", model={"name": "mlp", "hidden": [16]},
+                      train={"epochs": 40, "lr": 0.01, "progress": False, "threads": 1})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "kdkit", *quiet, "sweep", str(path), "train.lr=1e-3..1e-2:log",
+                             "--trials", "500", "--pruner", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 120
+    while not any((tmp_path / "s" / "trials").glob("*/metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.1)  # inside a trial
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "failed" not in err
+    assert err.strip().splitlines()[-1] == "interrupted; continue the same study with the same command and --resume"

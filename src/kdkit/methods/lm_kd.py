@@ -79,6 +79,10 @@ class LMKD(Method):
             raise KdkitError(f"teacher vocabulary has {t_vocab} tokens but the student's has {s_vocab}; token-level "
                              f"distillation needs one shared tokenizer (mapping between vocabularies is not "
                              f"supported by kdkit)")
+        vocab = t_vocab if t_vocab is not None else s_vocab
+        if teacher_topk is not None and vocab is not None and teacher_topk > int(vocab):
+            raise KdkitError(f"teacher_topk={teacher_topk} is larger than the vocabulary ({vocab} tokens); expected "
+                             f"1..{vocab} (k = {vocab} keeps every token: the full distribution)")
         self.divergence, self.beta, self.skew = divergence, beta, skew
         self.temperature, self.alpha = temperature, alpha
         self.chunk_size = chunk_size or "auto"

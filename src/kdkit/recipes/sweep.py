@@ -64,7 +64,9 @@ def _optuna():
         import optuna
     except ImportError:
         raise KdkitError("kdkit sweep needs the optional extra 'sweep': pip install 'kdkit[sweep]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Errors only: a trial that fails (an error, Ctrl-C) ends the sweep with kdkit's own one line, which Optuna's
+    # "Trial N failed" warning and its traceback would only precede.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     # heartbeats and their retry callback are marked experimental; kdkit relies on them knowingly
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
