@@ -152,3 +152,27 @@ def test_overrides_may_come_after_an_option(tmp_path, capsys):
     assert (tmp_path / "r" / "config.yaml").is_file() and "lr: 0.02" in (tmp_path / "r" / "config.yaml").read_text()
     code, _, err = _run(["train", cfg, "-q", "--no-such-flag"], capsys)
     assert code == 2 and "unrecognized arguments: --no-such-flag" in err
+
+
+def test_an_unknown_model_name_points_to_plugins(tmp_path, capsys):
+    cfg = _write(tmp_path / "c.yaml", tiny_config(tmp_path / "r", model={"name": "my_own_net"}))
+    code, _, err = _run(["train", cfg], capsys)
+    assert code == 2 and "unknown model 'my_own_net'" in err and "--plugin MODULE" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_times_with_the_runs_own_thread_count(tmp_path):
+    import torch
+
+    import kdkit
+
+    cfg = tiny_config(tmp_path / "r", model={"name": "mlp", "hidden": [8]},
+                      train={"epochs": 1, "progress": False, "threads": 1})
+    kdkit.run_config(kdkit.load_config(cfg), "train")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        metrics = kdkit.evaluate_run(tmp_path / "r")
+    finally:
+        torch.set_num_threads(before)
+    assert metrics["model"]["latency_threads"] == 1

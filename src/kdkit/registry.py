@@ -52,7 +52,9 @@ class Registry:
             return self._items[name]
         except KeyError:
             known = ", ".join(closest_first(name, self.names()))
-            raise KdkitError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+            hint = ("; your own models: --plugin MODULE (or KDKIT_PLUGINS) registers them, or name one as "
+                    "module:factory") if self.kind == "model" else ""
+            raise KdkitError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}{hint}") from None
 
     def names(self) -> List[str]:
         return sorted(self._items)
