@@ -94,7 +94,7 @@ def model_card(run_dir, cfg, report: Optional[Mapping[str, Any]], result: Mappin
     method = run.get("method") or {"name": cfg.method.name if cfg.student else "supervised",
                                    "options": cfg.method.options() if cfg.student else {}}
     opts = ", ".join(f"{k}={v}" for k, v in (method.get("options") or {}).items())
-    files = sorted(p for p in card_dir.iterdir() if p.suffix in (".onnx", ".pt"))
+    files = sorted(p for p in card_dir.iterdir() if p.suffix in (".onnx", ".pt") and not p.name.startswith("."))
     split = report.get("split", "test")
     lines = [
         f"# Model card: {spec.name if spec else 'model'} distilled with kdkit" if cfg.student
