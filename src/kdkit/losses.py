@@ -109,7 +109,7 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).sum() / known.sum().clamp_min(1)
 
 
-# ============================================================================= beyond logits (issue 3)
+# ============================================================================= beyond logits
 # Shapes: B = batch, C = classes or channels, D = embedding width, H x W = spatial size, K = negatives.
 
 

@@ -16,8 +16,8 @@ class AttentionKL(TransformerMethod):
     """Attention-map transfer (Jiao et al. 2020, "TinyBERT", eq. 7), as ``KL(A_t ‖ A_s)`` per head and query.
 
     TinyBERT matches the unnormalised attention scores with MSE; this method matches the attention
-    *distributions* with a KL divergence (MiniLM's form, Wang et al. 2020, eq. 5), which is what issue 10 asks
-    for and is insensitive to a per-row shift of the scores. The distributions are recomputed from the
+    *distributions* with a KL divergence (MiniLM's form, Wang et al. 2020, eq. 5), which makes it
+    insensitive to a per-row shift of the scores. The distributions are recomputed from the
     captured query/key projections (``softmax(Q K^T / √d)``, padded keys excluded), so the method works with
     any attention implementation (eager, SDPA, flash) and never asks the model to return attentions. The KL
     is averaged over heads and real query positions and summed over layer pairs

@@ -31,7 +31,7 @@ stale, reported with a message naming what changed, and rebuilt. Building is
 resumable: rows are written in chunks and marked done only after they are
 flushed.
 
-Teacher features (issue 10). A method that reads the teacher's intermediate layers declares them
+Teacher features. A method that reads the teacher's intermediate layers declares them
 (``method.teacher_layers``); the cache then also holds, per row, what forward hooks capture at exactly those
 module names (outputs, or inputs for ``name:input``), in ``train.cache_feature_dtype`` (default ``float16``:
 half the memory; the logits keep ``train.cache_dtype``). For a text teacher that drops trailing all-pad

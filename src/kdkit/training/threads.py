@@ -4,7 +4,7 @@ Why kdkit chooses rather than keep torch's default (one thread per core): the mo
 CPU are mostly small (MLPs and small CNNs on batches of 64-128), where a second intra-op thread buys
 little, and on a machine shared with other processes, threads that wait for a busy core cost a lot.
 On a quiet 2-core machine ``benchmarks/threads.py`` measured 0.021 s per digits epoch with one thread and
-0.026 s with two; under load from other processes the issue that asked for this setting saw 2-4.5 s
+0.026 s with two; under load from other processes an earlier measurement saw 2-4.5 s
 against 44-74 s per CSV epoch on the same kind of machine.
 
 ``auto`` therefore takes half the CPUs this process may run on (at least one): one thread on a 2-core
