@@ -105,7 +105,7 @@ def test_an_unknown_sweep_metric_is_refused_before_the_first_trial(teacher_run, 
     assert not out.exists()  # nothing written: the retry is not refused
 
 
-def test_the_declared_validation_metrics_are_what_validation_reports(teacher_run, tmp_path):
+def test_the_declared_validation_metrics_are_what_validation_reports():
     run = kdkit.distill(kdkit.create_model("cnn_small", num_classes=10, input_shape=(1, 8, 8), width=8),
                         kdkit.create_model("mlp", num_classes=10, input_shape=(1, 8, 8), hidden=[8]),
                         *_digits_slice(), epochs=1, progress=False, quiet=True)

@@ -171,8 +171,8 @@ def _fmt_data(report: Mapping[str, Any]) -> Optional[str]:
     splits = (d or {}).get("splits")
     parts.append(", ".join(f"{k} {v:,}" for k, v in splits.items()) if splits else f"splits {UNKNOWN}")
     frac = (d or {}).get("labelled_fraction")
-    if report.get("run", {}).get("task") == "causal_lm":
-        parts.append("next-token targets")  # every position with a target is labelled: no share to report
+    if (d or {}).get("targets"):  # what the task says of its targets where a labelled share means nothing
+        parts.append(f"{d['targets']} targets")
     else:
         parts.append(f"labelled {d['labelled_train']:,} of the training samples ({frac:.1%})" if frac is not None
                      else f"labelled fraction {UNKNOWN}")

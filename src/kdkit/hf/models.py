@@ -143,7 +143,7 @@ _TOKENIZERS: Dict[str, Any] = {}
 
 
 #: Module names of the classification heads ``...ForSequenceClassification`` adds to a bare encoder.
-_HEAD_PREFIXES = ("classifier", "score", "pre_classifier", "bert.pooler", "pooler", "dropout")
+_HEAD_PREFIXES = ("classifier", "score", "pre_classifier", "bert.pooler", "pooler")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "tf_model.h5", "model.ckpt.index", "flax_model.msgpack")
 
 

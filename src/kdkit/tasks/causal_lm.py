@@ -16,11 +16,10 @@ from torch import nn
 
 from ..data.core import has_token_targets
 from ..errors import KdkitError
-from .base import Task
-from .text_classification import check_token_fit, token_context
+from .text_classification import TokenTask
 
 
-class CausalLM(Task):
+class CausalLM(TokenTask):
     """Next-token prediction over token rows."""
 
     name = "causal_lm"
@@ -31,13 +30,6 @@ class CausalLM(Task):
     @staticmethod
     def matches(data) -> bool:
         return has_token_targets(data)
-
-    def model_context(self, splits, teacher: bool = False) -> Dict[str, Any]:
-        return token_context(splits, teacher)
-
-    def check_fit(self, model: nn.Module, teacher, splits) -> None:
-        check_token_fit(model, teacher, splits)
-        super().check_fit(model, teacher, splits)
 
     def check_outputs(self, teacher_out: torch.Tensor, student_out: torch.Tensor) -> None:
         t, s = teacher_out, student_out
@@ -72,8 +64,8 @@ class CausalLM(Task):
         return lm_quality(teacher.model, val)[0]["token_accuracy"]
 
     def describe_data(self, train) -> Dict[str, Any]:
-        """Every position with a target is a label: the labelled share of a token corpus means nothing."""
-        return {}
+        """Every position with a target is a label: the report names the targets instead of a labelled share."""
+        return {"targets": "next-token"}
 
     def export_name(self, fmt: str, int8: bool) -> str:
         return "model.onnx"

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 from torch import nn
 
 from ..data.core import first_sample, teacher_view
+from ..errors import KdkitError
 from .base import Task, _cpu_model, first_target
 
 
@@ -39,7 +40,18 @@ def check_token_fit(model: nn.Module, teacher, splits) -> None:
             check_text_model(teacher.model, teacher_view(data), f"teacher on the {name} split", splits.num_classes)
 
 
-class TextClassification(Task):
+class TokenTask(Task):
+    """What every task over token ids shares: the tokenizer's context for factories, and the token checks."""
+
+    def model_context(self, splits, teacher: bool = False) -> Dict[str, Any]:
+        return token_context(splits, teacher)
+
+    def check_fit(self, model: nn.Module, teacher, splits) -> None:
+        check_token_fit(model, teacher, splits)
+        super().check_fit(model, teacher, splits)
+
+
+class TextClassification(TokenTask):
     """Token ids in, one class per text out."""
 
     name = "text_classification"
@@ -48,17 +60,10 @@ class TextClassification(Task):
     def matches(data) -> bool:
         try:
             x = first_sample(data)
-        except Exception:  # noqa: BLE001 - an empty or unreadable split is refused later, with its own message
+        except KdkitError:  # an empty split is refused later, with its own message
             return False
         y = first_target(data)
         return x.dim() == 1 and not x.is_floating_point() and (y is None or not y.is_floating_point())
-
-    def model_context(self, splits, teacher: bool = False) -> Dict[str, Any]:
-        return token_context(splits, teacher)
-
-    def check_fit(self, model: nn.Module, teacher, splits) -> None:
-        check_token_fit(model, teacher, splits)
-        super().check_fit(model, teacher, splits)
 
     def evaluate(self, model: nn.Module, data, teacher: Optional[nn.Module] = None, batch_size: int = 512,
                  measure_latency: bool = True, input_shape: Optional[Sequence[int]] = None) -> Dict[str, float]:
@@ -83,4 +88,4 @@ class TextClassification(Task):
                                   "the attention mask is computed inside the graph (ids != pad id)")}
 
 
-__all__ = ["TextClassification", "check_token_fit", "token_context"]
+__all__ = ["TextClassification", "TokenTask", "check_token_fit", "token_context"]
