@@ -103,7 +103,7 @@ def test_vocabulary_mismatch_is_an_error(splits):
 
 def test_dense_teacher_cache_is_refused_with_a_reason(splits):
     teacher, student = _pair(splits.num_classes)
-    with pytest.raises(KdkitError, match="teacher_topk"):
+    with pytest.raises(KdkitError, match="store_kind"):
         kdkit.distill(teacher, student, splits.train, splits.val, method="lm_kd", epochs=1,
                       teacher_cache="memory")
 
@@ -112,7 +112,7 @@ def test_a_combo_holding_lm_kd_refuses_the_dense_cache_too(splits):
     # The refusal is a declared property of the method; combo passes its parts' refusal on, so a cache that
     # lm_kd must not read is not handed to it from inside a combination either.
     teacher, student = _pair(splits.num_classes)
-    with pytest.raises(KdkitError, match="teacher_topk"):
+    with pytest.raises(KdkitError, match="store_kind"):
         kdkit.distill(teacher, student, splits.train, splits.val, method="combo", epochs=1,
                       parts={"lm": {"name": "lm_kd"}}, teacher_cache="memory")
 
@@ -149,8 +149,7 @@ def test_distill_through_the_api_moves_the_student_to_the_teacher(splits, tmp_pa
     assert "Generated samples" in (tmp_path / "kd" / "report.html").read_text()
 
 
-def test_yaml_teacher_then_distill_with_offline_topk(tmp_path, monkeypatch):
-    pytest.importorskip("kdkit.lm.topk")
+def test_yaml_teacher_then_a_store_written_once_for_two_students(tmp_path, monkeypatch):
     f = _corpus_file(tmp_path / "quotes")
     monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path / "cache"))
     data = {"name": "text_lm", "path": str(f), "vocab_size": 300, "max_length": 16, "batch_size": 16,
@@ -158,19 +157,53 @@ def test_yaml_teacher_then_distill_with_offline_topk(tmp_path, monkeypatch):
     train = {"epochs": 2, "lr": 0.01, "threads": 1, "progress": False, "quiet": True}
     kdkit.run_config(kdkit.load_config({"out_dir": str(tmp_path / "t"), "data": data, "train": train,
                                         "model": {"name": "causal_lm", "layers": 2, "hidden": 32}}), "train")
+    store = tmp_path / "stores" / "s16"
     cfg = {"out_dir": str(tmp_path / "kd"), "data": data, "train": train,
            "teacher": {"checkpoint": str(tmp_path / "t")},
            "student": {"name": "causal_lm", "layers": 1, "hidden": 16},
-           "method": {"name": "lm_kd", "teacher_topk": 8, "alpha": 0.5}}
+           "method": {"name": "lm_kd", "store": str(store), "store_kind": "sampled", "store_size": 16, "alpha": 0.5}}
+    from kdkit.api import cache_config
+
+    info = cache_config(kdkit.load_config(cfg), log=lambda m: None)  # kdkit cache: the teacher's job, once
+    assert info["path"] == str(store) and (store / "store.json").is_file()
+    assert "sampled (16 draws) teacher store" in info["description"]
+    written = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
     run = kdkit.run_config(kdkit.load_config(cfg), "distill")
     report = json.loads((tmp_path / "kd" / "report.json").read_text())
     assert report["models"]["student"]["perplexity"] == pytest.approx(run.metrics["student"]["perplexity"])
-    assert "top-8" in report["teacher_cache"] and "per million tokens" in report["teacher_cache"]
-    # a second run reuses the stored top-k (same teacher, data and k)
-    cfg["out_dir"] = str(tmp_path / "kd2")
-    run2 = kdkit.run_config(kdkit.load_config(cfg), "distill")
-    assert "reusing" in json.loads((tmp_path / "kd2" / "report.json").read_text())["teacher_cache"]
-    assert run2.metrics["student"]["perplexity"] == pytest.approx(run.metrics["student"]["perplexity"])
+    assert "reusing" in report["teacher_cache"] and "bytes per token" in report["teacher_cache"]
+    # a second, different student reads the same store (store: PATH alone), and nothing in it is rewritten
+    cfg2 = {**cfg, "out_dir": str(tmp_path / "kd2"), "student": {"name": "causal_lm", "layers": 1, "hidden": 24},
+            "method": {"name": "lm_kd", "store": str(store), "alpha": 1.0}}
+    kdkit.run_config(kdkit.load_config(cfg2), "distill")
+    assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == written
+    # the offline top-k alias writes a topk store under the cache folder
+    cfg3 = {**cfg, "out_dir": str(tmp_path / "kd3"), "method": {"name": "lm_kd", "teacher_topk": 8, "alpha": 0.5}}
+    kdkit.run_config(kdkit.load_config(cfg3), "distill")
+    assert "top-8 teacher store" in json.loads((tmp_path / "kd3" / "report.json").read_text())["teacher_cache"]
+    assert list((tmp_path / "cache" / "lm_store").glob("top8-*"))
+
+
+def test_a_store_of_another_teacher_or_temperature_is_refused_before_training(tmp_path, splits):
+    teacher, student = _pair(splits.num_classes)
+    store = tmp_path / "s"
+    m = build_method("lm_kd", student, Teacher(teacher), {"store": str(store), "store_kind": "sampled",
+                                                          "store_size": 4}, train_data=splits.train)
+    m.prepare(splits.train)
+    other, _ = _pair(splits.num_classes, seed=3)
+    m2 = build_method("lm_kd", copy.deepcopy(student), Teacher(other), {"store": str(store)}, train_data=splits.train)
+    with pytest.raises(KdkitError, match="the teacher's weights differ"):
+        m2.prepare(splits.train)
+    m3 = build_method("lm_kd", copy.deepcopy(student), Teacher(teacher), {"store": str(store), "temperature": 2.0},
+                      train_data=splits.train)
+    with pytest.raises(KdkitError, match="written at temperature 1 and this run asks for 2"):
+        m3.prepare(splits.train)
+    with pytest.raises(KdkitError, match="divergence jsd over a sampled store"):
+        build_method("lm_kd", student, Teacher(teacher), {"store_kind": "sampled", "store_size": 4,
+                                                          "divergence": "jsd"}, train_data=splits.train)
+    with pytest.raises(KdkitError, match="not a teacher store"):
+        build_method("lm_kd", student, Teacher(teacher), {"store": str(tmp_path / "none")},
+                     train_data=splits.train).prepare(splits.train)
 
 
 def test_a_top_k_larger_than_the_vocabulary_is_refused_before_training(splits):

@@ -1,9 +1,8 @@
 """Offline top-k LM distillation (kdkit.lm.topk): the tail bucket, k = V equals the full loss, the truncation KL,
-storage arithmetic, and the on-disk format (atomic, fingerprinted, never overwritten)."""
+and the storage arithmetic (the store on disk: tests/test_lm_store.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -13,9 +12,6 @@ import torch
 from kdkit.errors import KdkitError
 from kdkit.lm.losses import DIVERGENCES, lm_distill_loss
 from kdkit.lm.topk import (
-    SparseTeacherFile,
-    SparseTeacherWriter,
-    build_sparse_teacher,
     dense_storage_bytes,
     sparse_distill_loss,
     sparse_kd_loss,
@@ -184,61 +180,6 @@ def test_storage_arithmetic():
     assert tg.nbytes == storage_bytes(int((y != -100).sum()), 6)
 
 
-def test_on_disk_round_trip_fingerprint_and_no_overwrite(tmp_path):
-    _, t, y = _batch(8)
-    t = t.float()
-    n_tok = int((y != -100).sum())
-    fp = {"teacher_fingerprint": "abc", "data_fingerprint": "def"}
-    path = tmp_path / "sparse"
-    batches = [(t[:2], y[:2]), (t[2:], y[2:])]
-    f = build_sparse_teacher(path, batches, rows=B, tokens=n_tok, k=4, vocab_size=V, fingerprint=fp)
-    assert sorted(p.name for p in path.iterdir()) == ["indices.npy", "log_tail.npy", "meta.json", "offsets.npy",
-                                                     "values.npy"]
-    assert not list(tmp_path.glob(".sparse.tmp-*"))
-    meta = json.loads((path / "meta.json").read_text())
-    assert meta["bytes"] == storage_bytes(n_tok, 4) + 8 * (B + 1)
-    whole = topk_targets(t, y, 4)
-    assert meta["truncation_kl_mean"] == pytest.approx(truncation_kl(t, y, whole).mean().item(), rel=1e-5)
-    assert meta["tail_mass_mean"] == pytest.approx(whole.log_tail.double().exp().mean().item(), rel=1e-6)
-    # Rows in any order give the batch's tokens in row-major order.
-    order = torch.tensor([2, 0])
-    got = f.targets(order)
-    want = topk_targets(t[order], y[order], 4)
-    assert torch.equal(got.values, want.values) and torch.equal(got.indices, want.indices)
-    assert torch.equal(got.log_tail, want.log_tail) and got.row_lengths.tolist() == want.row_lengths.tolist()
-    s = torch.randn(2, L, V)
-    assert sparse_kd_loss(s, y[order], got).item() == sparse_kd_loss(s, y[order], want).item()
-    # A batch whose labels do not fit the stored rows is refused.
-    with pytest.raises(KdkitError, match="tokens per row"):
-        sparse_kd_loss(s, y[torch.tensor([0, 2])], got)
-    # A different fingerprint is refused, naming what differs; an existing directory is never overwritten.
-    with pytest.raises(KdkitError, match="data_fingerprint differ"):
-        SparseTeacherFile.open(path, {"teacher_fingerprint": "abc", "data_fingerprint": "xyz"})
-    before = (path / "values.npy").read_bytes()
-    with pytest.raises(KdkitError, match="already exists"):
-        build_sparse_teacher(path, batches, rows=B, tokens=n_tok, k=4, vocab_size=V)
-    assert (path / "values.npy").read_bytes() == before
-
-
-def test_interrupted_write_leaves_nothing(tmp_path):
-    _, t, y = _batch(9)
-    path = tmp_path / "sparse"
-
-    def batches():
-        yield t[:1], y[:1]
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build_sparse_teacher(path, batches(), rows=B, tokens=int((y != -100).sum()), k=2, vocab_size=V)
-    assert not path.exists() and not list(tmp_path.iterdir())
-    # Too few rows: commit refuses, nothing appears.
-    with SparseTeacherWriter(path, rows=B, tokens=int((y != -100).sum()), k=2, vocab_size=V) as w:
-        w.append(topk_targets(t[:1], y[:1], 2))
-        with pytest.raises(KdkitError, match="1/3 rows"):
-            w.commit()
-    assert not path.exists() and not list(tmp_path.iterdir())
-
-
 def test_bad_inputs_are_one_line_errors(tmp_path):
     s, t, y = _batch(10)
     with pytest.raises(KdkitError, match=r"k must be an integer in \[1, 17\]"):
@@ -250,5 +191,4 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     y2[0, 0] = -100
     with pytest.raises(KdkitError, match="holds .* tokens but the labels predict"):
         sparse_kd_loss(s, y2, tg)
-    with pytest.raises(KdkitError, match="not a sparse teacher"):
-        SparseTeacherFile.open(tmp_path)
+

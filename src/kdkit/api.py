@@ -281,7 +281,8 @@ def run_config(cfg: RunConfig, command: str, resume: bool = False) -> Run:
 
 
 def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
-    """``kdkit cache``: precompute a distillation config's teacher outputs into a disk cache (resumable).
+    """``kdkit cache``: precompute a distillation config's teacher outputs into a disk cache (resumable), or, for
+    ``lm_kd`` with ``method.store_kind``, write its teacher store (:mod:`kdkit.lm.store`).
 
     The cache is written where ``train.cache_dir`` says (default ``$KDKIT_CACHE_DIR`` or
     ``~/.cache/kdkit/teacher``), in the form ``train.cache_dtype`` / ``train.cache_topk`` say, with the teacher
@@ -299,6 +300,11 @@ def cache_config(cfg: RunConfig, log=print) -> Dict[str, Any]:
     teacher = build_teacher(cfg, splits, task)
     method = build_method(cfg.method.name, build_model(cfg.student, splits, task=task), teacher, cfg.method.options(),
                           train_data=splits.train, num_classes=splits.num_classes)
+    if getattr(method, "uses_store", False):  # lm_kd's teacher store: written once, read by every student run
+        teacher.to(resolve_device(cfg.device))
+        description = method.prepare(splits.train, batch_size=cfg.data.eval_batch_size)  # the caller prints it
+        store = method.store
+        return {"path": str(store.path), "rows": len(store), "bytes": store.nbytes, "description": description}
     train = cfg.train.model_copy(update={"teacher_cache": "auto"})
     mode, reason = cache_plan(method, splits.train, train, task=task)
     if mode == "off":

@@ -327,7 +327,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from .config import load_config
 
     info = api.cache_config(load_config(args.config, args.overrides), log=lambda m: print(m, file=sys.stderr))
-    print(f"teacher cache: {info['description']}")
+    print(f"teacher {'store' if 'store' in info['description'] else 'cache'}: {info['description']}")
     return 0
 
 

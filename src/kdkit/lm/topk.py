@@ -36,27 +36,16 @@ distribution the stored record determines when nothing else is known, ``p̂``: t
 same chain rule it is ``Σ_topk p_i log(p_i / p̂_i) + r · KL(p_tail/r ‖ uniform)``: the float16 rounding plus the
 information in the tail's shape. It is zero (up to rounding) when k = V.
 
-**On disk** (:class:`SparseTeacherWriter`, :class:`SparseTeacherFile`): a directory of plain ``.npy`` arrays
-(opened as read-only memory maps, never pickles) holding the predicted tokens of every row back to back,
-``offsets`` (rows + 1,) int64 marking where each row's tokens start, and ``meta.json`` with k, V, T, the
-counts, measured truncation statistics and the run's fingerprint (e.g. :func:`kdkit.teacher.cache.fingerprint`
-of teacher and data). It is written into a temporary sibling directory and renamed into place only when
-complete, so a reader never sees a partial file; an existing directory is never overwritten. Only the tokens
-with ``labels != -100`` are stored, so padding costs nothing.
+**On disk**: :mod:`kdkit.lm.store` writes these records (with 16-bit ids where the vocabulary allows) beside
+its ``sampled`` and ``full`` kinds.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,9 +62,7 @@ from .losses import (
     resolve_chunk_size,
 )
 
-FORMAT = "kdkit-sparse-teacher"
-FORMAT_VERSION = 1
-_VALUE_DTYPES = {"float16": (torch.float16, np.float16, 2), "float32": (torch.float32, np.float32, 4)}
+_VALUE_DTYPES = {"float16": (torch.float16, 2), "float32": (torch.float32, 4)}
 # Finite stand-ins for log 0: exp() of them is exactly 0, and differences of them stay finite, so an empty
 # bucket (k = V) contributes 0 to every divergence and nothing NaN reaches a gradient.
 _LOG_ZERO_TEACHER = -1e30
@@ -91,7 +78,7 @@ def storage_bytes(num_tokens: int, k: int, value_dtype: str = "float16") -> int:
     the dense float16 distribution over V = 32,000 tokens would be 64 GB."""
     if value_dtype not in _VALUE_DTYPES:
         raise KdkitError(f"value_dtype must be float16 or float32; got {value_dtype!r}")
-    return int(num_tokens) * (int(k) * (_VALUE_DTYPES[value_dtype][2] + 4) + 4)
+    return int(num_tokens) * (int(k) * (_VALUE_DTYPES[value_dtype][1] + 4) + 4)
 
 
 def dense_storage_bytes(num_tokens: int, vocab_size: int, bytes_per_value: int = 2) -> int:
@@ -288,192 +275,3 @@ def truncation_kl(teacher_logits: torch.Tensor, labels: torch.Tensor, targets: S
             p = log_p.exp()
             out.append(torch.where(p > 0, p * (log_p - log_hat), torch.zeros_like(p)).sum(1))
     return torch.cat(out) if out else torch.zeros(0)
-
-
-# ============================================================================= on disk
-
-
-def _atomic_dir_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-class SparseTeacherWriter:
-    """Writes a sparse teacher for ``rows`` rows holding ``tokens`` predicted tokens in all, rows in order.
-
-    Use as a context manager: leaving the block without :meth:`commit` (an exception, Ctrl-C) removes the
-    temporary directory, and nothing appears at ``path``.
-
-    Args:
-        path: the directory to create; it must not exist.
-        rows, tokens: the dataset's number of rows and of predicted tokens (``labels != -100``).
-        k, vocab_size, temperature, value_dtype: the form of the stored targets.
-        fingerprint: strings identifying what was distilled (teacher weights, data), kept in ``meta.json``
-            and checked by :meth:`SparseTeacherFile.open`.
-    """
-
-    def __init__(self, path: Union[str, Path], *, rows: int, tokens: int, k: int, vocab_size: int,
-                 temperature: float = 1.0, value_dtype: str = "float16",
-                 fingerprint: Optional[Mapping[str, str]] = None):
-        self.path = Path(path)
-        if self.path.exists():
-            raise KdkitError(f"sparse teacher {self.path} already exists; not overwriting it (delete it or choose "
-                             "another path)")
-        if value_dtype not in _VALUE_DTYPES:
-            raise KdkitError(f"value_dtype must be float16 or float32; got {value_dtype!r}")
-        self.meta: Dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "rows": int(rows),
-                                     "tokens": int(tokens), "k": int(k), "vocab_size": int(vocab_size),
-                                     "temperature": float(temperature), "value_dtype": value_dtype,
-                                     "fingerprint": dict(fingerprint or {})}
-        self.tmp = _atomic_dir_path(self.path)
-        self.tmp.mkdir(parents=True)
-        np_dtype = _VALUE_DTYPES[value_dtype][1]
-        mm = np.lib.format.open_memmap
-        self._values = mm(self.tmp / "values.npy", mode="w+", dtype=np_dtype, shape=(tokens, k))
-        self._indices = mm(self.tmp / "indices.npy", mode="w+", dtype=np.int32, shape=(tokens, k))
-        self._tail = mm(self.tmp / "log_tail.npy", mode="w+", dtype=np.float32, shape=(tokens,))
-        self._offsets = np.zeros(rows + 1, dtype=np.int64)
-        self._row = 0
-        self._stats = {"kl_sum": 0.0, "kl_max": 0.0, "tail_sum": 0.0, "kl_tokens": 0}
-
-    def append(self, targets: SparseTargets, truncation: Optional[torch.Tensor] = None) -> None:
-        """Write the next ``len(targets.row_lengths)`` rows; ``truncation`` optionally gives their per-token
-        :func:`truncation_kl` for the statistics in ``meta.json``."""
-        m = self.meta
-        if targets.row_lengths is None:
-            raise KdkitError("sparse targets to write need their row_lengths (topk_targets sets them)")
-        if (targets.k, targets.vocab_size, targets.temperature) != (m["k"], m["vocab_size"], m["temperature"]):
-            raise KdkitError(f"sparse targets with k={targets.k}, V={targets.vocab_size}, T={targets.temperature} "
-                             f"do not fit a file of k={m['k']}, V={m['vocab_size']}, T={m['temperature']}")
-        lengths = targets.row_lengths.cpu().numpy().astype(np.int64)
-        r0, t0 = self._row, int(self._offsets[self._row])
-        r1, t1 = r0 + len(lengths), t0 + targets.num_tokens
-        if int(lengths.sum()) != targets.num_tokens or r1 > m["rows"] or t1 > m["tokens"]:
-            raise KdkitError(f"sparse teacher {self.path}: rows {r0}..{r1} with {targets.num_tokens} tokens do not "
-                             f"fit the declared {m['rows']} rows / {m['tokens']} tokens")
-        self._values[t0:t1] = targets.values.cpu().numpy()
-        self._indices[t0:t1] = targets.indices.cpu().numpy()
-        self._tail[t0:t1] = targets.log_tail.cpu().float().numpy()
-        self._offsets[r0 + 1:r1 + 1] = t0 + np.cumsum(lengths)
-        self._row = r1
-        self._stats["tail_sum"] += float(targets.log_tail.double().exp().sum())
-        if truncation is not None and truncation.numel():
-            self._stats["kl_sum"] += float(truncation.double().sum())
-            self._stats["kl_max"] = max(self._stats["kl_max"], float(truncation.max()))
-            self._stats["kl_tokens"] += int(truncation.numel())
-
-    def commit(self) -> Path:
-        """Check that every row was written, then move the directory into place (atomic rename)."""
-        m = self.meta
-        if self._row != m["rows"] or int(self._offsets[-1]) != m["tokens"]:
-            raise KdkitError(f"sparse teacher {self.path}: {self._row}/{m['rows']} rows and "
-                             f"{int(self._offsets[-1])}/{m['tokens']} tokens written; not committing")
-        st = self._stats
-        m["tail_mass_mean"] = st["tail_sum"] / max(m["tokens"], 1)
-        if st["kl_tokens"]:
-            m["truncation_kl_mean"] = st["kl_sum"] / st["kl_tokens"]
-            m["truncation_kl_max"] = st["kl_max"]
-        m["bytes"] = storage_bytes(m["tokens"], m["k"], m["value_dtype"]) + 8 * (m["rows"] + 1)
-        for a in (self._values, self._indices, self._tail):
-            a.flush()
-        np.save(self.tmp / "offsets.npy", self._offsets, allow_pickle=False)
-        (self.tmp / "meta.json").write_text(json.dumps(m, indent=1))
-        del self._values, self._indices, self._tail
-        try:
-            os.rename(self.tmp, self.path)  # atomic; fails if path appeared meanwhile (non-empty)
-        except OSError as e:
-            self.abort()
-            raise KdkitError(f"could not move the sparse teacher into {self.path}: {e.strerror}") from None
-        self.tmp = None
-        return self.path
-
-    def abort(self) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-
-    def __enter__(self) -> "SparseTeacherWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.abort()  # a no-op after commit()
-
-
-class SparseTeacherFile:
-    """A committed sparse teacher, memory-mapped read-only. ``targets(index)`` gives the rows of a batch."""
-
-    def __init__(self, path: Path, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]):
-        self.path, self.meta, self._a = path, meta, arrays
-
-    @classmethod
-    def open(cls, path: Union[str, Path], expect_fingerprint: Optional[Mapping[str, str]] = None
-             ) -> "SparseTeacherFile":
-        """Open ``path``; with ``expect_fingerprint``, refuse a file built for something else (naming what)."""
-        path = Path(path)
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-        except (OSError, ValueError):
-            raise KdkitError(f"{path} is not a sparse teacher (no readable meta.json)") from None
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise KdkitError(f"{path} is not a version-{FORMAT_VERSION} {FORMAT} directory")
-        if expect_fingerprint is not None:
-            have = meta.get("fingerprint", {})
-            changed = sorted(key for key in set(have) | set(expect_fingerprint)
-                             if have.get(key) != expect_fingerprint.get(key))
-            if changed:
-                raise KdkitError(f"sparse teacher {path} was built for something else ({', '.join(changed)} "
-                                 "differ); delete it or choose another path")
-        try:
-            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                      for name in ("values", "indices", "log_tail", "offsets")}
-        except (OSError, ValueError) as e:
-            raise KdkitError(f"sparse teacher {path} is damaged: {e}") from None
-        want = {"values": (meta["tokens"], meta["k"]), "indices": (meta["tokens"], meta["k"]),
-                "log_tail": (meta["tokens"],), "offsets": (meta["rows"] + 1,)}
-        for name, shape in want.items():
-            if arrays[name].shape != shape:
-                raise KdkitError(f"sparse teacher {path} is damaged: {name}.npy has shape {arrays[name].shape}, "
-                                 f"expected {shape}")
-        return cls(path, meta, arrays)
-
-    def __len__(self) -> int:
-        return int(self.meta["rows"])
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self._a.values()))
-
-    def targets(self, index: Union[torch.Tensor, Sequence[int]]) -> SparseTargets:
-        """The sparse targets of rows ``index`` (B,), their tokens concatenated in that order (the row-major
-        order of the batch's ``labels != -100``)."""
-        idx = torch.as_tensor(index).to("cpu", torch.long).numpy()
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise KdkitError(f"sparse teacher {self.path} has rows 0..{len(self) - 1}; asked for row {idx.max()}")
-        off = self._a["offsets"]
-        spans = [np.arange(off[i], off[i + 1]) for i in idx]
-        tok = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
-        return SparseTargets(values=torch.from_numpy(np.ascontiguousarray(self._a["values"][tok])),
-                             indices=torch.from_numpy(np.ascontiguousarray(self._a["indices"][tok])),
-                             log_tail=torch.from_numpy(np.ascontiguousarray(self._a["log_tail"][tok])),
-                             vocab_size=int(self.meta["vocab_size"]), temperature=float(self.meta["temperature"]),
-                             row_lengths=torch.from_numpy(off[idx + 1] - off[idx]))
-
-
-def build_sparse_teacher(path: Union[str, Path], batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *,
-                         rows: int, tokens: int, k: int, vocab_size: int, temperature: float = 1.0,
-                         value_dtype: str = "float16", fingerprint: Optional[Mapping[str, str]] = None,
-                         measure: bool = True, chunk_size: ChunkSize = "auto") -> SparseTeacherFile:
-    """Write a sparse teacher from ``(teacher_logits (b, L, V), labels (b, L))`` batches covering rows 0..rows-1
-    in order, measuring :func:`truncation_kl` on the way (``measure``), and open it.
-
-    Returns:
-        The committed :class:`SparseTeacherFile` (``meta`` holds ``truncation_kl_mean``/``max``,
-        ``tail_mass_mean`` and ``bytes``).
-    """
-    with SparseTeacherWriter(path, rows=rows, tokens=tokens, k=k, vocab_size=vocab_size, temperature=temperature,
-                             value_dtype=value_dtype, fingerprint=fingerprint) as writer:
-        for logits, labels in batches:
-            tg = topk_targets(logits, labels, k, temperature=temperature, value_dtype=value_dtype,
-                              chunk_size=chunk_size)
-            writer.append(tg, truncation_kl(logits, labels, tg, chunk_size=chunk_size) if measure else None)
-        writer.commit()
-    return SparseTeacherFile.open(path, fingerprint)

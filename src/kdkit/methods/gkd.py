@@ -5,14 +5,14 @@ Models: Learning from Self-Generated Mistakes" (generalised knowledge distillati
 of training batches is replaced by continuations the student samples from the batch's prompts (no gradient
 through the sampling), which the teacher scores; the loss on those batches is the chosen divergence on the
 generated tokens only (prompts and padding masked). The other batches are ordinary ``lm_kd`` batches (the
-data's text, the divergence mixed with the cross-entropy by ``alpha``, the live teacher or its offline top-k).
+data's text, the divergence mixed with the cross-entropy by ``alpha``, the live teacher or its store).
 With ``on_policy: 0`` the method is ``lm_kd`` exactly.
 
 Prompts: rows whose targets start after position 0 (prompt/response data) keep their prompt; rows of plain
 text take their first ``prompt_tokens`` tokens. Generation stops at the end-of-text token (``eos_token_id``,
 default the student's generation config's) or after ``max_new_tokens``, within the data's row length.
 
-The teacher is always live on generated batches: the offline top-k store and kdkit's teacher cache hold its
+The teacher is always live on generated batches: a teacher store and kdkit's teacher cache hold its
 outputs on the dataset's text (by sample index) and cannot hold text the student has not written yet.
 Deterministic given the run's seed (see :mod:`kdkit.lm.onpolicy`).
 """
@@ -44,7 +44,7 @@ class GKD(LMKD):
             end-of-text id, if any).
         seed: the seed of the on-policy decisions and sampling (default: the run's seed).
         (other options: those of ``lm_kd``: divergence, beta, skew, temperature, alpha, chunk_size,
-        teacher_topk, topk_dir)
+        store, store_kind, store_size, store_dir, store_seed, teacher_topk, topk_dir)
     """
 
     def __init__(self, student: nn.Module, teacher, on_policy: float = 0.5, max_new_tokens: int = 32,

@@ -16,16 +16,20 @@ Where the teacher's distribution comes from:
   this method: it would hold N × L × V floats (configs/lm_kd.yaml: 1,877 rows × 64 positions × 1,024 tokens
   × 4 bytes = 0.49 GB; with a 32k vocabulary, 32 times more), and the wrapped models trim padding per batch, so
   outputs have no fixed per-sample shape;
-- **offline top-k** (``teacher_topk: k``): before the first step the teacher's ``k`` largest logits per target
-  position (fp16 values, int32 ids) and its probability mass outside them are computed once over the training
-  set and stored on disk under a fingerprint of the teacher's weights, the data and ``k`` (reused by later
-  runs); the student then trains against them without running the teacher (:mod:`kdkit.lm.topk`; the missing
-  mass is one extra bucket of the distribution, not dropped). The storage per million tokens and the KL lost to
-  truncation are measured and reported.
+- **a teacher store** (``store_kind: topk | sampled | full`` with ``store_size``, or ``store: PATH``): the
+  teacher's distribution over the training rows, written once (by ``kdkit cache`` on the same config, or at the
+  start of the first run) and read by any number of students, which then never run the teacher
+  (:mod:`kdkit.lm.store`). ``sampled`` keeps S tokens drawn from the teacher per position (an unbiased target,
+  about 3 bytes per kept token), ``topk`` the k most likely with the missing mass as one bucket, ``full`` the
+  whole distribution in float16. ``store: PATH`` names the folder (written there if absent, refused if it was
+  written for another teacher, tokenizer or data); without it, the store lives under ``store_dir`` in a
+  folder named by a hash of the teacher, the data and the settings. ``teacher_topk: k`` is
+  ``store_kind: topk, store_size: k``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -50,15 +54,22 @@ class LMKD(Method):
         temperature: softening temperature T of the divergence (the cross-entropy stays at T = 1).
         alpha: weight of the distillation term in [0, 1]; ``1 - alpha`` weighs the data's next-token CE.
         chunk_size: predicted tokens per chunk of the loss (0: about 2**22 logits per chunk).
-        teacher_topk: train against the teacher's offline top-k (k >= 1); None: the live teacher.
-        topk_dir: folder of the top-k stores (default ``$KDKIT_CACHE_DIR/lm_topk`` or ``~/.cache/kdkit/lm_topk``).
+        store: folder of the teacher store to read (and to write there if absent); None: see ``store_kind``.
+        store_kind: topk | sampled | full: train against a teacher store of this kind (None with no ``store``:
+            the live teacher).
+        store_size: k of a topk store, draws per position of a sampled one (at most 255).
+        store_dir: parent folder of stores named by hash (default ``$KDKIT_CACHE_DIR/lm_store`` or
+            ``~/.cache/kdkit/lm_store``).
+        store_seed: the seed of a sampled store's draws.
+        teacher_topk: the same as ``store_kind: topk, store_size: teacher_topk``; topk_dir: as ``store_dir``.
         example_batch: supplied by kdkit: checked to hold token data.
     """
 
     def __init__(self, student: nn.Module, teacher, divergence: str = "forward_kl", beta: float = 0.5,
                  skew: float = 0.1, temperature: float = 1.0, alpha: float = 1.0, chunk_size: int = 0,
-                 teacher_topk: Optional[int] = None, topk_dir: Optional[str] = None,
-                 example_batch: Optional[Batch] = None):
+                 store: Optional[str] = None, store_kind: Optional[str] = None, store_size: Optional[int] = None,
+                 store_dir: Optional[str] = None, store_seed: int = 0, teacher_topk: Optional[int] = None,
+                 topk_dir: Optional[str] = None, example_batch: Optional[Batch] = None):
         super().__init__(student, teacher)
         if example_batch is not None:
             x, y = example_batch.get("x"), example_batch.get("y")
@@ -73,6 +84,12 @@ class LMKD(Method):
             raise KdkitError(f"chunk_size must be >= 0 (0: automatic); got {chunk_size}")
         if teacher_topk is not None and teacher_topk < 1:
             raise KdkitError(f"teacher_topk must be >= 1 (or null for the live teacher); got {teacher_topk}")
+        if teacher_topk is not None:
+            if store_kind not in (None, "topk") or (store_size is not None and store_size != teacher_topk):
+                raise KdkitError(f"teacher_topk={teacher_topk} is store_kind: topk, store_size: {teacher_topk}; it "
+                                 f"contradicts store_kind={store_kind!r}, store_size={store_size!r}: give one of them")
+            store_kind, store_size = "topk", teacher_topk
+        store_dir = store_dir if store_dir is not None else topk_dir
         s_vocab = getattr(student, "vocab_size", None)
         t_vocab = getattr(getattr(teacher, "model", None), "vocab_size", None)
         if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
@@ -83,29 +100,61 @@ class LMKD(Method):
         if teacher_topk is not None and vocab is not None and teacher_topk > int(vocab):
             raise KdkitError(f"teacher_topk={teacher_topk} is larger than the vocabulary ({vocab} tokens); expected "
                              f"1..{vocab} (k = {vocab} keeps every token: the full distribution)")
+        if store_kind is not None:
+            from ..lm.store import check_divergence, check_kind
+
+            check_kind(store_kind, store_size, int(vocab) if vocab is not None else None)
+            check_divergence(store_kind, divergence)
         self.divergence, self.beta, self.skew = divergence, beta, skew
         self.temperature, self.alpha = temperature, alpha
         self.chunk_size = chunk_size or "auto"
-        self.teacher_topk, self.topk_dir = teacher_topk, topk_dir
-        self.store = None  # the offline top-k store, attached by prepare()
+        self.store_path, self.store_kind, self.store_size = store, store_kind, store_size
+        self.store_dir, self.store_seed = store_dir, int(store_seed)
+        self.store = None  # the teacher store, attached by prepare()
+
+    @property
+    def uses_store(self) -> bool:
+        return self.store_kind is not None or self.store_path is not None
 
     @property
     def teacher_cache_refusal(self) -> str:
         """Why kdkit's dense teacher-output cache is not used (read by :func:`kdkit.teacher.plan.cache_plan`)."""
-        if self.teacher_topk is not None:
-            return "lm_kd reads the teacher's offline top-k store (method.teacher_topk), not the dense cache"
+        if self.uses_store:
+            return "lm_kd reads its teacher store (method.store / store_kind), not the dense cache"
         return ("lm_kd compares full next-token distributions: a dense cache would hold N x L x V floats per run "
-                "(set method.teacher_topk for the offline top-k store)")
+                "(set method.store_kind: sampled, topk or full for a teacher store written once)")
 
     def prepare(self, train_data, *, batch_size: int = 64, log=None) -> Optional[str]:
-        """Before the first step: build or reuse the offline top-k store (``teacher_topk``); a description."""
-        if self.teacher_topk is None:
-            return None
-        from ..lm.offline import build_topk_store
+        """Before the first step: open, or write, the teacher store (``store`` / ``store_kind``); a description.
 
-        self.store = build_topk_store(self.teacher.model, train_data, self.teacher_topk,
-                                      temperature=self.temperature, cache_dir=self.topk_dir, batch_size=batch_size,
-                                      log=log)
+        Under torchrun the first process writes a missing store while the others wait, then every process opens
+        it and reads the rows of its own batches."""
+        if not self.uses_store:
+            return None
+        from ..lm.store import TeacherStore, build_store, store_fingerprint
+
+        model = self.teacher.model
+        if self.store_kind is None:  # store: PATH alone: it must exist; its own kind and size apply
+            if not (Path(self.store_path) / "store.json").is_file():
+                raise KdkitError(f"method.store {self.store_path} is not a teacher store (no store.json); give "
+                                 "method.store_kind (and store_size) to write one there")
+            self.store = TeacherStore.open(self.store_path, store_fingerprint(model, train_data))
+        else:
+            def build():
+                return build_store(model, train_data, self.store_kind, self.store_size, temperature=self.temperature,
+                                   path=self.store_path, folder=self.store_dir, seed=self.store_seed,
+                                   batch_size=batch_size, log=log)
+
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                if dist.get_rank() == 0:
+                    self.store = build()
+                dist.barrier()
+                if dist.get_rank() != 0:
+                    self.store = build()  # now written: opened and checked
+            else:
+                self.store = build()
+        self.store.check_run(self.divergence, self.temperature)
         return self.store.describe()
 
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
@@ -113,13 +162,13 @@ class LMKD(Method):
 
         logits = self.student(batch["x"])  # (B, L', V)
         y = batch["y"][:, :logits.shape[1]]  # trimmed columns are padding (-100) in every row
-        if self.store is not None:  # offline: the teacher's top-k of these rows, stored before training
-            from ..lm.topk import sparse_distill_loss
+        if self.store is not None:  # the teacher's record of these rows, written before training
+            from ..lm.store import store_distill_loss
 
             targets = self.store.targets(batch["index"], logits.device)
-            out = sparse_distill_loss(logits, y, targets, divergence=self.divergence, alpha=self.alpha,
-                                      beta=self.beta, skew=self.skew, chunk_size=self.chunk_size,
-                                      ignore_index=IGNORE_INDEX)
+            out = store_distill_loss(logits, y, targets, divergence=self.divergence, temperature=self.temperature,
+                                     alpha=self.alpha, beta=self.beta, skew=self.skew, chunk_size=self.chunk_size,
+                                     ignore_index=IGNORE_INDEX)
         else:
             t_logits = self.teacher(batch)  # (B, L', V): the same trimming, the same length
             out = losses.lm_distill_loss(logits, t_logits, y, divergence=self.divergence,

@@ -3,7 +3,7 @@
 Measured by :mod:`kdkit.lm.evaluate` (streamed perplexity, next-token accuracy and agreement, generation speed,
 samples: never (N, L, V) outputs in memory), exported by :mod:`kdkit.lm.export` (ids in, (B, L, V) logits out,
 both axes dynamic). A dense teacher cache is refused: it would hold N x L x V floats; ``lm_kd`` keeps an offline
-top-k store of its own instead (``method.teacher_topk``).
+teacher store of its own instead (``method.store_kind``, :mod:`kdkit.lm.store`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class CausalLM(TokenTask):
 
     name = "causal_lm"
     cache_refusal = ("a causal LM's teacher outputs are (N, L, V) next-token logits, too large for the dense cache "
-                     "(lm_kd keeps an offline top-k store instead: method.teacher_topk)")
+                     "(lm_kd keeps a teacher store instead: method.store_kind)")
     writes_model_card = False
 
     @staticmethod

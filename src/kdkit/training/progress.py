@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, Optional, TextIO
 
 def epoch_summary(name: str, record: Dict[str, Any]) -> str:
     """``"student epoch 3: train_loss=0.4120 ... (1.2s)"``: the one line an epoch leaves in the log."""
-    keys = ["train_loss", "train_accuracy", "val_accuracy", "val_agreement", "val_mse"]
+    keys = ["train_loss", "train_accuracy", "val_accuracy", "val_perplexity", "val_agreement", "val_mse"]
     parts = [f"{k}={record[k]:.4f}" for k in keys if k in record]
     return f"{name} epoch {record['epoch']}: " + " ".join(parts) + f" ({record['epoch_seconds']:.1f}s)"
 
