@@ -27,6 +27,10 @@ Setting (about an hour on two CPU cores, the converged teacher's training includ
   ``sampled16`` and ``topk_same_bytes``; the brief one all of them;
 - the stores are written once per teacher by this process, before any student runs (the teacher's job), and
   every student run reads them through ``method.store`` without running the teacher;
+- ``sampled16`` draws systematically (kdkit's default), ``sampled16_iid`` independently with replacement (the
+  paper's Random-Sampling KD); both keep at most 16 entries per position;
+- step time: five pairs of ``data`` and ``sampled16`` runs with the brief teacher, the two of a pair running
+  at the same time (the same load on both), ratio per pair, median;
 - streaming: students trained from a full and from a sampled store over the 1,600 student rows and over 4x as
   many (4x the steps), peak RSS of the training measured (``VmHWM`` after resetting it once the data is
   loaded), three repeats each.
@@ -84,16 +88,17 @@ SETTING: Dict[str, Any] = {
 }
 
 # In the order they run within a seed (the most telling first, so that a run cut short keeps them).
-VARIANTS = ["data", "forward_kl", "sampled16", "topk_same_bytes", "jsd", "topk32", "on_policy", "trl_gkd",
-            "reverse_kl", "topk8"]
+VARIANTS = ["data", "forward_kl", "sampled16", "topk_same_bytes", "sampled16_iid", "jsd", "topk32", "on_policy",
+            "trl_gkd", "reverse_kl", "topk8"]
 # Variants run with the converged teacher too (the others: the brief teacher only, as before).
-CONVERGED_VARIANTS = ["data", "forward_kl", "sampled16", "topk_same_bytes"]
+CONVERGED_VARIANTS = ["data", "forward_kl", "sampled16", "topk_same_bytes", "sampled16_iid"]
 KDKIT_OPTIONS: Dict[str, Dict[str, Any]] = {
     "data": {},  # method supervised: next-token cross-entropy
     "forward_kl": {"divergence": "forward_kl", "alpha": 1.0},
     "reverse_kl": {"divergence": "reverse_kl", "alpha": 1.0},
     "jsd": {"divergence": "jsd", "beta": 0.5, "alpha": 1.0},
     "sampled16": {"divergence": "forward_kl", "alpha": 1.0},
+    "sampled16_iid": {"divergence": "forward_kl", "alpha": 1.0},
     "topk_same_bytes": {"divergence": "forward_kl", "alpha": 1.0},
     "topk8": {"divergence": "forward_kl", "alpha": 1.0},
     "topk32": {"divergence": "forward_kl", "alpha": 1.0},
@@ -102,10 +107,15 @@ KDKIT_OPTIONS: Dict[str, Dict[str, Any]] = {
 # Teacher stores, written once per teacher by the parent process (kdkit.lm.store.build_store) and read by every
 # student run of that variant through method.store. topk_same_bytes: k chosen so that its bytes per position
 # match the sampled16 store's (4 bytes per entry, 16-bit id and float16 log-probability, + 4 for the tail).
-STORES: Dict[str, Dict[str, Any]] = {"sampled16": {"kind": "sampled", "size": 16}, "topk8": {"kind": "topk", "size": 8},
-                                     "topk32": {"kind": "topk", "size": 32}, "topk_same_bytes": {"kind": "topk"}}
+# sampled16: 16 systematic draws (kdkit's default); sampled16_iid: 16 independent draws (the paper's).
+STORES: Dict[str, Dict[str, Any]] = {
+    "sampled16": {"kind": "sampled", "size": 16, "sampling": "systematic"},
+    "sampled16_iid": {"kind": "sampled", "size": 16, "sampling": "multinomial"},
+    "topk8": {"kind": "topk", "size": 8}, "topk32": {"kind": "topk", "size": 32}, "topk_same_bytes": {"kind": "topk"}}
 # Streaming: peak RSS of a student run over 1x and 4x the student rows (4x the steps), the same store kind.
 RSS_VARIANTS = ["rss_full_1x", "rss_full_4x", "rss_sampled16_1x", "rss_sampled16_4x"]
+# Step time: the data-only student and the sampled-store student, run two at a time (the same load on both).
+SPEED_VARIANTS = ["speed_data", "speed_sampled16"]
 
 
 def log(msg: str) -> None:
@@ -240,7 +250,8 @@ def write_stores(which: str, steps: int, names: List[str]) -> Dict[str, Any]:
             spec["size"] = max(1, round((sampled["bytes_per_position"] - 4) / 4))
         rows = data.train.subset(train_rows(data.train, steps))
         t0, c0 = time.perf_counter(), time.process_time()
-        store = build_store(teacher, rows, spec["kind"], spec.get("size"), path=store_path(which, name, steps))
+        store = build_store(teacher, rows, spec["kind"], spec.get("size"), path=store_path(which, name, steps),
+                            sampling=spec.get("sampling", "systematic"))
         m = store.meta
         out[name] = {k: m.get(k) for k in ("kind", "size", "rows", "tokens", "entries", "entries_per_position",
                                            "bytes", "bytes_per_position", "bytes_per_entry", "sampled_mass_mean",
@@ -292,6 +303,8 @@ def run_kdkit(variant: str, seed: int, steps: int, which: str) -> Dict[str, Any]
     data = splits()
     vocab = data.num_classes
     rss = variant.startswith("rss_")
+    speed = variant.startswith("speed_")
+    variant_name, variant = variant, variant.removeprefix("speed_")
     scale = 4 if variant.endswith("_4x") else 1
     train = data.train.subset(train_rows(data.train, steps * scale))
     teacher = None if variant == "data" else Teacher(load_teacher(vocab, which))
@@ -313,7 +326,7 @@ def run_kdkit(variant: str, seed: int, steps: int, which: str) -> Dict[str, Any]
     cfg = TrainConfig(epochs=1, optimizer="adamw", lr=SETTING["lr"], schedule="constant",
                       grad_clip=SETTING["grad_clip"], keep="last", progress=False, quiet=True, threads=1,
                       teacher_cache="auto")
-    run_dir = OUT / "runs" / f"{which}-{variant}-s{seed}"
+    run_dir = OUT / "runs" / f"{which}-{variant_name}-s{seed}"
     if run_dir.exists():
         import shutil
 
@@ -327,12 +340,12 @@ def run_kdkit(variant: str, seed: int, steps: int, which: str) -> Dict[str, Any]
     rss_peak = peak_rss()
     record = history.epochs[-1]
     n_steps = math.ceil(len(train) / SETTING["batch_size"])
-    out = {"variant": variant, "teacher": which, "seed": seed, "steps": n_steps, "rows": len(train),
+    out = {"variant": variant_name, "teacher": which, "seed": seed, "steps": n_steps, "rows": len(train),
            "step_cpu_s": record["epoch_cpu_seconds"] / n_steps, "step_wall_s": record["epoch_seconds"] / n_steps,
            "total_wall_s": wall, "rss_before_training_bytes": rss_before, "peak_rss_bytes": rss_peak,
            "teacher_cache": history.teacher_cache,
            "store": options.get("store"), "train_loss": record.get("train_loss")}
-    if not rss:
+    if not (rss or speed):
         quality, _ = lm_quality(student, data.test, teacher_argmax=teacher_argmax(which))
         out.update({f"test_{k}": v for k, v in quality.items()})
     return out
@@ -476,18 +489,18 @@ def comparisons(runs: List[Dict[str, Any]], table: Dict[str, Dict[str, Any]], st
         out["kdkit_over_trl_step_cpu"] = {"per_seed": ratios, "median": statistics.median(ratios)}
     for which in ("brief", "converged"):
         t = f"{which}/"
-        for store in ("sampled16", "topk_same_bytes"):
+        for store in ("sampled16", "topk_same_bytes", "sampled16_iid"):
             pairs = _paired(runs, t + store, t + "forward_kl", "test_perplexity")
             if pairs:
                 pct = [100.0 * (r - 1.0) for r in pairs]
-                name = "sampled16" if store == "sampled16" else "topk_at_sampled16_bytes"
+                name = "topk_at_sampled16_bytes" if store == "topk_same_bytes" else store
                 entry = {"per_seed_percent": pct, "median_percent": statistics.median(pct),
                          "perplexity_median": table[t + store]["perplexity_median"],
                          "live_full_perplexity_median": table[t + "forward_kl"]["perplexity_median"],
                          "data_only_perplexity_median": (table.get(t + "data") or {}).get("perplexity_median"),
                          "bytes_per_position": (stores.get(which, {}).get(store) or {}).get("bytes_per_position")}
-                if store == "sampled16":
-                    entry.update(goal_percent=2.0, met=abs(statistics.median(pct)) <= 2.0)
+                if store.startswith("sampled16"):
+                    entry.update(goal_percent=2.0, met=statistics.median(pct) <= 2.0)
                 else:
                     entry["k"] = (stores.get(which, {}).get(store) or {}).get("size")
                 out[f"{name}_vs_live_full_percent_{which}"] = entry
@@ -498,10 +511,10 @@ def comparisons(runs: List[Dict[str, Any]], table: Dict[str, Dict[str, Any]], st
                 "bytes_per_entry": st["bytes_per_entry"], "dense_fp16_bytes_per_position": 2 * SETTING["vocab_size"],
                 "percent_of_dense_fp16": 100.0 * st["bytes_per_position"] / (2 * SETTING["vocab_size"]),
                 "goal_bytes_per_entry": 3.0, "met": st["bytes_per_entry"] <= 3.0}
-        steps = _paired(runs, t + "sampled16", t + "data", "step_cpu_s")
+        steps = _paired(runs, t + "speed_sampled16", t + "speed_data", "step_cpu_s")
         if steps:
             out[f"sampled16_step_over_data_percent_{which}"] = {
-                "per_seed_ratio": steps, "median_ratio": statistics.median(steps),
+                "per_pair_ratio": steps, "median_ratio": statistics.median(steps),
                 "overhead_percent": 100.0 * (statistics.median(steps) - 1.0), "goal_percent": 10.0,
                 "met": statistics.median(steps) <= 1.1}
     for kind in ("full", "sampled16"):
@@ -543,14 +556,16 @@ def print_table(info: Dict[str, Any], table: Dict[str, Dict[str, Any]]) -> None:
         log(f"{k:<28} {r['seeds']:>5} {ppl} {agree} {step:>12} {rss:>10}")
 
 
-def jobs_for(seeds: List[int], teachers: List[str], variants: List[str], rss_repeats: int):
+def jobs_for(seeds: List[int], teachers: List[str], variants: List[str], rss_repeats: int, speed_repeats: int):
     """(seed, teacher, variant) in the order they run: seed by seed, every teacher's variants interleaved; then
-    the streaming runs, repeat by repeat."""
+    the step-time pairs and the streaming runs, repeat by repeat."""
     jobs = []
     for seed in seeds:
         for which in teachers:
             allowed = VARIANTS if which == "brief" else CONVERGED_VARIANTS
             jobs += [(seed, which, v) for v in variants if v in allowed]
+    if "brief" in teachers and "sampled16" in variants:
+        jobs += [(rep, "brief", v) for rep in range(speed_repeats) for v in SPEED_VARIANTS]
     if "converged" in teachers:
         jobs += [(rep, "converged", v) for rep in range(rss_repeats) for v in RSS_VARIANTS]
     return jobs
@@ -563,6 +578,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--teachers", default="brief,converged", help="teachers to distil from")
     ap.add_argument("--rss-repeats", type=int, default=3, help="repeats of each streaming (peak RSS) run")
+    ap.add_argument("--speed-repeats", type=int, default=5, help="pairs of step-time runs (data, sampled16)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--jobs", type=int, default=1, help="variant processes run at once (each with one thread)")
     ap.add_argument("--summarise", action="store_true", help="recompute the summary of --out and print it")
@@ -625,7 +641,7 @@ def main() -> None:
         return r
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for r in pool.map(one, jobs_for(seeds, teachers, variants, args.rss_repeats)):
+        for r in pool.map(one, jobs_for(seeds, teachers, variants, args.rss_repeats, args.speed_repeats)):
             if r is None:
                 continue
             runs.append(r)

@@ -166,7 +166,7 @@ def test_yaml_teacher_then_a_store_written_once_for_two_students(tmp_path, monke
 
     info = cache_config(kdkit.load_config(cfg), log=lambda m: None)  # kdkit cache: the teacher's job, once
     assert info["path"] == str(store) and (store / "store.json").is_file()
-    assert "sampled (16 draws) teacher store" in info["description"]
+    assert "sampled (16 systematic draws) teacher store" in info["description"]
     written = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
     run = kdkit.run_config(kdkit.load_config(cfg), "distill")
     report = json.loads((tmp_path / "kd" / "report.json").read_text())

@@ -63,7 +63,7 @@ def test_id_width_and_bytes_per_position():
 def test_sample_counts_are_the_draws_grouped():
     g = torch.Generator().manual_seed(3)
     log_p = F.log_softmax(torch.randn(5, 7, generator=g), 1)
-    n, ids, counts = sample_counts(log_p, 9, torch.Generator().manual_seed(1))
+    n, ids, counts = sample_counts(log_p, 9, torch.Generator().manual_seed(1), "multinomial")
     draws = torch.multinomial(log_p.exp(), 9, replacement=True, generator=torch.Generator().manual_seed(1))
     start = 0
     for row in range(5):
@@ -75,13 +75,30 @@ def test_sample_counts_are_the_draws_grouped():
     assert int(counts.sum()) == 5 * 9
 
 
-def test_sampled_target_is_unbiased():
+@pytest.mark.parametrize("sampling", ["systematic", "multinomial"])
+def test_sampled_target_is_unbiased(sampling):
     """E[count / S] = p: the mean of many sampled targets approaches the teacher's distribution."""
     log_p = F.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]), 1).repeat(4000, 1)
-    n, ids, counts = sample_counts(log_p, 4, torch.Generator().manual_seed(0))
+    n, ids, counts = sample_counts(log_p, 4, torch.Generator().manual_seed(0), sampling)
+    assert int(counts.sum()) == 4000 * 4
     pos = torch.repeat_interleave(torch.arange(4000), n)
     dense = torch.zeros(4000, 5).index_put_((pos, ids), counts.float() / 4, accumulate=True)
     np.testing.assert_allclose(dense.mean(0).numpy(), log_p[0].exp().numpy(), atol=0.015)
+
+
+def test_systematic_counts_are_floor_or_ceil_of_s_times_p():
+    g = torch.Generator().manual_seed(2)
+    log_p = F.log_softmax(3 * torch.randn(200, 11, generator=g), 1)
+    log_p[:, 3] = -float("inf")  # a token the teacher never emits is never drawn
+    log_p = log_p - torch.logsumexp(log_p, 1, keepdim=True)
+    n, ids, counts = sample_counts(log_p, 16, torch.Generator().manual_seed(0), "systematic")
+    pos = torch.repeat_interleave(torch.arange(200), n)
+    dense = torch.zeros(200, 11).index_put_((pos, ids), counts.float(), accumulate=True)
+    sp = 16 * log_p.exp()
+    assert bool(((dense >= sp.floor() - 1e-9) & (dense <= sp.ceil() + 1e-9)).all())
+    assert float(dense[:, 3].abs().sum()) == 0.0
+    with pytest.raises(KdkitError, match="sampling must be one of systematic, multinomial"):
+        sample_counts(log_p, 4, None, "stratified")
 
 
 @pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd", "tv"])

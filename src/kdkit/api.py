@@ -183,6 +183,8 @@ def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[
     seed_everything(cfg.seed)  # before any model, connector, head or subset is built
     parts = given if given is not None else build_parts(cfg, command)
     method = _build_run_method(cfg, command, parts)
+    if cfg.train.strategy == "fsdp":
+        _check_sharded_run(cfg, method, resume)
     rank = dist_env()[0]  # under torchrun only rank 0 writes the run directory (and tracks)
     tracking = Tracking.from_config(cfg.tracking, enabled=rank == 0)
     run_dir = None
@@ -206,6 +208,21 @@ def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[
         if run_dir is not None:
             tracking.log_results(run_dir, run.metrics)
     return run
+
+
+def _check_sharded_run(cfg: RunConfig, method: Method, resume: bool) -> None:
+    """``train.strategy: fsdp``: refuse what cannot run sharded, and a resume on another world size."""
+    from .training.fsdp import checkpoint_world_size, sharding_problem
+
+    world = dist_env()[1]
+    problem = sharding_problem(cfg.train, method, world)
+    if problem:
+        raise KdkitError(problem)
+    if resume and cfg.out_dir is not None:
+        saved = checkpoint_world_size(Path(cfg.out_dir) / "checkpoints")
+        if saved is not None and saved != world:
+            raise KdkitError(f"cannot resume {cfg.out_dir}: its sharded checkpoint was written by {saved} processes "
+                             f"and this run has {world}; resume with torchrun --nproc_per_node {saved}")
 
 
 def _check_resume(cfg: RunConfig) -> None:

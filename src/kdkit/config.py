@@ -109,6 +109,11 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward passes (CPU and CUDA)")
     channels_last: bool = Field(False, description="NHWC memory format for 4-D inputs and the models")
     compile: bool = Field(False, description="torch.compile the student (and the live teacher)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (a full copy per process) or fsdp (FSDP2: parameters, gradients "
+                           "and optimiser state sharded over the processes, teacher too)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute a Hugging Face student's blocks in the backward pass (less memory)")
     sync_every: int = Field(50, gt=0, description="steps between host syncs (non-finite loss check, progress bar)")
     teacher_cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="reuse the teacher's outputs across epochs; auto: cache when correct, in memory if it fits")

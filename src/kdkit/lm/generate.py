@@ -175,6 +175,22 @@ def _plain_steps(model: nn.Module, buf: torch.Tensor, lengths: torch.Tensor, ste
     return torch.stack(new, dim=1)
 
 
+def _same_on_every_rank(model: nn.Module, steps: int) -> int:
+    """A model sharded with FSDP gathers its parameters in every forward, on every rank together: all ranks then
+    take the largest number of steps any of them needs (the extra tokens are dropped like any past the cap)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return steps
+    from torch.distributed.fsdp import FSDPModule
+
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return steps
+    t = torch.tensor([steps], device=next(model.parameters()).device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def generate(model: nn.Module, prompts: torch.Tensor, lengths: Optional[torch.Tensor] = None,
              config: Optional[GenerationConfig] = None, *, generator: Optional[torch.Generator] = None,
              seed: Optional[int] = None, use_cache: bool = True, **options) -> Generated:
@@ -218,6 +234,7 @@ def generate(model: nn.Module, prompts: torch.Tensor, lengths: Optional[torch.Te
     steps = min(steps, cfg.max_new_tokens)
     if steps < 1:
         raise KdkitError(f"prompts of {int(lengths.min())} tokens leave no room under max_length {cfg.max_length}")
+    steps = _same_on_every_rank(model, steps)
     if generator is None:
         generator = torch.Generator(device=prompts.device).manual_seed(0 if seed is None else seed)
 

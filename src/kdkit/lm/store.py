@@ -7,13 +7,14 @@ records of the teacher's distribution ``p = softmax(z / T)`` at the store's temp
 - ``topk`` (size k): the k most likely tokens, their log-probabilities (float16) and the log of the mass outside
   them (float32), the record of :mod:`kdkit.lm.topk`: ``4k + 4`` bytes per position with 16-bit ids. A biased
   picture of ``p``: the tail's shape is lost (:func:`kdkit.lm.topk.truncation_kl` measures what).
-- ``sampled`` (size S): S tokens drawn from ``p`` with replacement, kept as the distinct tokens and how often
-  each was drawn (Random-Sampling KD, Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
-  Distillation in LLMs", ACL 2025). The target is the empirical distribution ``p̂_v = count_v / S``, whose
-  expectation is ``p``: the forward-KL gradient ``T · (q - p̂)`` is an unbiased estimate of the full one. At most
-  S entries per position (fewer when draws repeat), each 3 bytes (a 16-bit id and an 8-bit count); a
-  position's counts add up to S, which is how the reader finds where a position's entries end, so nothing else
-  is stored per position. Counts are exact integers: nothing is quantised.
+- ``sampled`` (size S): S tokens drawn from ``p``, kept as the distinct tokens and how often each was drawn
+  (Random-Sampling KD, Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs", ACL
+  2025, which draws independently with replacement: ``sampling: multinomial``); by default the draws are
+  systematic (:func:`sample_counts`: the same expectation, a far smaller variance). The target is the empirical
+  distribution ``p̂_v = count_v / S``, whose expectation is ``p``: the forward-KL gradient ``T · (q - p̂)`` is an
+  unbiased estimate of the full one. At most S entries per position (fewer when draws repeat), each 3 bytes (a
+  16-bit id and an 8-bit count); a position's counts add up to S, which is how the reader finds where a position's
+  entries end, so nothing else is stored per position. Counts are exact integers: nothing is quantised.
 - ``full``: the whole distribution as float16 log-probabilities, ``2V`` bytes per position: the reference, for
   small vocabularies (V = 1,024: 2 KB per token).
 
@@ -191,9 +192,19 @@ class FullTargets:
 Targets = Union[SparseTargets, SampledTargets, FullTargets]
 
 
-def sample_counts(log_probs: torch.Tensor, samples: int, generator: Optional[torch.Generator] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw ``samples`` tokens with replacement from each row of ``log_probs`` (n, V) and count them.
+SAMPLINGS = ("systematic", "multinomial")
+
+
+def sample_counts(log_probs: torch.Tensor, samples: int, generator: Optional[torch.Generator] = None,
+                  sampling: str = "systematic") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``samples`` tokens from each row of ``log_probs`` (n, V) and count them.
+
+    ``multinomial``: S independent draws with replacement (Anshumann et al. 2025). ``systematic``: one uniform
+    offset U per position and the S evenly spaced points (U + j) / S, j = 0..S-1, looked up in the teacher's
+    cumulative distribution (systematic resampling; Kitagawa 1996, Carpenter, Clifford & Fearnhead 1999).
+    Each point is marginally a draw from p, so E[count_v / S] = p_v exactly as with independent draws, but a
+    token's count is always ``floor(S·p_v)`` or ``ceil(S·p_v)``: every token with p_v ≥ 1/S is kept, and the
+    target's variance is far smaller.
 
     Returns:
         ``(n_entries (n,), ids (E,), counts (E,))``: per position the number of distinct tokens drawn, then the
@@ -203,8 +214,17 @@ def sample_counts(log_probs: torch.Tensor, samples: int, generator: Optional[tor
     if n == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty, empty
-    draws = torch.multinomial(log_probs.float().exp(), samples, replacement=True, generator=generator)
-    draws = draws.sort(dim=1).values  # (n, S)
+    if sampling == "multinomial":
+        draws = torch.multinomial(log_probs.float().exp(), samples, replacement=True, generator=generator)
+        draws = draws.sort(dim=1).values  # (n, S)
+    elif sampling == "systematic":
+        cdf = log_probs.double().exp().cumsum(1)
+        cdf = cdf / cdf[:, -1:]  # exactly 1 at the end
+        u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
+        points = (u + torch.arange(samples, dtype=torch.float64)) / samples  # (n, S), increasing
+        draws = torch.searchsorted(cdf, points, right=True).clamp_(max=log_probs.shape[1] - 1)  # ascending
+    else:
+        raise KdkitError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}")
     new = torch.ones_like(draws, dtype=torch.bool)
     new[:, 1:] = draws[:, 1:] != draws[:, :-1]
     n_entries = new.sum(1)
@@ -218,8 +238,9 @@ def sample_counts(log_probs: torch.Tensor, samples: int, generator: Optional[tor
 
 
 def sampled_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, samples: int, *, temperature: float = 1.0,
-                    generator: Optional[torch.Generator] = None, chunk_size: ChunkSize = "auto",
-                    ignore_index: int = IGNORE_INDEX) -> Tuple[SampledTargets, Dict[str, np.ndarray]]:
+                    generator: Optional[torch.Generator] = None, sampling: str = "systematic",
+                    chunk_size: ChunkSize = "auto", ignore_index: int = IGNORE_INDEX
+                    ) -> Tuple[SampledTargets, Dict[str, np.ndarray]]:
     """The sampled record of ``teacher_logits`` (B, L, V) at the predicted tokens, and the raw arrays to store
     (``n`` (N,), ``ids`` (E,), ``counts`` (E,)), plus the teacher mass the samples cover per token (``covered``)."""
     check_labels(teacher_logits, labels)
@@ -232,7 +253,7 @@ def sampled_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, samples:
     with torch.no_grad():
         for start in range(0, index.numel(), chunk):
             log_p = F.log_softmax(flat.index_select(0, index[start:start + chunk]).float().cpu() / temperature, 1)
-            n, i, c = sample_counts(log_p, samples, generator)
+            n, i, c = sample_counts(log_p, samples, generator, sampling)
             ns.append(n)
             ids.append(i)
             counts.append(c)
@@ -510,7 +531,7 @@ class StoreWriter:
 
 
 def write_batches(writer: StoreWriter, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *, seed: int = 0,
-                  measure: bool = True, chunk_size: ChunkSize = "auto") -> None:
+                  sampling: str = "systematic", measure: bool = True, chunk_size: ChunkSize = "auto") -> None:
     """Compute the kind's record of each ``(teacher_logits (b, L, V), labels (b, L))`` batch and append it."""
     kind, size, T = writer.kind, writer.size, writer.meta["temperature"]
     g = torch.Generator().manual_seed(int(seed))
@@ -525,7 +546,8 @@ def write_batches(writer: StoreWriter, batches: Iterable[Tuple[torch.Tensor, tor
                 kl = truncation_kl(logits, labels, tg, chunk_size=chunk_size)
                 writer.add_stats(kl=float(kl.double().sum()), kl_max=float(kl.max()), kl_tokens=kl.numel())
         elif kind == "sampled":
-            _, raw = sampled_targets(logits, labels, size, temperature=T, generator=g, chunk_size=chunk_size)
+            _, raw = sampled_targets(logits, labels, size, temperature=T, generator=g, sampling=sampling,
+                                     chunk_size=chunk_size)
             writer.append(lengths, raw)
             writer.add_stats(covered=float(raw["covered"].astype(np.float64).sum()))
         else:
@@ -600,7 +622,8 @@ class TeacherStore:
 
     def describe(self) -> str:
         m = self.meta
-        what = {"topk": f"top-{self.size}", "sampled": f"sampled ({self.size} draws)", "full": "full"}[self.kind]
+        what = {"topk": f"top-{self.size}", "sampled": f"sampled ({self.size} {m.get('sampling', '')} draws)",
+                "full": "full"}[self.kind]
         text = (f"{what} teacher store at T={self.temperature:g} ({'reusing' if self.reused else 'wrote'} "
                 f"{self.path}): {m['rows']:,} rows, {m['tokens']:,} tokens, {m['bytes'] / 2**20:.2f} MiB = "
                 f"{m['bytes_per_position']:.1f} bytes per token")
@@ -732,10 +755,12 @@ def default_store_dir() -> Path:
 
 
 def slot_path(folder: Union[str, Path], kind: str, size: int, temperature: float, seed: int,
-              fingerprint: Mapping[str, str], rows: int) -> Path:
+              fingerprint: Mapping[str, str], rows: int, sampling: str = "systematic") -> Path:
     """The store's folder under ``folder`` for these settings (a hash of all of them)."""
     key = "|".join(f"{a}={b}" for a, b in sorted(fingerprint.items()))
     key += f"|kind={kind}|size={size}|T={float(temperature)!r}|seed={seed}"
+    if kind == "sampled":
+        key += f"|sampling={sampling}"
     slot = hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
     name = {"topk": f"top{size}", "sampled": f"sampled{size}", "full": "full"}[kind]
     return Path(folder) / f"{name}-{rows}-{slot}"
@@ -752,7 +777,8 @@ def _teacher_batches(model: nn.Module, data, batch_size: int) -> Iterator[Tuple[
 
 def build_store(model: nn.Module, data, kind: str, size: Optional[int] = None, *, temperature: float = 1.0,
                 path: Optional[Union[str, Path]] = None, folder: Optional[Union[str, Path]] = None, seed: int = 0,
-                batch_size: int = 64, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, log=None) -> TeacherStore:
+                sampling: str = "systematic", batch_size: int = 64, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+                log=None) -> TeacherStore:
     """Write (or reuse) the store of ``model`` over ``data`` (token ids ``x`` and targets ``y``, (N, L)).
 
     ``path`` names the store folder; without it, a folder under ``folder`` (default :func:`default_store_dir`)
@@ -773,7 +799,7 @@ def build_store(model: nn.Module, data, kind: str, size: Optional[int] = None, *
     size = check_kind(kind, size, vocab)
     fingerprint = store_fingerprint(model, data)
     target = Path(path) if path is not None else slot_path(folder or default_store_dir(), kind, size, temperature,
-                                                           seed, fingerprint, len(data))
+                                                           seed, fingerprint, len(data), sampling)
     if target.exists():
         store = TeacherStore.open(target, fingerprint)
         m = store.meta
@@ -781,7 +807,7 @@ def build_store(model: nn.Module, data, kind: str, size: Optional[int] = None, *
         if kind != "full":  # a full store serves any temperature
             asked["temperature"] = float(temperature)
         if kind == "sampled":
-            asked["seed"] = int(seed)
+            asked.update(seed=int(seed), sampling=sampling)
         differ = [f"{k} {m.get(k)!r} (asked {v!r})" for k, v in asked.items() if m.get(k) != v]
         if differ:
             raise KdkitError(f"teacher store {target} holds another record: {', '.join(differ)}; choose another "
@@ -796,8 +822,10 @@ def build_store(model: nn.Module, data, kind: str, size: Optional[int] = None, *
         with StoreWriter(target, kind=kind, size=size, rows=len(data), tokens=tokens, vocab_size=vocab,
                          temperature=temperature, fingerprint=fingerprint, rows_per_shard=rows_per_shard) as w:
             if kind == "sampled":
-                w.meta["seed"] = int(seed)
-            write_batches(w, _teacher_batches(model, data, batch_size), seed=seed)
+                if sampling not in SAMPLINGS:
+                    raise KdkitError(f"store sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}")
+                w.meta.update(seed=int(seed), sampling=sampling)
+            write_batches(w, _teacher_batches(model, data, batch_size), seed=seed, sampling=sampling)
             w.commit()
     finally:
         model.train(was)
@@ -810,5 +838,5 @@ def build_store(model: nn.Module, data, kind: str, size: Optional[int] = None, *
 
 __all__ = ["FINGERPRINT_WORDS", "FORMAT", "FullTargets", "KINDS", "SampledTargets", "StoreWriter", "TeacherStore",
            "build_store", "bytes_per_position", "check_divergence", "check_kind", "default_store_dir", "id_dtype",
-           "sample_counts", "sampled_targets", "slot_path", "store_distill_loss", "store_fingerprint",
+           "SAMPLINGS", "sample_counts", "sampled_targets", "slot_path", "store_distill_loss", "store_fingerprint",
            "tokenizer_fingerprint", "write_batches"]

@@ -44,7 +44,7 @@ class GKD(LMKD):
             end-of-text id, if any).
         seed: the seed of the on-policy decisions and sampling (default: the run's seed).
         (other options: those of ``lm_kd``: divergence, beta, skew, temperature, alpha, chunk_size,
-        store, store_kind, store_size, store_dir, store_seed, teacher_topk, topk_dir)
+        store, store_kind, store_size, store_dir, store_seed, store_sampling, teacher_topk, topk_dir)
     """
 
     def __init__(self, student: nn.Module, teacher, on_policy: float = 0.5, max_new_tokens: int = 32,

@@ -61,6 +61,8 @@ class LMKD(Method):
         store_dir: parent folder of stores named by hash (default ``$KDKIT_CACHE_DIR/lm_store`` or
             ``~/.cache/kdkit/lm_store``).
         store_seed: the seed of a sampled store's draws.
+        store_sampling: systematic (default) | multinomial: how a sampled store draws (see
+            :func:`kdkit.lm.store.sample_counts`).
         teacher_topk: the same as ``store_kind: topk, store_size: teacher_topk``; topk_dir: as ``store_dir``.
         example_batch: supplied by kdkit: checked to hold token data.
     """
@@ -68,7 +70,8 @@ class LMKD(Method):
     def __init__(self, student: nn.Module, teacher, divergence: str = "forward_kl", beta: float = 0.5,
                  skew: float = 0.1, temperature: float = 1.0, alpha: float = 1.0, chunk_size: int = 0,
                  store: Optional[str] = None, store_kind: Optional[str] = None, store_size: Optional[int] = None,
-                 store_dir: Optional[str] = None, store_seed: int = 0, teacher_topk: Optional[int] = None,
+                 store_dir: Optional[str] = None, store_seed: int = 0, store_sampling: str = "systematic",
+                 teacher_topk: Optional[int] = None,
                  topk_dir: Optional[str] = None, example_batch: Optional[Batch] = None):
         super().__init__(student, teacher)
         if example_batch is not None:
@@ -105,11 +108,15 @@ class LMKD(Method):
 
             check_kind(store_kind, store_size, int(vocab) if vocab is not None else None)
             check_divergence(store_kind, divergence)
+            from ..lm.store import SAMPLINGS
+
+            if store_sampling not in SAMPLINGS:
+                raise KdkitError(f"store_sampling must be one of {', '.join(SAMPLINGS)}; got {store_sampling!r}")
         self.divergence, self.beta, self.skew = divergence, beta, skew
         self.temperature, self.alpha = temperature, alpha
         self.chunk_size = chunk_size or "auto"
         self.store_path, self.store_kind, self.store_size = store, store_kind, store_size
-        self.store_dir, self.store_seed = store_dir, int(store_seed)
+        self.store_dir, self.store_seed, self.store_sampling = store_dir, int(store_seed), store_sampling
         self.store = None  # the teacher store, attached by prepare()
 
     @property
@@ -143,6 +150,7 @@ class LMKD(Method):
             def build():
                 return build_store(model, train_data, self.store_kind, self.store_size, temperature=self.temperature,
                                    path=self.store_path, folder=self.store_dir, seed=self.store_seed,
+                                   sampling=self.store_sampling,
                                    batch_size=batch_size, log=log)
 
             dist = torch.distributed

@@ -30,7 +30,9 @@ Speed:
 - **Data parallel**: under ``torchrun`` the method (student + trainable extras; the teacher is not a
   module) is wrapped in DDP (:mod:`kdkit.training.distributed`), each rank takes ``batch_size /
   world_size`` samples of every global batch, epoch metrics are all-reduced and only rank 0 validates
-  and writes the run directory.
+  and writes the run directory. ``train.strategy: fsdp`` shards the student, its extras and the teacher
+  with FSDP2 instead (:mod:`kdkit.training.fsdp`): every rank then validates (the sharded forward needs
+  them all), rank 0 writes the consolidated weights and the resume state is a distributed checkpoint.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ class _Loop:
     task: Any = None  # the kind of task (kdkit.tasks): how validation measures the student
     val_teacher_outputs: Any = None  # what task.validate keeps of the frozen teacher's outputs between epochs
     tracking: Optional[Tracking] = None
+    sharded: Any = None  # kdkit.training.fsdp.Sharded under strategy fsdp
 
     @property
     def main(self) -> bool:
@@ -222,28 +225,43 @@ def _setup(method: nn.Module, train_data, cfg: TrainConfig, *, run_dir, seed: in
         teacher.to(dev)
         if cfg.channels_last and hasattr(teacher, "model"):
             teacher.model.to(memory_format=torch.channels_last)
-    cache, history.teacher_cache = prepare_teacher_cache(method, train_data, cfg, batch_size=eval_batch_size,
+    fsdp = cfg.strategy == "fsdp"
+    if fsdp:
+        from . import fsdp as sharding
+
+        problem = sharding.sharding_problem(cfg, method, world)
+        if problem:
+            raise KdkitError(problem)
+    cache_cfg = cfg.model_copy(update={"teacher_cache": "off"}) if fsdp else cfg
+    cache, history.teacher_cache = prepare_teacher_cache(method, train_data, cache_cfg, batch_size=eval_batch_size,
                                                          rank=rank, world_size=world, task=task)
+    if fsdp:
+        history.teacher_cache = "off (strategy fsdp: the sharded teacher runs live)"
+    # Before sharding: a teacher store is written by rank 0 alone, with the whole teacher.
     prepared = method.prepare(train_data, batch_size=eval_batch_size,
                               log=lambda msg: print(msg, file=sys.stderr)) if hasattr(method, "prepare") else None
     if prepared:
         history.teacher_cache = f"{history.teacher_cache}; {prepared}"
+    sharded = sharding.shard(method, dev, cfg) if fsdp else None
+    if sharded is not None:
+        history.teacher_cache = f"{history.teacher_cache}; {sharded.describe()}"
     loader = make_loader(train_data, batch_size // world, shuffle=True, seed=seed, num_workers=num_workers,
                          rank=rank, world_size=world)
     steps_per_epoch = -(-len(loader) // cfg.grad_accum_steps)  # optimiser steps
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
-    model, ddp = _wrap(method, cfg, dev, world, params, cache)
-    autocast = ((lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)) if cfg.precision == "bf16"
-                else contextlib.nullcontext)
+    model, ddp = _wrap(method, cfg, dev, world, params, cache) if sharded is None else (method, None)
+    # Under FSDP, bf16 is its mixed-precision policy (parameters gathered in bf16), not autocast.
+    autocast = ((lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16))
+                if cfg.precision == "bf16" and sharded is None else contextlib.nullcontext)
     augment = getattr(train_data, "augment", None)  # kdkit.teacher.augment: replayable views (FKD)
     run_dir = Path(run_dir) if run_dir is not None else None
     return _Loop(method=method, model=model, cfg=cfg, device=dev, rank=rank, world=world, loader=loader, task=task,
                  optimizer=optimizer, scheduler=scheduler, params=params, ddp=ddp, cache=cache, autocast=autocast,
                  augment=augment if hasattr(augment, "batch") else None, name=name,
                  ckpt=run_dir / "checkpoints" if run_dir else None,
-                 metrics_path=run_dir / "metrics.jsonl" if run_dir else None)
+                 metrics_path=run_dir / "metrics.jsonl" if run_dir else None, sharded=sharded)
 
 
 def _wrap(method: nn.Module, cfg: TrainConfig, dev: torch.device, world: int, params, cache) -> Tuple[nn.Module, Any]:
@@ -270,12 +288,20 @@ def _resume(loop: _Loop, history: History) -> int:
     if loop.ckpt is None:
         raise KdkitError("resume needs a run directory")
     state = loop.ckpt / STATE_FILE
-    if not state.is_file():
+    if loop.sharded is not None:
+        from . import fsdp as sharding
+
+        has_state = sharding.checkpoint_world_size(loop.ckpt) is not None
+    else:
+        has_state = state.is_file()
+    if not has_state:
         # Killed before its first epoch ended: nothing to restore, so the run starts again from epoch 1.
         records: List[Dict[str, Any]] = []
         start = 0
     else:
-        extra = load_training_state(state, loop.method, loop.optimizer, loop.scheduler)
+        extra = (sharding.load_checkpoint(loop.ckpt, loop.method, loop.optimizer, loop.scheduler)
+                 if loop.sharded is not None else
+                 load_training_state(state, loop.method, loop.optimizer, loop.scheduler))
         start = extra["epoch"] + 1
         history.best_score, history.best_epoch = extra.get("best_score"), extra.get("best_epoch")
         lines = loop.metrics_path.read_text().splitlines() if loop.metrics_path.is_file() else []
@@ -382,6 +408,8 @@ def _save_epoch(loop: _Loop, record: Dict[str, Any], history: History, keeper: K
     """After a good epoch: the kept weights, the metrics line, last weights, resume state, then tracking.
 
     Tracking comes last, once the epoch is committed (a resumed run redoes no epoch it has sent)."""
+    if loop.sharded is not None:
+        return _save_sharded_epoch(loop, record, history, keeper, improved, epoch)
     student = loop.method.student
     bad = non_finite(student.state_dict())
     if bad is not None:
@@ -404,6 +432,64 @@ def _save_epoch(loop: _Loop, record: Dict[str, Any], history: History, keeper: K
     save_training_state(loop.ckpt / STATE_FILE, loop.method, loop.optimizer, loop.scheduler,
                         {"epoch": epoch, "best_score": keeper.best, "best_epoch": keeper.epoch})
     loop.tracking.log_epoch(record)
+
+
+def _save_sharded_epoch(loop: _Loop, record: Dict[str, Any], history: History, keeper: Keeper, improved: bool,
+                        epoch: int) -> None:
+    """:func:`_save_epoch` under FSDP: the full weights gathered onto rank 0, the resume state as a DCP."""
+    from safetensors.torch import save_file
+
+    from . import fsdp as sharding
+    from .checkpoint import _atomic, _contiguous
+
+    full = sharding.full_state(loop.method.student)  # every rank takes part; rank 0 gets the tensors
+    bad = non_finite(full) if loop.main else None
+    flag = torch.tensor([1 if bad else 0])
+    torch.distributed.broadcast(flag, 0)
+    if int(flag):
+        raise KdkitError(f"weights became non-finite in epoch {epoch + 1} ({bad or 'on rank 0'}); lower the "
+                         f"learning rate or set train.grad_clip{_kept(loop.ckpt)}")
+    if loop.ckpt is None:
+        if improved and loop.main:
+            history.kept_state = full
+        return
+    if loop.main:
+        tensors = _contiguous(full)
+        if improved:
+            _atomic(loop.ckpt / "best.safetensors", lambda f: save_file(tensors, str(f)))
+        with open(loop.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _atomic(loop.ckpt / "last.safetensors", lambda f: save_file(tensors, str(f)))
+    sharding.save_checkpoint(loop.ckpt, loop.method, loop.optimizer, loop.scheduler,
+                             {"epoch": epoch, "best_score": keeper.best, "best_epoch": keeper.epoch})
+    if loop.main:
+        loop.tracking.log_epoch(record)
+
+
+def _unshard(loop: _Loop, train_data) -> None:
+    """After a sharded run: the student and the teacher as plain CPU models on rank 0 (for the report), and a
+    Hugging Face student's ``save_pretrained`` folder; the other ranks keep their shards."""
+    from . import fsdp as sharding
+
+    sh = loop.sharded
+    full = sharding.full_state(loop.method.student)
+    teacher = loop.teacher
+    t_full = sharding.full_state(teacher.model) if sh.teacher_template is not None else None
+    if not loop.main:
+        return
+    student = sharding.unsharded(sh.student_template, full)
+    loop.method.student = student
+    if t_full is not None:
+        teacher.model = sharding.unsharded(sh.teacher_template, t_full).eval().requires_grad_(False)
+    if loop.ckpt is not None:
+        kept = loop.ckpt / "best.safetensors"
+        if kept.is_file():
+            from .checkpoint import load_weights
+
+            load_weights(student, kept)
+        sharding.save_pretrained(student, loop.ckpt / "pretrained", getattr(train_data, "tokenizer_path", None))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -471,17 +557,21 @@ def fit(method: nn.Module, train_data, val_data=None, cfg: Optional[TrainConfig]
         for epoch in range(start, cfg.epochs):
             record = _train_epoch(loop, epoch, out)
             val = None
-            if loop.main and val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            # Under FSDP every rank validates (each forward gathers the shards): the same figures everywhere.
+            evaluates = loop.main or loop.sharded is not None
+            if evaluates and val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 val = _validate(loop, val_data, eval_batch_size)
                 record.update({f"val_{k}": v for k, v in val.items()})
             # Without validation data the latest epoch is kept; epochs skipped by eval_every are never kept.
-            improved = loop.main and (keeper.consider(epoch + 1, val) if val is not None or val_data is None else False)
+            improved = evaluates and (keeper.consider(epoch + 1, val) if val is not None or val_data is None else False)
             history.epochs.append(record)
             _save_epoch(loop, record, history, keeper, improved, epoch)
             out.epoch(name, record)
             for hook in _EPOCH_HOOKS.get() if loop.main else ():
                 hook(dict(record))
         history.best_score, history.best_epoch = keeper.best, keeper.epoch
+        if loop.sharded is not None:
+            _unshard(loop, train_data)
         if keeper.epoch is not None:
             rule = "best validation score" if cfg.keep == "best" and val_data is not None else "last epoch"
             out.line(f"{name}: keeping the weights of epoch {keeper.epoch} of {cfg.epochs} ({rule})")
