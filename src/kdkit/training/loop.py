@@ -188,6 +188,7 @@ class _Loop:
     val_teacher_outputs: Any = None  # what task.validate keeps of the frozen teacher's outputs between epochs
     tracking: Optional[Tracking] = None
     sharded: Any = None  # kdkit.training.fsdp.Sharded under strategy fsdp
+    rank_bytes: Dict[str, int] = field(default_factory=dict)  # under torchrun: measured at each epoch's end
 
     @property
     def main(self) -> bool:
@@ -344,6 +345,8 @@ def _train_epoch(loop: _Loop, epoch: int, bar) -> Dict[str, Any]:
     record["epoch_seconds"] = time.perf_counter() - t0
     # CPU time of this process (all its threads): on a shared machine, the work done, not the wait.
     record["epoch_cpu_seconds"] = time.process_time() - c0
+    if loop.rank_bytes:  # under torchrun: this process's parameter, gradient and optimiser bytes (its shards)
+        record.update({f"rank_{k}_bytes": v for k, v in loop.rank_bytes.items()})
     return record
 
 
@@ -365,6 +368,10 @@ def _step(loop: _Loop, batch: Dict[str, torch.Tensor], step: int, micro_steps: i
         loop.optimizer.step()
         loop.scheduler.step()
         loop.method.on_optimizer_step()
+        if loop.world > 1 and step + 1 == micro_steps:  # what this process holds, once per epoch
+            from .fsdp import local_bytes
+
+            loop.rank_bytes = local_bytes(loop.method, loop.optimizer)
         loop.optimizer.zero_grad(set_to_none=True)
     return out
 
