@@ -116,7 +116,8 @@ def test_refusals_name_what_is_wrong():
         sharding_refusal = "it needs the whole student on every process"
 
     refusing = Refusing(_method().student, _method().teacher)
-    assert sharding_problem(_cfg("fsdp"), refusing, 2) == "train.strategy: fsdp: it needs the whole student on every process"
+    expected = "train.strategy: fsdp: it needs the whole student on every process"
+    assert sharding_problem(_cfg("fsdp"), refusing, 2) == expected
 
 
 def test_fsdp_without_torchrun_is_refused_before_the_run_directory_is_written(tmp_path):
