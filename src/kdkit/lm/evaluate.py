@@ -9,6 +9,9 @@ run's final report and ``kdkit evaluate``.
 Definitions (over target positions, ``y != -100``, token-weighted):
 
 - ``nll``: mean next-token cross-entropy in nats; ``perplexity = exp(nll)``;
+- ``bits_per_byte``: the summed negative log-likelihood in bits over the UTF-8 bytes of the target text
+  (:func:`target_bytes`: the bytes each target token stands for under the data's byte-level tokenizer,
+  special tokens as 0 bytes). Unlike perplexity per token it compares models with different tokenizers on the same text;
 - ``token_accuracy``: share of positions where the arg-max token is the target;
 - ``agreement``: share of positions where the model's arg-max equals the teacher's (Stanton et al. 2021 call
   this top-1 agreement);
@@ -95,9 +98,58 @@ def lm_quality(model: nn.Module, data, batch_size: int = 64, teacher: Optional[n
     n = max(count, 1)
     m = {"nll": float(nll) / n, "perplexity": math.exp(min(float(nll) / n, 700.0)), "token_accuracy": int(hits) / n,
          "tokens": count}
+    nbytes = target_bytes(data)
+    if nbytes:
+        m["bits_per_byte"] = float(nll) / math.log(2.0) / nbytes
+        m["bytes"] = nbytes
     if teacher is not None or teacher_argmax is not None:
         m["agreement"] = int(agree) / n
     return m, (teacher_argmax if teacher_argmax is not None else new_argmax)
+
+
+def token_byte_lengths(tok) -> Optional[torch.Tensor]:
+    """(V,) UTF-8 bytes each token stands for, for a byte-level BPE tokenizer (each character of a byte-level
+    token is one byte; special tokens are 0); None for other tokenizers."""
+    import json as _json
+
+    spec = _json.loads(tok.to_str())
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    size = tok.get_vocab_size(with_added_tokens=True)
+    return torch.tensor([0 if i in special or tok.id_to_token(i) is None else len(tok.id_to_token(i))
+                         for i in range(size)], dtype=torch.long)
+
+
+def target_bytes(data) -> Optional[int]:
+    """UTF-8 bytes of ``data``'s target text (``y != -100``), from the data's ``tokenizer.json``: exact for a
+    byte-level BPE (the bytes of each target token, special tokens 0), else the length of each row's decoded
+    targets. Computed once per dataset; None without a tokenizer file."""
+    cached = getattr(data, "_target_bytes", None)
+    if cached is not None:
+        return cached
+    path = getattr(data, "tokenizer_path", None)
+    y = getattr(data, "y", None)
+    if not path or y is None:
+        return None
+    try:
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(path)
+    except Exception:  # no tokenizers package, or the file moved: the metric is left out, not guessed
+        return None
+    lengths = token_byte_lengths(tok)
+    targets = y[y != IGNORE_INDEX]
+    if lengths is not None and (targets.numel() == 0 or int(targets.max()) < len(lengths)):
+        total = int(lengths[targets].sum())
+    else:
+        texts = tok.decode_batch([row[row != IGNORE_INDEX].tolist() for row in y], skip_special_tokens=True)
+        total = sum(len(t.encode("utf-8")) for t in texts)
+    try:
+        data._target_bytes = total
+    except AttributeError:
+        pass
+    return total
 
 
 def _room(model: nn.Module, prompt_len: int, wanted: int) -> int:

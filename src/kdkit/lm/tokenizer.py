@@ -137,3 +137,18 @@ def encode(tok, texts: Iterable[str], pad_id: int, where: str = "text") -> List[
 
 def decode(tok, ids: Sequence[int]) -> str:
     return tok.decode(list(ids), skip_special_tokens=True)
+
+
+def byte_decoder() -> dict:
+    """The byte-level alphabet of GPT-2-style BPEs (``tokenizers``' ByteLevel): character -> byte.
+
+    The 188 printable bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for themselves; the other 68 bytes
+    are given the characters U+0100 upward, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}

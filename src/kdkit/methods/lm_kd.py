@@ -64,6 +64,10 @@ class LMKD(Method):
         store_sampling: systematic (default) | multinomial: how a sampled store draws (see
             :func:`kdkit.lm.store.sample_counts`).
         teacher_topk: the same as ``store_kind: topk, store_size: teacher_topk``; topk_dir: as ``store_dir``.
+        teacher_tokenizer: the teacher's own ``tokenizer.json`` (or a folder holding one) when it has another
+            tokenizer: the texts are aligned byte by byte and compared with ``cross_loss``
+            (:mod:`kdkit.lm.cross`); None: one shared tokenizer.
+        cross_loss: uld | merged | hybrid (with ``teacher_tokenizer``).
         example_batch: supplied by kdkit: checked to hold token data.
     """
 
@@ -72,7 +76,8 @@ class LMKD(Method):
                  store: Optional[str] = None, store_kind: Optional[str] = None, store_size: Optional[int] = None,
                  store_dir: Optional[str] = None, store_seed: int = 0, store_sampling: str = "systematic",
                  teacher_topk: Optional[int] = None,
-                 topk_dir: Optional[str] = None, example_batch: Optional[Batch] = None):
+                 topk_dir: Optional[str] = None, teacher_tokenizer: Optional[str] = None, cross_loss: str = "hybrid",
+                 example_batch: Optional[Batch] = None):
         super().__init__(student, teacher)
         if example_batch is not None:
             x, y = example_batch.get("x"), example_batch.get("y")
@@ -95,10 +100,18 @@ class LMKD(Method):
         store_dir = store_dir if store_dir is not None else topk_dir
         s_vocab = getattr(student, "vocab_size", None)
         t_vocab = getattr(getattr(teacher, "model", None), "vocab_size", None)
-        if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
-            raise KdkitError(f"teacher vocabulary has {t_vocab} tokens but the student's has {s_vocab}; token-level "
-                             f"distillation needs one shared tokenizer (mapping between vocabularies is not "
-                             f"supported by kdkit)")
+        if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab and teacher_tokenizer is None:
+            raise KdkitError(f"teacher vocabulary has {t_vocab} tokens but the student's has {s_vocab}; give the "
+                             "teacher's tokenizer (method.teacher_tokenizer: its tokenizer.json) to distil across "
+                             "tokenizers, or use one shared tokenizer")
+        if teacher_tokenizer is not None:
+            from ..lm.cross import CROSS_LOSSES
+
+            if cross_loss not in CROSS_LOSSES:
+                raise KdkitError(f"cross_loss must be one of {', '.join(CROSS_LOSSES)}; got {cross_loss!r}")
+            if store_kind is not None or store is not None or teacher_topk is not None:
+                raise KdkitError("a teacher store holds the teacher's distributions over the student's tokens; "
+                                 "with method.teacher_tokenizer the teacher runs live (drop the store options)")
         vocab = t_vocab if t_vocab is not None else s_vocab
         if teacher_topk is not None and vocab is not None and teacher_topk > int(vocab):
             raise KdkitError(f"teacher_topk={teacher_topk} is larger than the vocabulary ({vocab} tokens); expected "
@@ -118,6 +131,8 @@ class LMKD(Method):
         self.store_path, self.store_kind, self.store_size = store, store_kind, store_size
         self.store_dir, self.store_seed, self.store_sampling = store_dir, int(store_seed), store_sampling
         self.store = None  # the teacher store, attached by prepare()
+        self.teacher_tokenizer, self.cross_loss = teacher_tokenizer, cross_loss
+        self.cross = None  # the cross-tokenizer alignment, attached by prepare()
 
     @property
     def uses_store(self) -> bool:
@@ -136,6 +151,8 @@ class LMKD(Method):
 
         Under torchrun the first process writes a missing store while the others wait, then every process opens
         it and reads the rows of its own batches."""
+        if self.teacher_tokenizer is not None:
+            return self._prepare_cross(train_data, log)
         if not self.uses_store:
             return None
         from ..lm.store import TeacherStore, build_store, store_fingerprint
@@ -165,11 +182,49 @@ class LMKD(Method):
         self.store.check_run(self.divergence, self.temperature)
         return self.store.describe()
 
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the teacher has its own tokenizer (then it never sees the student's ids)."""
+        return self.teacher_tokenizer is not None
+
+    def _prepare_cross(self, train_data, log) -> str:
+        from ..lm.cross import align
+        from ..lm.tokenizer import load_tokenizer
+
+        path = getattr(train_data, "tokenizer_path", None)
+        if not path:
+            raise KdkitError("cross-tokenizer distillation rebuilds each row's text from the student's tokens and "
+                             "needs the student's tokenizer.json: this training data names none (tokenizer_path)")
+        self.cross = align(train_data, load_tokenizer(path), load_tokenizer(self.teacher_tokenizer),
+                           max_length=getattr(getattr(self.teacher, "model", None), "max_positions", None))
+        if log and self.cross.unaligned:
+            log(f"lm_kd: {self.cross.describe()}")
+        return self.cross.describe()
+
+    def _cross_forward(self, batch: Batch, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+        from ..lm.cross import batch_groups, cross_distill_loss
+
+        index = batch["index"].cpu()
+        tx = self.cross.teacher_x[index]
+        real = (tx != self.cross.pad_id).any(0).nonzero()
+        tx = tx[:, :int(real.max()) + 1 if len(real) else 1].to(logits.device)  # trailing padding trimmed
+        with torch.no_grad():
+            t_logits = self.teacher.model(tx)
+        out = cross_distill_loss(logits, batch["x"], batch["y"], t_logits, tx, batch_groups(self.cross, index),
+                                 self.cross.shared, loss=self.cross_loss, alpha=self.alpha,
+                                 temperature=self.temperature)
+        return {"loss": out.loss, self.cross_loss: out.kd, "ce": out.ce, "logits": logits}
+
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         from ..lm import losses
 
         logits = self.student(batch["x"])  # (B, L', V)
         y = batch["y"][:, :logits.shape[1]]  # trimmed columns are padding (-100) in every row
+        if self.cross is not None and self.training:
+            return self._cross_forward(batch, logits)
+        if self.cross_tokenizer:  # evaluation: the student's own loss (the teacher cannot read these ids)
+            ce = losses.next_token_cross_entropy(logits, y)
+            return {"loss": ce, "ce": ce.detach(), "logits": logits}
         if self.store is not None:  # the teacher's record of these rows, written before training
             from ..lm.store import store_distill_loss
 

@@ -403,6 +403,8 @@ def _validate(loop: _Loop, val_data, batch_size: int) -> Dict[str, float]:
     """The task's validation figures; what it keeps of the frozen teacher's outputs is reused next epoch."""
     teacher = loop.teacher
     teacher_model = teacher.model if teacher is not None and hasattr(teacher, "model") else None
+    if getattr(loop.method, "cross_tokenizer", False):  # a teacher with its own tokenizer: no agreement by id
+        teacher_model = None
     val, loop.val_teacher_outputs = loop.task.validate(loop.method.student, val_data, batch_size, teacher_model,
                                                        loop.val_teacher_outputs)
     return val

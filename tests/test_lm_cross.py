@@ -1,0 +1,132 @@
+"""Cross-tokenizer LM distillation (kdkit.lm.cross): byte-span alignment (multi-byte characters, text the
+teacher's tokenizer cannot reproduce), the three losses, and the same-tokenizer case equal to lm_kd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("transformers")
+
+from kdkit.errors import KdkitError  # noqa: E402
+from kdkit.lm import tiny_gpt2  # noqa: E402
+from kdkit.lm.cross import align, batch_groups, cross_distill_loss  # noqa: E402
+from kdkit.lm.data import TokenData  # noqa: E402
+from kdkit.lm.losses import lm_distill_loss  # noqa: E402
+from kdkit.lm.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from kdkit.methods.build import build_method  # noqa: E402
+from kdkit.teacher import Teacher  # noqa: E402
+
+DOCS = ["Crème brûlée for the café.", "Tokyo is 東京 in Japanese.", "naïve code, fixed bugs", "plain ascii text here",
+        "über größe straße", "the cat sat on the mat"] * 5
+
+
+def _rows(tok, docs, length=40):
+    pad, eos = tok.token_to_id("<pad>"), tok.token_to_id("<|endoftext|>")
+    rows = [tok.encode(d).ids + [eos] for d in docs]
+    x = torch.full((len(rows), length), pad)
+    y = torch.full((len(rows), length), -100)
+    for i, r in enumerate(rows):
+        x[i, :len(r)] = torch.tensor(r)
+        y[i, :len(r) - 1] = torch.tensor(r[1:])
+    return TokenData(x, y, pad, eos, tok.kdkit_path)
+
+
+@pytest.fixture()
+def toks(tmp_path):
+    a = train_tokenizer(DOCS, vocab_size=290, cache_dir=tmp_path / "a")
+    b = train_tokenizer(DOCS[:12], vocab_size=270, cache_dir=tmp_path / "b")  # other merges, other size
+    return load_tokenizer(a.kdkit_path), load_tokenizer(b.kdkit_path)
+
+
+def test_groups_cover_the_same_bytes_on_both_sides(toks):
+    from kdkit.lm.cross import byte_table
+
+    s_tok, t_tok = toks
+    data = _rows(s_tok, DOCS[:6])
+    al = align(data, s_tok, t_tok)
+    assert al.unaligned == 0 and len(al.groups)
+    sb, tb = byte_table(s_tok, "student"), byte_table(t_tok, "teacher")
+    for r, s0, s1, t0, t1, matched in al.groups.tolist():
+        s_ids = data.x[r, s0:s1]
+        t_ids = al.teacher_x[r, t0:t1]
+        assert int(sb[s_ids].sum()) == int(tb[t_ids].sum())  # the same bytes ...
+        assert int(sb[data.x[r, :s0]].sum()) == int(tb[al.teacher_x[r, :t0]].sum())  # ... after the same text
+        if matched:
+            assert s_tok.id_to_token(int(s_ids[0])) == t_tok.id_to_token(int(t_ids[0]))
+    # rows with multi-byte characters (è, 東京) align like the others: nearly every target token is in a group
+    # (the tokens of a row's first group are predicted from nothing the teacher shares, and are left out)
+    assert al.aligned_share > 0.85
+    assert any(r == 1 for r, *_ in al.groups.tolist())
+
+
+def test_rows_the_teacher_tokenizer_cannot_reproduce_are_left_out_and_counted(toks):
+    s_tok, t_tok = toks
+    data = _rows(s_tok, DOCS[:3])
+    # cut row 0 inside a two-byte character: its bytes are not valid UTF-8
+    ids = data.x[0].tolist()
+    cut = next(i for i in range(1, 12) if s_tok.id_to_token(ids[i]) and "Ã" in s_tok.id_to_token(ids[i]))
+    bad = TokenData(torch.cat([data.x[:1, :cut + 1], torch.zeros(1, data.x.shape[1] - cut - 1, dtype=torch.long)], 1),
+                    data.y[:1], data.pad_token_id, None, data.tokenizer_path)
+    al = align(bad, s_tok, t_tok)
+    assert al.unaligned == 1 and len(al.groups) == 0
+    assert "1 row(s) left out" in al.describe()
+
+
+def test_same_tokenizer_gives_lm_kd_forward_kl_exactly(toks):
+    s_tok, _ = toks
+    data = _rows(s_tok, DOCS[:6])
+    al = align(data, s_tok, s_tok)
+    assert bool(al.groups[:, 5].all())
+    g = torch.Generator().manual_seed(0)
+    V = s_tok.get_vocab_size()
+    s = torch.randn(6, 40, V, generator=g)
+    t = 2 * torch.randn(6, 40, V, generator=g)
+    for mode in ("merged", "hybrid"):
+        got = cross_distill_loss(s, data.x, data.y, t, al.teacher_x, batch_groups(al, torch.arange(6)), al.shared,
+                                 loss=mode, alpha=0.6)
+        want = lm_distill_loss(s, t, data.y, alpha=0.6)
+        assert float(got.loss) == pytest.approx(float(want.loss), rel=1e-5)
+
+
+def test_uld_is_the_sorted_l1_distance(toks):
+    s_tok, t_tok = toks
+    data = _rows(s_tok, DOCS[:2])
+    al = align(data, s_tok, t_tok)
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 40, s_tok.get_vocab_size(), generator=g)
+    t = torch.randn(2, al.teacher_x.shape[1], t_tok.get_vocab_size(), generator=g)
+    groups = batch_groups(al, torch.arange(2))
+    got = cross_distill_loss(s, data.x, data.y, t, al.teacher_x, groups, al.shared, loss="uld").kd
+    vals = []
+    for r, s0, s1, t0, t1, _ in groups.tolist():
+        q = torch.softmax(s[r, s0 - 1], 0).sort(descending=True).values
+        p = torch.softmax(t[r, t0 - 1], 0).sort(descending=True).values
+        w = max(len(p), len(q))
+        vals.append(float((torch.nn.functional.pad(q, (0, w - len(q))) - torch.nn.functional.pad(p, (0, w - len(p))))
+                          .abs().sum()))
+    assert float(got) == pytest.approx(sum(vals) / len(vals), rel=1e-5)
+
+
+def test_lm_kd_with_a_teacher_of_another_tokenizer_trains_and_names_what_is_missing(toks):
+    s_tok, t_tok = toks
+    data = _rows(s_tok, DOCS)
+    torch.manual_seed(0)
+    teacher = tiny_gpt2(t_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    student = tiny_gpt2(s_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    with pytest.raises(KdkitError, match="give the teacher's tokenizer"):
+        build_method("lm_kd", student, Teacher(teacher), {}, train_data=data)
+    for mode in ("uld", "merged", "hybrid"):
+        m = build_method("lm_kd", student, Teacher(teacher), {"teacher_tokenizer": t_tok.kdkit_path,
+                                                              "cross_loss": mode, "alpha": 0.5}, train_data=data)
+        assert "groups" in m.prepare(data)
+        m.train()
+        batch = {"x": data.x[:4], "y": data.y[:4], "index": torch.arange(4)}
+        out = m(batch)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]) and float(out[mode]) >= 0
+    nameless = TokenData(data.x, data.y, data.pad_token_id, data.eos_token_id, None)
+    m = build_method("lm_kd", student, Teacher(teacher), {"teacher_tokenizer": t_tok.kdkit_path}, train_data=nameless)
+    with pytest.raises(KdkitError, match="needs the student's tokenizer.json"):
+        m.prepare(nameless)
