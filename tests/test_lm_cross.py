@@ -130,3 +130,16 @@ def test_lm_kd_with_a_teacher_of_another_tokenizer_trains_and_names_what_is_miss
     m = build_method("lm_kd", student, Teacher(teacher), {"teacher_tokenizer": t_tok.kdkit_path}, train_data=nameless)
     with pytest.raises(KdkitError, match="needs the student's tokenizer.json"):
         m.prepare(nameless)
+
+
+def test_the_config_path_says_it_cannot_build_a_cross_tokenizer_teacher_yet(tmp_path, toks):
+    import kdkit
+
+    _, t_tok = toks
+    (tmp_path / "q.txt").write_text("\n%\n".join(DOCS))
+    cfg = {"out_dir": str(tmp_path / "kd"), "data": {"name": "text_lm", "path": str(tmp_path / "q.txt")},
+           "teacher": {"checkpoint": str(tmp_path / "t")}, "student": {"name": "causal_lm"},
+           "method": {"name": "lm_kd", "teacher_tokenizer": t_tok.kdkit_path}}
+    with pytest.raises(KdkitError, match="do not yet build a teacher with its own tokenizer") as e:
+        kdkit.run_config(kdkit.load_config(cfg), "distill")
+    assert "\n" not in str(e.value) and not (tmp_path / "kd").exists()

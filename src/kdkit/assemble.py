@@ -177,6 +177,10 @@ def validate(cfg: RunConfig, command: str, from_python: bool = False) -> RunConf
     """
     if not from_python:
         check_kwargs(DATASETS.get(cfg.data.name), cfg.data.options(), f"dataset {cfg.data.name!r}", reserved=["seed"])
+    if command == "distill" and cfg.method.options().get("teacher_tokenizer") is not None:
+        raise KdkitError("method.teacher_tokenizer: kdkit distill and kdkit.distill do not yet build a teacher with "
+                         "its own tokenizer (nor evaluate it on its own tokens); run cross-tokenizer lm_kd through "
+                         "kdkit.training.loop.fit, as benchmarks/cross_tokenizer.py does")
     resolve = (lambda spec, where: spec) if from_python else resolve_model_spec
     if command == "train":
         if cfg.model is None:

@@ -107,6 +107,30 @@ class CrossAlignment:
         return text
 
 
+def _row_groups(s_ids: List[int], t_ids: List[int], s_bytes: torch.Tensor, t_bytes: torch.Tensor, s_tok,
+                t_tok) -> List[Tuple[int, int, int, int, int]]:
+    """Walk both token sequences over the same bytes: a group ends where both have a boundary. Returns
+    ``(s0, s1, t0, t1, matched)`` for every group but the first (predicted by nothing)."""
+    s_end = torch.cumsum(s_bytes[torch.tensor(s_ids, dtype=torch.long)], 0).tolist() if s_ids else []
+    t_end = torch.cumsum(t_bytes[torch.tensor(t_ids, dtype=torch.long)], 0).tolist() if t_ids else []
+    out = []
+    i = j = s0 = t0 = 0
+    while i < len(s_end) and j < len(t_end):
+        if s_end[i] == t_end[j]:
+            s1, t1 = i + 1, j + 1
+            one_to_one = s1 - s0 == 1 and t1 - t0 == 1
+            matched = int(one_to_one and s_tok.id_to_token(s_ids[s0]) == t_tok.id_to_token(t_ids[t0]))
+            if s0 > 0 and t0 > 0:
+                out.append((s0, s1, t0, t1, matched))
+            s0, t0 = s1, t1
+            i, j = i + 1, j + 1
+        elif s_end[i] < t_end[j]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
 def align(data, student_tok, teacher_tok, *, max_length: Optional[int] = None) -> CrossAlignment:
     """Align every row of ``data`` (student ids ``x``, targets ``y``) with the teacher's tokenization."""
     s_bytes = byte_table(student_tok, "student")
@@ -144,27 +168,10 @@ def align(data, student_tok, teacher_tok, *, max_length: Optional[int] = None) -
         if ends_eos and t_eos is not None:
             t_ids = t_ids + [t_eos]
         rows_t.append(t_ids)
-        # walk the two sequences over the bytes; a group ends where both have a boundary
-        s_end = torch.cumsum(s_bytes[torch.tensor(text_ids, dtype=torch.long)], 0).tolist() if text_ids else []
         t_text = t_ids[:-1] if (ends_eos and t_eos is not None) else t_ids
-        t_end = torch.cumsum(t_bytes[torch.tensor(t_text, dtype=torch.long)], 0).tolist() if t_text else []
-        i = j = 0
-        s0 = t0 = 0
-        while i < len(s_end) and j < len(t_end):
-            if s_end[i] == t_end[j]:
-                s1, t1 = i + 1, j + 1
-                # zero-byte tokens (none in text) cannot make empty groups: both sides advance together
-                matched = int(s1 - s0 == 1 and t1 - t0 == 1
-                              and student_tok.id_to_token(text_ids[s0]) == teacher_tok.id_to_token(t_text[t0]))
-                if s0 > 0 and t0 > 0:  # the first group of a row is predicted by nothing
-                    groups.append((r, s0, s1, t0, t1, matched))
-                    aligned_tokens += s1 - s0
-                s0, t0 = s1, t1
-                i, j = i + 1, j + 1
-            elif s_end[i] < t_end[j]:
-                i += 1
-            else:
-                j += 1
+        for s0, s1, t0, t1, matched in _row_groups(text_ids, t_text, s_bytes, t_bytes, student_tok, teacher_tok):
+            groups.append((r, s0, s1, t0, t1, matched))
+            aligned_tokens += s1 - s0
         if ends_eos and t_eos is not None and len(text_ids) > 0 and len(t_text) > 0:
             groups.append((r, len(text_ids), len(text_ids) + 1, len(t_text), len(t_text) + 1,
                            int(student_tok.id_to_token(s_eos) == teacher_tok.id_to_token(t_eos))))
