@@ -56,6 +56,6 @@ def test_bits_per_byte_is_the_summed_nll_in_bits_over_the_bytes(tmp_path):
     model = tiny_gpt2(300, layers=1, hidden=16, max_positions=data.x.shape[1])
     m, _ = lm_quality(model, data)
     assert m["bits_per_byte"] == pytest.approx(m["nll"] * m["tokens"] / math.log(2) / target_bytes(data), rel=1e-9)
-    assert m["bytes"] == target_bytes(data)
+    assert m["text_bytes"] == target_bytes(data)
     no_tok = TokenData(data.x, data.y, data.pad_token_id, data.eos_token_id, None)
     assert "bits_per_byte" not in lm_quality(model, no_tok)[0]

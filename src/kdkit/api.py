@@ -248,14 +248,15 @@ def _check_resume(cfg: RunConfig) -> None:
 def _build_run_method(cfg: RunConfig, command: str, parts: Parts) -> Method:
     """The method of the run (``supervised`` for ``kdkit train``), its options checked."""
     splits = parts.splits
-    parts.task.check_fit(parts.model, parts.teacher, splits)
+    cross = cfg.method.options().get("teacher_tokenizer") is not None  # the teacher never reads these ids
+    parts.task.check_fit(parts.model, None if cross else parts.teacher, splits)
     if command == "train":
         batch = example_batch_of(splits.train)
         if batch is None or "y" not in batch:
             raise KdkitError("kdkit train needs labelled training data (targets y); for an unlabelled transfer set "
                              "use kdkit distill with a teacher")
         return METHODS.get("supervised")(parts.model)
-    if parts.teacher is not None:
+    if parts.teacher is not None and not cross:
         check_outputs_match(parts.teacher.model, parts.model, first_sample(splits.train).unsqueeze(0),
                             first_sample(teacher_view(splits.train)).unsqueeze(0), task=parts.task)
     return build_method(cfg.method.name, parts.model, parts.teacher, cfg.method.options(), train_data=splits.train,
@@ -274,12 +275,15 @@ def _finish(cfg: RunConfig, method: Method, history: History, run_dir: Optional[
         student.load_state_dict(history.kept_state)
     data = splits.test if splits.test is not None else splits.val
     metrics: Dict[str, Dict[str, Any]] = {}
+    cross = getattr(method, "cross_tokenizer", False)  # a teacher with its own tokenizer: its own tokens
     if data is not None:
         student_cpu = student.to("cpu")
         if teacher is not None:
             teacher.to("cpu")
-            metrics["teacher"] = task.evaluate(teacher.model, teacher_view(data))
-        metrics["student"] = task.evaluate(student_cpu, data, teacher=getattr(teacher, "model", teacher))
+            metrics["teacher"] = task.evaluate(teacher.model, method.teacher_tokens(data) if cross
+                                               else teacher_view(data))
+        metrics["student"] = task.evaluate(student_cpu, data,
+                                           teacher=None if cross else getattr(teacher, "model", teacher))
         metrics["student"]["kept_epoch"] = history.best_epoch
     if run_dir is not None:
         extra = {"split": "test" if splits.test is not None else "val", "dataset": cfg.data.name,
@@ -287,7 +291,9 @@ def _finish(cfg: RunConfig, method: Method, history: History, run_dir: Optional[
                  "kept_epoch": history.best_epoch, "epochs": cfg.train.epochs, "keep": cfg.train.keep,
                  "run": run_info(cfg, student=student, teacher=teacher, splits=splits, device=device,
                                  wall_seconds=wall, command=command, task=task,
-                                 teacher_val_accuracy=task.teacher_val_accuracy(teacher, splits.val))}
+                                 teacher_val_accuracy=task.teacher_val_accuracy(
+                                     teacher, method.teacher_tokens(splits.val) if cross and splits.val is not None
+                                     else splits.val))}
         write_report(run_dir, metrics, {"student": history.epochs}, title=title, extra=extra)
     return Run(student=student, metrics=metrics, history=history.epochs, dir=run_dir, config=cfg)
 

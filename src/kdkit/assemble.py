@@ -150,6 +150,15 @@ def _validate_teachers(cfg: RunConfig, resolve=None, from_python: bool = False) 
 def build_teacher(cfg: RunConfig, splits: DataSplits, task: Optional[Task] = None) -> Teacher:
     """The frozen teacher of a config: one ``teacher:``, or a :class:`TeacherEnsemble` of ``teachers:``."""
     if not cfg.teachers:
+        tokenizer = cfg.method.options().get("teacher_tokenizer")
+        if tokenizer is not None:  # a language-model teacher over its own vocabulary (kdkit.lm.cross)
+            import copy
+
+            from .lm.tokenizer import load_tokenizer
+
+            vocab = load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
+            splits = copy.copy(splits)  # the same data; the teacher's outputs span its own vocabulary
+            splits.num_classes = vocab
         return Teacher(build_model(cfg.teacher, splits, teacher=True, task=task))
     from .teacher import TeacherEnsemble
 
@@ -177,10 +186,6 @@ def validate(cfg: RunConfig, command: str, from_python: bool = False) -> RunConf
     """
     if not from_python:
         check_kwargs(DATASETS.get(cfg.data.name), cfg.data.options(), f"dataset {cfg.data.name!r}", reserved=["seed"])
-    if command == "distill" and cfg.method.options().get("teacher_tokenizer") is not None:
-        raise KdkitError("method.teacher_tokenizer: kdkit distill and kdkit.distill do not yet build a teacher with "
-                         "its own tokenizer (nor evaluate it on its own tokens); run cross-tokenizer lm_kd through "
-                         "kdkit.training.loop.fit, as benchmarks/cross_tokenizer.py does")
     resolve = (lambda spec, where: spec) if from_python else resolve_model_spec
     if command == "train":
         if cfg.model is None:

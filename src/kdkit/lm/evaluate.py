@@ -101,7 +101,7 @@ def lm_quality(model: nn.Module, data, batch_size: int = 64, teacher: Optional[n
     nbytes = target_bytes(data)
     if nbytes:
         m["bits_per_byte"] = float(nll) / math.log(2.0) / nbytes
-        m["bytes"] = nbytes
+        m["text_bytes"] = nbytes
     if teacher is not None or teacher_argmax is not None:
         m["agreement"] = int(agree) / n
     return m, (teacher_argmax if teacher_argmax is not None else new_argmax)

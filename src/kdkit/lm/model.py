@@ -192,8 +192,8 @@ def check_same_vocabulary(teacher: nn.Module, student: nn.Module) -> None:
     t, s = vocab_size_of(teacher), vocab_size_of(student)
     if t is not None and s is not None and t != s:
         raise KdkitError(f"teacher vocabulary has {t} tokens but the student's has {s}; token-level distillation "
-                         "from a config needs one shared tokenizer (across tokenizers: lm_kd's teacher_tokenizer "
-                         "through kdkit.training.loop.fit)")
+                         "needs one shared tokenizer, or the teacher's own tokenizer as lm_kd's "
+                         "method.teacher_tokenizer")
 
 
 def causal_lm(num_classes: Optional[int] = None, input_shape: Optional[Tuple[int, ...]] = None,

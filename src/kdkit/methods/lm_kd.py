@@ -201,6 +201,19 @@ class LMKD(Method):
             log(f"lm_kd: {self.cross.describe()}")
         return self.cross.describe()
 
+    def teacher_tokens(self, data):
+        """``data`` (student tokens) tokenised for the teacher: a :class:`kdkit.lm.data.TokenData` of the same
+        documents, to measure the teacher on its own tokens (rows it cannot reproduce hold nothing)."""
+        from ..lm.cross import align
+        from ..lm.data import TokenData
+        from ..lm.tokenizer import load_tokenizer
+
+        t_tok = load_tokenizer(self.teacher_tokenizer)
+        al = align(data, load_tokenizer(data.tokenizer_path), t_tok,
+                   max_length=getattr(getattr(self.teacher, "model", None), "max_positions", None))
+        return TokenData(al.teacher_x, al.teacher_y, al.pad_id, t_tok.token_to_id("<|endoftext|>"),
+                         getattr(t_tok, "kdkit_path", None))
+
     def _cross_forward(self, batch: Batch, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
         from ..lm.cross import batch_groups, cross_distill_loss
 

@@ -35,8 +35,8 @@ class CausalLM(TokenTask):
         t, s = teacher_out, student_out
         if t.dim() == 3 and s.dim() == 3 and t.shape[-1] != s.shape[-1]:  # (B, L, V) next-token logits
             raise KdkitError(f"teacher vocabulary has {t.shape[-1]} tokens but the student's has {s.shape[-1]}; "
-                             "token-level distillation from a config needs one shared tokenizer (across "
-                             "tokenizers: lm_kd's teacher_tokenizer through kdkit.training.loop.fit)")
+                             "token-level distillation needs one shared tokenizer, or the teacher's own tokenizer "
+                             "as lm_kd's method.teacher_tokenizer")
         super().check_outputs(t, s)
 
     def evaluate(self, model: nn.Module, data, teacher: Optional[nn.Module] = None, batch_size: int = 512,
