@@ -61,17 +61,33 @@ def test_groups_cover_the_same_bytes_on_both_sides(toks):
     assert any(r == 1 for r, *_ in al.groups.tolist())
 
 
-def test_rows_the_teacher_tokenizer_cannot_reproduce_are_left_out_and_counted(toks):
+def test_rows_that_stop_being_utf8_or_that_the_teacher_cannot_reproduce_are_reported(toks):
     s_tok, t_tok = toks
     data = _rows(s_tok, DOCS[:3])
-    # cut row 0 inside a two-byte character: its bytes are not valid UTF-8
+    # cut row 0 inside a two-byte character (è): aligned up to that byte, and counted
     ids = data.x[0].tolist()
     cut = next(i for i in range(1, 12) if s_tok.id_to_token(ids[i]) and "Ã" in s_tok.id_to_token(ids[i]))
-    bad = TokenData(torch.cat([data.x[:1, :cut + 1], torch.zeros(1, data.x.shape[1] - cut - 1, dtype=torch.long)], 1),
-                    data.y[:1], data.pad_token_id, None, data.tokenizer_path)
+    x = torch.cat([data.x[:1, :cut + 1], torch.zeros(1, data.x.shape[1] - cut - 1, dtype=torch.long)], 1)
+    bad = TokenData(x, data.y[:1], data.pad_token_id, None, data.tokenizer_path)
     al = align(bad, s_tok, t_tok)
-    assert al.unaligned == 1 and len(al.groups) == 0
-    assert "1 row(s) left out" in al.describe()
+    assert al.truncated == 1 and al.unaligned == 0
+    assert "1 row(s) aligned up to their first byte that is not UTF-8" in al.describe()
+    assert all(s1 <= cut for _, _, s1, *_ in al.groups.tolist())  # nothing past the cut
+
+    class Lowercasing:  # a teacher tokenizer that normalises text: its bytes are not the student's
+        def __init__(self, tok):
+            self.tok = tok
+
+        def encode(self, text, add_special_tokens=False):
+            return self.tok.encode(text.lower(), add_special_tokens=add_special_tokens)
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+    upper = _rows(s_tok, ["Tokyo is big", "the cat sat on the mat"])
+    al = align(upper, s_tok, Lowercasing(t_tok))
+    assert al.unaligned == 1 and int(al.offsets[1]) == 0  # row 0 ("Tokyo") has no groups, row 1 does
+    assert int(al.offsets[2]) > 0 and "1 row(s) left out" in al.describe()
 
 
 def test_same_tokenizer_gives_lm_kd_forward_kl_exactly(toks):
@@ -160,3 +176,21 @@ def test_kdkit_distill_with_a_teacher_of_another_tokenizer(tmp_path, monkeypatch
     assert t["bits_per_byte"] > 0 and s["bits_per_byte"] > 0 and "agreement" not in s
     assert "cross-tokenizer alignment" in report["teacher_cache"]
     assert run.metrics["student"]["perplexity"] == pytest.approx(s["perplexity"])
+
+
+def test_gkd_re_tokenises_the_students_samples_for_the_teacher(toks):
+    s_tok, t_tok = toks
+    data = _rows(s_tok, DOCS)
+    torch.manual_seed(0)
+    teacher = tiny_gpt2(t_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    student = tiny_gpt2(s_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    m = build_method("gkd", student, Teacher(teacher), {"teacher_tokenizer": t_tok.kdkit_path, "on_policy": 1.0,
+                                                         "max_new_tokens": 8, "prompt_tokens": 3},
+                     train_data=data)
+    m.prepare(data)
+    m.train()
+    out = m({"x": data.x[:4], "y": data.y[:4], "index": torch.arange(4)})
+    assert float(out["on_policy"]) == 1.0 and torch.isfinite(out["loss"])
+    assert float(out["hybrid"]) > 0  # groups of generated tokens were found and compared
+    out["loss"].backward()
+    assert student.hf.transformer.wte.weight.grad is not None

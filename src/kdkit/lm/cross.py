@@ -8,8 +8,9 @@ string) and tokenised again with the teacher's tokenizer. Walking both token seq
 same text before it. A group is *matched* when it is one token on each side with the same string (the
 "shared pieces"). Special tokens (the end of text) are zero bytes: a trailing end-of-text token on both sides is
 its own matched group. A row whose bytes the teacher's tokenizer does not reproduce (a tokenizer that
-normalises or drops bytes, or text that is not valid UTF-8) is never aligned approximately: it is left out of the
-distillation term and counted (``CrossAlignment.unaligned``), and the run says how many.
+normalises or drops bytes) is never aligned approximately: it is left out of the distillation term and counted
+(``CrossAlignment.unaligned``); a row whose bytes stop being UTF-8 (cut inside a character, or sampled bytes) is
+aligned up to that byte and counted (``truncated``). The run says how many of each.
 
 **Losses** (``cross_loss``), means over the groups of a batch (the first group of a row is predicted by nothing
 and left out):
@@ -94,6 +95,7 @@ class CrossAlignment:
     unaligned: int
     aligned_share: float
     pad_id: int = 0
+    truncated: int = 0
 
     def describe(self) -> str:
         n = len(self.offsets) - 1
@@ -103,7 +105,10 @@ class CrossAlignment:
                 "shared by the two vocabularies")
         if self.unaligned:
             text += (f"; {self.unaligned} row(s) left out: the teacher's tokenizer does not reproduce their bytes "
-                     "(normalised, dropped or invalid UTF-8)")
+                     "(it normalises or drops some)")
+        if self.truncated:
+            text += (f"; {self.truncated} row(s) aligned up to their first byte that is not UTF-8 (a row cut inside "
+                     "a character)")
         return text
 
 
@@ -145,7 +150,7 @@ def align(data, student_tok, teacher_tok, *, max_length: Optional[int] = None) -
     rows_t: List[List[int]] = []
     groups: List[Tuple[int, int, int, int, int, int]] = []
     offsets = [0]
-    unaligned = 0
+    unaligned = truncated = 0
     aligned_tokens = total_tokens = 0
     for r in range(len(data)):
         x = data.x[r]
@@ -157,10 +162,12 @@ def align(data, student_tok, teacher_tok, *, max_length: Optional[int] = None) -
         raw = _byte_level_bytes(student_tok, text_ids)
         try:
             text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        t_ids = teacher_tok.encode(text, add_special_tokens=False).ids if text is not None else []
-        if text is None or int(t_bytes[t_ids].sum() if t_ids else 0) != len(raw):
+        except UnicodeDecodeError as e:  # bytes that are not UTF-8 (a row cut inside a character, sampled bytes):
+            text = raw[:e.start].decode("utf-8")  # the valid prefix is aligned, the rest is not
+            raw = raw[:e.start]
+            truncated += 1
+        t_ids = teacher_tok.encode(text, add_special_tokens=False).ids if text else []
+        if _byte_level_bytes(teacher_tok, t_ids) != raw:  # the very bytes, not only as many
             unaligned += 1
             rows_t.append([t_pad])
             offsets.append(len(groups))
@@ -197,7 +204,7 @@ def align(data, student_tok, teacher_tok, *, max_length: Optional[int] = None) -
               if (tok := teacher_tok.id_to_token(i)) is not None and tok in s_vocab]
     return CrossAlignment(tx, ty, g, torch.tensor(offsets, dtype=torch.long),
                           torch.tensor(shared, dtype=torch.long).reshape(-1, 2), unaligned,
-                          aligned_tokens / max(total_tokens, 1), int(t_pad))
+                          aligned_tokens / max(total_tokens, 1), int(t_pad), truncated)
 
 
 def batch_groups(al: CrossAlignment, index: torch.Tensor) -> torch.Tensor:

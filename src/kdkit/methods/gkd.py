@@ -89,6 +89,8 @@ class GKD(LMKD):
         """The divergence on a generated batch (no ``index``: the teacher runs live), generated tokens only."""
         from ..lm import losses
 
+        if self.cross is not None:
+            return self._cross_on_policy_loss(generated)
         logits = self.student(generated["x"])  # (B, L', V), in the graph
         y = generated["y"][:, :logits.shape[1]]
         t_logits = self.teacher(generated)  # live: a dict without "index" is never answered from a cache
@@ -100,3 +102,31 @@ class GKD(LMKD):
         if out.ce is not None:
             result["ce"] = out.ce
         return result
+
+    def _cross_on_policy_loss(self, generated: Batch) -> Dict[str, torch.Tensor]:
+        """A generated batch for a teacher with its own tokenizer: the student's samples are decoded, tokenised
+        again for the teacher and aligned (:mod:`kdkit.lm.cross`); the loss covers the generated groups only."""
+        from ..lm.cross import align, batch_groups, cross_distill_loss
+        from ..lm.data import TokenData
+
+        x, y_all = generated["x"], generated["y"]
+        logits = self.student(x)
+        y = y_all[:, :logits.shape[1]]
+        rows = TokenData(x.cpu(), y_all.cpu(), self.student.pad_token_id, getattr(self.policy.generation,
+                                                                                     "eos_token_id", None),
+                         self.tokenizer_path)
+        al = align(rows, *self.tokenizers, max_length=getattr(self.teacher.model, "max_positions", None))
+        groups = batch_groups(al, torch.arange(len(x)))
+        if len(groups):  # only what the student wrote: the group's first token is a generated target
+            inside = groups[:, 1] - 1 < y.shape[1]
+            groups = groups[inside]
+            groups = groups[y.cpu()[groups[:, 0], groups[:, 1] - 1] != IGNORE_INDEX]
+        real = (al.teacher_x != al.pad_id).any(0).nonzero()
+        tx = al.teacher_x[:, :int(real.max()) + 1 if len(real) else 1].to(x.device)
+        with torch.no_grad():
+            t_logits = self.teacher.model(tx)
+        out = cross_distill_loss(logits, x, y_all, t_logits, tx, groups, al.shared, loss=self.cross_loss,
+                                 alpha=1.0, temperature=self.temperature)
+        return {"loss": out.loss, self.cross_loss: out.kd, "on_policy": torch.ones((), device=logits.device),
+                "logits": logits}
+

@@ -195,7 +195,9 @@ class LMKD(Method):
         if not path:
             raise KdkitError("cross-tokenizer distillation rebuilds each row's text from the student's tokens and "
                              "needs the student's tokenizer.json: this training data names none (tokenizer_path)")
-        self.cross = align(train_data, load_tokenizer(path), load_tokenizer(self.teacher_tokenizer),
+        self.tokenizers = (load_tokenizer(path), load_tokenizer(self.teacher_tokenizer))  # kept for generated text
+        self.tokenizer_path = path
+        self.cross = align(train_data, *self.tokenizers,
                            max_length=getattr(getattr(self.teacher, "model", None), "max_positions", None))
         if log and self.cross.unaligned:
             log(f"lm_kd: {self.cross.describe()}")
