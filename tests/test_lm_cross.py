@@ -194,3 +194,27 @@ def test_gkd_re_tokenises_the_students_samples_for_the_teacher(toks):
     assert float(out["hybrid"]) > 0  # groups of generated tokens were found and compared
     out["loss"].backward()
     assert student.hf.transformer.wte.weight.grad is not None
+
+
+def test_a_full_store_of_the_teacher_on_its_own_tokens_gives_the_live_loss(toks, tmp_path):
+    s_tok, t_tok = toks
+    data = _rows(s_tok, DOCS)
+    torch.manual_seed(0)
+    teacher = tiny_gpt2(t_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    student = tiny_gpt2(s_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    batch = {"x": data.x[:5], "y": data.y[:5], "index": torch.tensor([3, 0, 7, 12, 1])}
+    losses = {}
+    for name, extra in (("live", {}), ("store", {"store": str(tmp_path / "s"), "store_kind": "full"})):
+        for mode in ("uld", "merged", "hybrid"):
+            m = build_method("lm_kd", student, Teacher(teacher), {"teacher_tokenizer": t_tok.kdkit_path,
+                                                                  "cross_loss": mode, **extra}, train_data=data)
+            text = m.prepare(data)
+            m.train()
+            batch = {"x": data.x[batch["index"]], "y": data.y[batch["index"]], "index": batch["index"]}
+            losses[name, mode] = float(m(batch)["loss"])
+    assert "full teacher store" in text and (tmp_path / "s" / "store.json").is_file()
+    for mode in ("uld", "merged", "hybrid"):
+        assert losses["store", mode] == pytest.approx(losses["live", mode], rel=2e-3)
+    with pytest.raises(KdkitError, match="is stored whole"):
+        build_method("lm_kd", student, Teacher(teacher), {"teacher_tokenizer": t_tok.kdkit_path,
+                                                          "store_kind": "sampled", "store_size": 8}, train_data=data)

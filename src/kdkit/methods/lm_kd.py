@@ -109,9 +109,10 @@ class LMKD(Method):
 
             if cross_loss not in CROSS_LOSSES:
                 raise KdkitError(f"cross_loss must be one of {', '.join(CROSS_LOSSES)}; got {cross_loss!r}")
-            if store_kind is not None or store is not None or teacher_topk is not None:
-                raise KdkitError("a teacher store holds the teacher's distributions over the student's tokens; "
-                                 "with method.teacher_tokenizer the teacher runs live (drop the store options)")
+            if (store_kind not in (None, "full")) or teacher_topk is not None:
+                raise KdkitError(f"a teacher with its own tokenizer is stored whole (store_kind: full): the "
+                                 f"cross-tokenizer losses need its entire next-token distribution and the probability "
+                                 f"of every token of a group; got store_kind={store_kind or 'topk'}")
         vocab = t_vocab if t_vocab is not None else s_vocab
         if teacher_topk is not None and vocab is not None and teacher_topk > int(vocab):
             raise KdkitError(f"teacher_topk={teacher_topk} is larger than the vocabulary ({vocab} tokens); expected "
@@ -199,9 +200,26 @@ class LMKD(Method):
         self.tokenizer_path = path
         self.cross = align(train_data, *self.tokenizers,
                            max_length=getattr(getattr(self.teacher, "model", None), "max_positions", None))
-        if log and self.cross.unaligned:
+        if log and (self.cross.unaligned or self.cross.truncated):
             log(f"lm_kd: {self.cross.describe()}")
-        return self.cross.describe()
+        text = self.cross.describe()
+        if self.uses_store:  # the teacher's whole distributions over its own tokens, written once
+            from ..lm.data import TokenData
+            from ..lm.store import TeacherStore, build_store, store_fingerprint
+
+            t_tok = self.tokenizers[1]
+            rows = TokenData(self.cross.teacher_x, self.cross.teacher_y, self.cross.pad_id,
+                             t_tok.token_to_id("<|endoftext|>"), getattr(t_tok, "kdkit_path", None))
+            if self.store_kind is None:
+                self.store = TeacherStore.open(self.store_path, store_fingerprint(self.teacher.model, rows))
+                if self.store.kind != "full":
+                    raise KdkitError(f"teacher store {self.store_path} is a {self.store.kind} store; a teacher with "
+                                     "its own tokenizer needs a full store")
+            else:
+                self.store = build_store(self.teacher.model, rows, "full", temperature=1.0, path=self.store_path,
+                                         folder=self.store_dir, log=log)
+            text += f"; {self.store.describe()}"
+        return text
 
     def teacher_tokens(self, data):
         """``data`` (student tokens) tokenised for the teacher: a :class:`kdkit.lm.data.TokenData` of the same
@@ -223,8 +241,14 @@ class LMKD(Method):
         tx = self.cross.teacher_x[index]
         real = (tx != self.cross.pad_id).any(0).nonzero()
         tx = tx[:, :int(real.max()) + 1 if len(real) else 1].to(logits.device)  # trailing padding trimmed
-        with torch.no_grad():
-            t_logits = self.teacher.model(tx)
+        if self.store is not None:  # the stored log-probabilities (T = 1) act as the teacher's logits
+            ty = self.cross.teacher_y[index][:, :tx.shape[1]]
+            stored = self.store.targets(index, logits.device)
+            t_logits = torch.zeros(*ty.shape, stored.vocab_size, device=logits.device)
+            t_logits[ty.to(logits.device) != IGNORE_INDEX] = stored.log_probs.float()
+        else:
+            with torch.no_grad():
+                t_logits = self.teacher.model(tx)
         out = cross_distill_loss(logits, batch["x"], batch["y"], t_logits, tx, batch_groups(self.cross, index),
                                  self.cross.shared, loss=self.cross_loss, alpha=self.alpha,
                                  temperature=self.temperature)
