@@ -218,3 +218,45 @@ def test_a_full_store_of_the_teacher_on_its_own_tokens_gives_the_live_loss(toks,
     with pytest.raises(KdkitError, match="is stored whole"):
         build_method("lm_kd", student, Teacher(teacher), {"teacher_tokenizer": t_tok.kdkit_path,
                                                           "store_kind": "sampled", "store_size": 8}, train_data=data)
+
+
+def _hf_style_tokenizer(folder, docs):
+    """A GPT-2-style tokenizer.json made with the tokenizers library: byte-level BPE, only <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_a_hugging_face_tokenizer_folder_on_either_side(tmp_path, monkeypatch):
+    import json
+    import random
+
+    import kdkit
+
+    monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    rng = random.Random(1)
+    words = "the cat dog runs on a mat under tree café naïve größe code user".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) for _ in range(80)]
+    (tmp_path / "q.txt").write_text("\n%\n".join(docs))
+    hf = _hf_style_tokenizer(tmp_path / "hf_tok", docs)
+    train = {"epochs": 1, "lr": 0.01, "threads": 1, "progress": False, "quiet": True}
+    data = {"name": "text_lm", "path": str(tmp_path / "q.txt"), "max_length": 24, "batch_size": 16}
+    # the teacher on the Hugging Face-style tokenizer (no <pad>: its end-of-text token pads), the student on kdkit's
+    kdkit.run_config(kdkit.load_config({"out_dir": str(tmp_path / "t"), "data": {**data, "tokenizer": str(hf)},
+                                        "train": train, "model": {"name": "causal_lm", "layers": 1, "hidden": 16}}),
+                     "train")
+    cfg = {"out_dir": str(tmp_path / "kd"), "data": {**data, "vocab_size": 300}, "train": train,
+           "teacher": {"checkpoint": str(tmp_path / "t")}, "student": {"name": "causal_lm", "layers": 1, "hidden": 8},
+           "method": {"name": "lm_kd", "teacher_tokenizer": str(hf), "alpha": 0.5}}
+    kdkit.run_config(kdkit.load_config(cfg), "distill")
+    report = json.loads((tmp_path / "kd" / "report.json").read_text())
+    assert report["models"]["teacher"]["bits_per_byte"] > 0
+    assert "0 row(s)" not in report["teacher_cache"] and "cross-tokenizer alignment" in report["teacher_cache"]

@@ -115,13 +115,20 @@ def load_tokenizer(path: os.PathLike):
     return tok
 
 
+# End-of-text tokens of common tokenizers: kdkit's and GPT-2's / Qwen's, Llama 3's, SentencePiece models'.
+EOS_NAMES = (EOS, "<|end_of_text|>", "</s>", "<eos>")
+
+
 def special_ids(tok) -> tuple:
-    """(pad id, eos id) of a tokenizer trained here (or any tokenizer using the same special tokens)."""
-    pad, eos = tok.token_to_id(PAD), tok.token_to_id(EOS)
-    if pad is None or eos is None:
-        raise KdkitError(f"the tokenizer has no {PAD} / {EOS} special tokens; expected one trained by "
-                         f"kdkit.lm.train_tokenizer (or pass pad/eos ids explicitly)")
-    return pad, eos
+    """(pad id, eos id) of a tokenizer: kdkit's ``<pad>`` and ``<|endoftext|>``, or for a Hugging Face tokenizer
+    without a pad token (GPT-2, Llama 3) its end-of-text token for both (padding follows a row's last token, so
+    it is never read as text)."""
+    eos = next((tok.token_to_id(n) for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
+    if eos is None:
+        raise KdkitError(f"the tokenizer has no end-of-text token (looked for {', '.join(EOS_NAMES)}); expected one "
+                         "trained by kdkit.lm.train_tokenizer or a causal-LM tokenizer.json that has one")
+    pad = tok.token_to_id(PAD)
+    return (eos if pad is None else pad), eos
 
 
 def encode(tok, texts: Iterable[str], pad_id: int, where: str = "text") -> List[List[int]]:
