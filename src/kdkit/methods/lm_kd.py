@@ -156,32 +156,33 @@ class LMKD(Method):
             return self._prepare_cross(train_data, log)
         if not self.uses_store:
             return None
+        self.store = self._store_for(train_data, self.store_kind, self.store_size, self.temperature, batch_size, log)
+        self.store.check_run(self.divergence, self.temperature)
+        return self.store.describe()
+
+    def _store_for(self, rows, kind: Optional[str], size: Optional[int], temperature: float, batch_size: int, log):
+        """The store of ``rows``: ``method.store`` opened as it is (no kind given), or written once (rank 0 first
+        under torchrun, the others then open it) or reused."""
         from ..lm.store import TeacherStore, build_store, store_fingerprint
 
         model = self.teacher.model
-        if self.store_kind is None:  # store: PATH alone: it must exist; its own kind and size apply
+        if kind is None:  # store: PATH alone: it must exist; its own kind and size apply
             if not (Path(self.store_path) / "store.json").is_file():
                 raise KdkitError(f"method.store {self.store_path} is not a teacher store (no store.json); give "
                                  "method.store_kind (and store_size) to write one there")
-            self.store = TeacherStore.open(self.store_path, store_fingerprint(model, train_data))
-        else:
-            def build():
-                return build_store(model, train_data, self.store_kind, self.store_size, temperature=self.temperature,
-                                   path=self.store_path, folder=self.store_dir, seed=self.store_seed,
-                                   sampling=self.store_sampling,
-                                   batch_size=batch_size, log=log)
+            return TeacherStore.open(self.store_path, store_fingerprint(model, rows))
 
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                if dist.get_rank() == 0:
-                    self.store = build()
-                dist.barrier()
-                if dist.get_rank() != 0:
-                    self.store = build()  # now written: opened and checked
-            else:
-                self.store = build()
-        self.store.check_run(self.divergence, self.temperature)
-        return self.store.describe()
+        def build():
+            return build_store(model, rows, kind, size, temperature=temperature, path=self.store_path,
+                               folder=self.store_dir, seed=self.store_seed, sampling=self.store_sampling,
+                               batch_size=batch_size, log=log)
+
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return build()
+        store = build() if dist.get_rank() == 0 else None
+        dist.barrier()
+        return store if store is not None else build()  # now written: opened and checked
 
     @property
     def cross_tokenizer(self) -> bool:
@@ -205,19 +206,14 @@ class LMKD(Method):
         text = self.cross.describe()
         if self.uses_store:  # the teacher's whole distributions over its own tokens, written once
             from ..lm.data import TokenData
-            from ..lm.store import TeacherStore, build_store, store_fingerprint
 
             t_tok = self.tokenizers[1]
             rows = TokenData(self.cross.teacher_x, self.cross.teacher_y, self.cross.pad_id,
                              t_tok.token_to_id("<|endoftext|>"), getattr(t_tok, "kdkit_path", None))
-            if self.store_kind is None:
-                self.store = TeacherStore.open(self.store_path, store_fingerprint(self.teacher.model, rows))
-                if self.store.kind != "full":
-                    raise KdkitError(f"teacher store {self.store_path} is a {self.store.kind} store; a teacher with "
-                                     "its own tokenizer needs a full store")
-            else:
-                self.store = build_store(self.teacher.model, rows, "full", temperature=1.0, path=self.store_path,
-                                         folder=self.store_dir, log=log)
+            self.store = self._store_for(rows, self.store_kind and "full", None, 1.0, 64, log)
+            if self.store.kind != "full":
+                raise KdkitError(f"teacher store {self.store_path} is a {self.store.kind} store; a teacher with "
+                                 "its own tokenizer needs a full store")
             text += f"; {self.store.describe()}"
         return text
 
