@@ -23,7 +23,9 @@ and left out):
 - ``merged``: on matched groups, forward KL between the two next-token distributions restricted to the tokens
   both vocabularies share (same string), each renormalised over them; on the other groups, the probability of
   the group's text, the product of its tokens' conditional probabilities on each side (the "merged" logits),
-  compared as two Bernoulli events by their KL: ``P log(P/Q) + (1-P) log((1-P)/(1-Q))``;
+  compared as two Bernoulli events by their KL: ``P log(P/Q) + (1-P) log((1-P)/(1-Q))`` (in the spirit of the
+  chunk-likelihood matching of Minixhofer et al., "Universal Cross-Tokenizer Distillation via Approximate
+  Likelihood Matching", 2025, in a form of kdkit's own);
 - ``hybrid`` (the scheme of TRL's GOLD trainer): the restricted KL on matched groups and ULD on the others.
 
 With one tokenizer on both sides every group is matched and the shared vocabulary is the whole vocabulary, so
