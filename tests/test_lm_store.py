@@ -145,7 +145,7 @@ def test_topk_store_measures_truncation_and_refuses_rows_that_do_not_fit(tmp_pat
         store_distill_loss(s[[0, 2]], y[[0, 2]], store.targets([2, 0]))
     for kind, size in (("sampled", 4), ("full", None)):
         other = _write(tmp_path, kind, size, t, y, name=kind)
-        with pytest.raises(KdkitError, match="gives .* tokens for this batch but its labels predict"):
+        with pytest.raises(KdkitError, match="holds .* tokens for this batch but its labels predict"):
             store_distill_loss(s[[0]], y[[0]], other.targets([1]))
 
 

@@ -185,10 +185,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(KdkitError, match=r"k must be an integer in \[1, 17\]"):
         topk_targets(t, y, V + 1)
     tg = topk_targets(t, y, 3)
-    with pytest.raises(KdkitError, match="vocabulary size 17"):
+    with pytest.raises(KdkitError, match="record has vocabulary size 17"):
         sparse_kd_loss(s[..., :-1], y, tg)
     y2 = y.clone()
     y2[0, 0] = -100
-    with pytest.raises(KdkitError, match="holds .* tokens but the labels predict"):
+    with pytest.raises(KdkitError, match="holds .* tokens for this batch but its labels predict"):
         sparse_kd_loss(s, y2, tg)
 

@@ -76,7 +76,7 @@ from .losses import (
     predicted_tokens,
     resolve_chunk_size,
 )
-from .topk import SparseTargets, sparse_distill_loss, topk_targets, truncation_kl
+from .topk import SparseTargets, check_record, sparse_distill_loss, topk_targets, truncation_kl
 
 FORMAT = "kdkit-teacher-store"
 FORMAT_VERSION = 1
@@ -292,21 +292,6 @@ def _sampled_from_raw(ids: np.ndarray, counts: np.ndarray, samples: int, vocab: 
 # ============================================================================= losses over a store
 
 
-def _check_rows(student_logits: torch.Tensor, labels: torch.Tensor, targets: Targets, n: int,
-                ignore_index: int) -> None:
-    if targets.vocab_size != student_logits.shape[-1]:
-        raise KdkitError(f"the teacher store has vocabulary size {targets.vocab_size} but the student's logits "
-                         f"have {student_logits.shape[-1]}; it needs the same tokenizer")
-    if targets.num_tokens != n:
-        raise KdkitError(f"the teacher store gives {targets.num_tokens} tokens for this batch but its labels "
-                         f"predict {n} (labels != -100); the store must be built from the same data")
-    if targets.row_lengths is not None:
-        have = (labels != ignore_index).sum(1).cpu()
-        if not torch.equal(have, targets.row_lengths.cpu().to(have.dtype)):
-            raise KdkitError("the teacher store's tokens per row do not match this batch's labels; the store must "
-                             "be built from the same data")
-
-
 def store_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, targets: Targets, *,
                        divergence: str = "forward_kl", temperature: Optional[float] = None, alpha: float = 1.0,
                        beta: float = 0.5, skew: float = 0.1, chunk_size: ChunkSize = "auto",
@@ -329,7 +314,7 @@ def store_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, targe
                                    skew=skew, chunk_size=chunk_size, ignore_index=ignore_index)
     check_labels(student_logits, labels)
     index, y = predicted_tokens(labels, student_logits.shape[-1], ignore_index)
-    _check_rows(student_logits, labels, targets, index.numel(), ignore_index)
+    check_record(student_logits, labels, targets, index.numel(), ignore_index)
     t2 = T * T
     dev = student_logits.device
     if isinstance(targets, SampledTargets):

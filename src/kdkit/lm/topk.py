@@ -176,19 +176,20 @@ def topk_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, k: int, *, 
         row_lengths=(labels != ignore_index).sum(1).cpu())
 
 
-def _check_targets(student_logits: torch.Tensor, labels: torch.Tensor, targets: SparseTargets, n: int,
-                   ignore_index: int) -> None:
+def check_record(student_logits: torch.Tensor, labels: torch.Tensor, targets, n: int, ignore_index: int) -> None:
+    """A teacher record (top-k here, or any of :mod:`kdkit.lm.store`'s) fits a batch: the same vocabulary, as many
+    predicted tokens, the same tokens per row."""
     if targets.vocab_size != student_logits.shape[-1]:
-        raise KdkitError(f"the sparse teacher has vocabulary size {targets.vocab_size} but the student's logits "
-                         f"have {student_logits.shape[-1]}; a different vocabulary needs a token mapping")
+        raise KdkitError(f"the teacher's record has vocabulary size {targets.vocab_size} but the student's logits "
+                         f"have {student_logits.shape[-1]}; it needs the same tokenizer")
     if targets.num_tokens != n:
-        raise KdkitError(f"the sparse teacher holds {targets.num_tokens} tokens but the labels predict {n} "
-                         "(labels != -100); it must be built from the same labels")
+        raise KdkitError(f"the teacher's record holds {targets.num_tokens} tokens for this batch but its labels "
+                         f"predict {n} (labels != -100); it must be built from the same data")
     if targets.row_lengths is not None:
         have = (labels != ignore_index).sum(1).cpu()
         if not torch.equal(have, targets.row_lengths.cpu().to(have.dtype)):
-            raise KdkitError(f"the sparse teacher's tokens per row {targets.row_lengths.tolist()} do not match the "
-                             f"labels' {have.tolist()}; it must be built from the same rows")
+            raise KdkitError(f"the teacher's record has {targets.row_lengths.tolist()} tokens per row but the labels "
+                             f"{have.tolist()}; it must be built from the same rows")
 
 
 def sparse_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, targets: SparseTargets, *,
@@ -214,7 +215,7 @@ def sparse_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, targ
     check_options(divergence, temperature, alpha, beta, skew)
     check_labels(student_logits, labels)
     index, y = predicted_tokens(labels, student_logits.shape[-1], ignore_index)
-    _check_targets(student_logits, labels, targets, index.numel(), ignore_index)
+    check_record(student_logits, labels, targets, index.numel(), ignore_index)
     t2 = temperature * temperature
     top_idx = targets.indices.to(student_logits.device)
 
@@ -259,7 +260,7 @@ def truncation_kl(teacher_logits: torch.Tensor, labels: torch.Tensor, targets: S
     check_labels(teacher_logits, labels)
     vocab = teacher_logits.shape[-1]
     index, _ = predicted_tokens(labels, vocab, ignore_index)
-    _check_targets(teacher_logits, labels, targets, index.numel(), ignore_index)
+    check_record(teacher_logits, labels, targets, index.numel(), ignore_index)
     flat = teacher_logits.detach().reshape(-1, vocab)
     chunk = resolve_chunk_size(chunk_size, vocab) or max(index.numel(), 1)
     k = targets.k
