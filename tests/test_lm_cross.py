@@ -33,6 +33,14 @@ def _rows(tok, docs, length=40):
     return TokenData(x, y, pad, eos, tok.kdkit_path)
 
 
+def _pair(s_tok, t_tok):
+    """A tiny teacher over the teacher tokenizer's vocabulary and a tiny student over the student's."""
+    torch.manual_seed(0)
+    teacher = tiny_gpt2(t_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    student = tiny_gpt2(s_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    return teacher, student
+
+
 @pytest.fixture()
 def toks(tmp_path):
     a = train_tokenizer(DOCS, vocab_size=290, cache_dir=tmp_path / "a")
@@ -128,9 +136,7 @@ def test_uld_is_the_sorted_l1_distance(toks):
 def test_lm_kd_with_a_teacher_of_another_tokenizer_trains_and_names_what_is_missing(toks):
     s_tok, t_tok = toks
     data = _rows(s_tok, DOCS)
-    torch.manual_seed(0)
-    teacher = tiny_gpt2(t_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
-    student = tiny_gpt2(s_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    teacher, student = _pair(s_tok, t_tok)
     with pytest.raises(KdkitError, match="give the teacher's tokenizer"):
         build_method("lm_kd", student, Teacher(teacher), {}, train_data=data)
     for mode in ("uld", "merged", "hybrid"):
@@ -141,7 +147,7 @@ def test_lm_kd_with_a_teacher_of_another_tokenizer_trains_and_names_what_is_miss
         batch = {"x": data.x[:4], "y": data.y[:4], "index": torch.arange(4)}
         out = m(batch)
         out["loss"].backward()
-        assert torch.isfinite(out["loss"]) and float(out[mode]) >= 0
+        assert torch.isfinite(out["loss"]) and float(out[mode]) > 0  # groups compared: two random models differ
     nameless = TokenData(data.x, data.y, data.pad_token_id, data.eos_token_id, None)
     m = build_method("lm_kd", student, Teacher(teacher), {"teacher_tokenizer": t_tok.kdkit_path}, train_data=nameless)
     with pytest.raises(KdkitError, match="needs the student's tokenizer.json"):
@@ -181,9 +187,7 @@ def test_kdkit_distill_with_a_teacher_of_another_tokenizer(tmp_path, monkeypatch
 def test_gkd_re_tokenises_the_students_samples_for_the_teacher(toks):
     s_tok, t_tok = toks
     data = _rows(s_tok, DOCS)
-    torch.manual_seed(0)
-    teacher = tiny_gpt2(t_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
-    student = tiny_gpt2(s_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    teacher, student = _pair(s_tok, t_tok)
     m = build_method("gkd", student, Teacher(teacher), {"teacher_tokenizer": t_tok.kdkit_path, "on_policy": 1.0,
                                                          "max_new_tokens": 8, "prompt_tokens": 3},
                      train_data=data)
@@ -199,9 +203,7 @@ def test_gkd_re_tokenises_the_students_samples_for_the_teacher(toks):
 def test_a_full_store_of_the_teacher_on_its_own_tokens_gives_the_live_loss(toks, tmp_path):
     s_tok, t_tok = toks
     data = _rows(s_tok, DOCS)
-    torch.manual_seed(0)
-    teacher = tiny_gpt2(t_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
-    student = tiny_gpt2(s_tok.get_vocab_size(), layers=1, hidden=16, max_positions=40)
+    teacher, student = _pair(s_tok, t_tok)
     batch = {"x": data.x[:5], "y": data.y[:5], "index": torch.tensor([3, 0, 7, 12, 1])}
     losses = {}
     for name, extra in (("live", {}), ("store", {"store": str(tmp_path / "s"), "store_kind": "full"})):

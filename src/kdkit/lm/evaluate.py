@@ -132,11 +132,13 @@ def target_bytes(data) -> Optional[int]:
     y = getattr(data, "y", None)
     if not path or y is None:
         return None
+    from ..errors import KdkitError
+
     try:
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(path)
-    except Exception:  # no tokenizers package, or the file moved: the metric is left out, not guessed
+    except (ImportError, KdkitError):  # no tokenizers package, or the file moved: left out, not guessed
         return None
     lengths = token_byte_lengths(tok)
     targets = y[y != IGNORE_INDEX]

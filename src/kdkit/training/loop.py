@@ -433,14 +433,19 @@ def _save_epoch(loop: _Loop, record: Dict[str, Any], history: History, keeper: K
         return
     if improved:
         save_weights(student, loop.ckpt / "best.safetensors")
-    with open(loop.metrics_path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    _append_record(loop.metrics_path, record)
     save_weights(student, loop.ckpt / "last.safetensors")
     save_training_state(loop.ckpt / STATE_FILE, loop.method, loop.optimizer, loop.scheduler,
                         {"epoch": epoch, "best_score": keeper.best, "best_epoch": keeper.epoch})
     loop.tracking.log_epoch(record)
+
+
+def _append_record(path: Path, record: Dict[str, Any]) -> None:
+    """One epoch's line of metrics.jsonl, on the disk before the checkpoints that follow it."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _save_sharded_epoch(loop: _Loop, record: Dict[str, Any], history: History, keeper: Keeper, improved: bool,
@@ -466,10 +471,7 @@ def _save_sharded_epoch(loop: _Loop, record: Dict[str, Any], history: History, k
         tensors = _contiguous(full)
         if improved:
             _atomic(loop.ckpt / "best.safetensors", lambda f: save_file(tensors, str(f)))
-        with open(loop.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append_record(loop.metrics_path, record)
         _atomic(loop.ckpt / "last.safetensors", lambda f: save_file(tensors, str(f)))
     sharding.save_checkpoint(loop.ckpt, loop.method, loop.optimizer, loop.scheduler,
                              {"epoch": epoch, "best_score": keeper.best, "best_epoch": keeper.epoch})
@@ -483,21 +485,23 @@ def _unshard(loop: _Loop, train_data) -> None:
     from . import fsdp as sharding
 
     sh = loop.sharded
-    full = sharding.full_state(loop.method.student)
+    kept = loop.ckpt / "best.safetensors" if loop.ckpt is not None else None
+    has_kept = kept is not None and kept.is_file()  # every rank sees the same run directory
+    # The kept weights are on disk already; otherwise the shards are gathered (every rank takes part).
+    full = None if has_kept else sharding.full_state(loop.method.student)
     teacher = loop.teacher
     t_full = sharding.full_state(teacher.model) if sh.teacher_template is not None else None
     if not loop.main:
         return
+    if has_kept:
+        from .checkpoint import read_tensors
+
+        full = read_tensors(kept)
     student = sharding.unsharded(sh.student_template, full)
     loop.method.student = student
     if t_full is not None:
         teacher.model = sharding.unsharded(sh.teacher_template, t_full).eval().requires_grad_(False)
     if loop.ckpt is not None:
-        kept = loop.ckpt / "best.safetensors"
-        if kept.is_file():
-            from .checkpoint import load_weights
-
-            load_weights(student, kept)
         sharding.save_pretrained(student, loop.ckpt / "pretrained", getattr(train_data, "tokenizer_path", None))
 
 
