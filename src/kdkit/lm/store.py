@@ -237,12 +237,12 @@ def sample_counts(log_probs: torch.Tensor, samples: int, generator: Optional[tor
     return n_entries, draws.reshape(-1)[starts], counts
 
 
-def sampled_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, samples: int, *, temperature: float = 1.0,
-                    generator: Optional[torch.Generator] = None, sampling: str = "systematic",
-                    chunk_size: ChunkSize = "auto", ignore_index: int = IGNORE_INDEX
-                    ) -> Tuple[SampledTargets, Dict[str, np.ndarray]]:
-    """The sampled record of ``teacher_logits`` (B, L, V) at the predicted tokens, and the raw arrays to store
-    (``n`` (N,), ``ids`` (E,), ``counts`` (E,)), plus the teacher mass the samples cover per token (``covered``)."""
+def sampled_record(teacher_logits: torch.Tensor, labels: torch.Tensor, samples: int, *, temperature: float = 1.0,
+                   generator: Optional[torch.Generator] = None, sampling: str = "systematic",
+                   chunk_size: ChunkSize = "auto", ignore_index: int = IGNORE_INDEX) -> Dict[str, np.ndarray]:
+    """The sampled record of ``teacher_logits`` (B, L, V) at the predicted tokens, as the arrays a store keeps
+    (``ids`` (E,), ``counts`` (E,)), with ``n`` (N,) the entries of each position and ``covered`` (N,) the
+    teacher mass its distinct draws hold (for the store's statistics)."""
     check_labels(teacher_logits, labels)
     vocab = teacher_logits.shape[-1]
     check_kind("sampled", samples, vocab)
@@ -259,15 +259,13 @@ def sampled_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, samples:
             counts.append(c)
             rows = torch.repeat_interleave(torch.arange(len(n)), n)
             covered.append(torch.zeros(len(n)).index_add_(0, rows, log_p[rows, i].exp()))
+
     def cat(parts):
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    raw = {"n": cat(ns).numpy().astype(np.uint8), "ids": cat(ids).numpy(),
-           "counts": cat(counts).numpy().astype(np.uint8)}
-    lengths = (labels != ignore_index).sum(1).cpu()
-    targets = _sampled_from_raw(raw["ids"], raw["counts"], samples, vocab, temperature, lengths)
-    raw["covered"] = cat(covered).numpy() if covered else np.zeros(0, dtype=np.float32)
-    return targets, raw
+    return {"n": cat(ns).numpy().astype(np.uint8), "ids": cat(ids).numpy(),
+            "counts": cat(counts).numpy().astype(np.uint8),
+            "covered": cat(covered).numpy() if covered else np.zeros(0, dtype=np.float32)}
 
 
 def _sampled_from_raw(ids: np.ndarray, counts: np.ndarray, samples: int, vocab: int, temperature: float,
@@ -531,8 +529,8 @@ def write_batches(writer: StoreWriter, batches: Iterable[Tuple[torch.Tensor, tor
                 kl = truncation_kl(logits, labels, tg, chunk_size=chunk_size)
                 writer.add_stats(kl=float(kl.double().sum()), kl_max=float(kl.max()), kl_tokens=kl.numel())
         elif kind == "sampled":
-            _, raw = sampled_targets(logits, labels, size, temperature=T, generator=g, sampling=sampling,
-                                     chunk_size=chunk_size)
+            raw = sampled_record(logits, labels, size, temperature=T, generator=g, sampling=sampling,
+                                 chunk_size=chunk_size)
             writer.append(lengths, raw)
             writer.add_stats(covered=float(raw["covered"].astype(np.float64).sum()))
         else:
@@ -823,5 +821,5 @@ def build_store(model: nn.Module, data, kind: str, size: Optional[int] = None, *
 
 __all__ = ["FINGERPRINT_WORDS", "FORMAT", "FullTargets", "KINDS", "SampledTargets", "StoreWriter", "TeacherStore",
            "build_store", "bytes_per_position", "check_divergence", "check_kind", "default_store_dir", "id_dtype",
-           "SAMPLINGS", "sample_counts", "sampled_targets", "slot_path", "store_distill_loss", "store_fingerprint",
+           "SAMPLINGS", "sample_counts", "sampled_record", "slot_path", "store_distill_loss", "store_fingerprint",
            "tokenizer_fingerprint", "write_batches"]

@@ -255,11 +255,14 @@ class LMKD(Method):
 
         logits = self.student(batch["x"])  # (B, L', V)
         y = batch["y"][:, :logits.shape[1]]  # trimmed columns are padding (-100) in every row
-        if self.cross is not None and self.training:
+        if self.cross_tokenizer:
+            if not self.training:  # evaluation: the student's own loss (the teacher cannot read these ids)
+                ce = losses.next_token_cross_entropy(logits, y)
+                return {"loss": ce, "ce": ce.detach(), "logits": logits}
+            if self.cross is None:
+                raise KdkitError("lm_kd with teacher_tokenizer aligns the training rows before the first step: call "
+                                 "method.prepare(train_data) first (kdkit's fit does)")
             return self._cross_forward(batch, logits)
-        if self.cross_tokenizer:  # evaluation: the student's own loss (the teacher cannot read these ids)
-            ce = losses.next_token_cross_entropy(logits, y)
-            return {"loss": ce, "ce": ce.detach(), "logits": logits}
         if self.store is not None:  # the teacher's record of these rows, written before training
             from ..lm.store import store_distill_loss
 
