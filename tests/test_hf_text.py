@@ -189,7 +189,11 @@ def test_distill_text_through_the_api(corpus, tmp_path, monkeypatch):
 
     assert m["macro_f1"] == pytest.approx(f1_score(y.numpy(), pred.numpy(), average="macro"))
     assert m["accuracy"] == pytest.approx(float((pred == y).float().mean()))
-    assert m["latency_seq_len"] == 12 and m["latency_ms_per_seq_b32"] == pytest.approx(m["latency_ms_b32"] / 32)
+    # Timed at the validation texts' median real length (and their 95th percentile), by hand from the ids.
+    lengths = (val.x != tok.pad_token_id).sum(1).float()
+    assert m["latency_seq_len"] == int(lengths.median()) < 12
+    assert m["latency_p95len_seq_len"] == int(torch.quantile(lengths, 0.95).ceil())
+    assert m["latency_ms_per_seq_b32"] == pytest.approx(m["latency_ms_b32"] / 32) and m["latency_threads"] == 1
     # Raw texts: tokenised with the student's tokenizer (shrink keeps the teacher's).
     teacher.tokenizer = tok
     raw = kdkit.distill(teacher, shrink(teacher, layers=[1]), (texts[::2], labels[::2]), (texts[1::2], labels[1::2]),
@@ -239,7 +243,7 @@ def test_text_configs_train_then_distill(corpus, tmp_path):
 
     result = export_run(run2.dir, "onnx")
     assert result["parity"]["max_abs_diff"] <= result["parity"]["tolerance"]
-    assert result["latency_seq_len"] == 12 and "ort_latency_ms_b32" in result["onnxruntime"]
+    assert result["latency_seq_len"] < 12 and "ort_latency_ms_b32" in result["onnxruntime"]
     card = Path(result["model_card"]).read_text()  # token ids go in as int64, not float32
     assert "of shape (batch, sequence), int64" in card and "x.astype(np.int64)" in card and "float32" not in card
 

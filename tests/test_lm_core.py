@@ -215,3 +215,52 @@ def test_onnx_export_matches_pytorch_on_real_ids(tmp_path):
                                atol=1e-4, rtol=1e-4)
     with pytest.raises(KdkitError, match="already exists"):
         export_lm(model, ids, tmp_path / "lm.onnx", timing=False)
+
+
+def test_int8_onnx_export_is_held_to_its_perplexity(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import torch.nn.functional as F
+
+    from kdkit.lm.export import export_lm
+
+    torch.manual_seed(0)
+    model = kdkit.lm.tiny_gpt2(80, max_positions=24).eval()
+    ids = torch.randint(2, 80, (6, 20))
+    ids[1, 9:] = 0
+    result = export_lm(model, ids, tmp_path / "lm-int8.onnx", timing=False, int8=True, int8_max_rise=50.0)
+    q = result["test_perplexity"]
+    # The float perplexity by an independent formula: cross-entropy over the real next-token positions.
+    with torch.no_grad():
+        logits = model(ids)[:, :-1]
+    target = ids[:, 1:]
+    real = (ids[:, :-1] != 0) & (target != 0)
+    nll = F.cross_entropy(logits.reshape(-1, 80), target.reshape(-1), reduction="none").reshape(target.shape)
+    assert q["perplexity_pytorch"] == pytest.approx(float(nll[real].mean().exp()), rel=1e-5)
+    assert result["int8"] and q["int8_within_bound"] and abs(q["perplexity_rise_percent"]) < 50
+    # The matrix products run in int8 (GPT-2's Gemm layers rewritten as MatMul first), the weights stored in int8.
+    int8_graph, float_graph = _graph(tmp_path / "lm-int8.onnx"), _graph(_float_file(model, ids, tmp_path))
+    ops = {n.op_type for n in int8_graph.node}
+    assert "MatMulInteger" in ops and "Gemm" not in ops
+    assert _weight_bytes(int8_graph) < 0.5 * _weight_bytes(float_graph)
+    with pytest.raises(KdkitError, match="beyond the bound -1%"):
+        export_lm(model, ids, tmp_path / "strict.onnx", timing=False, int8=True, int8_max_rise=-1.0)
+    assert not (tmp_path / "strict.onnx").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def _float_file(model, ids, tmp_path):
+    from kdkit.lm.export import export_lm
+
+    return export_lm(model, ids, tmp_path / "float.onnx", timing=False)["file"]
+
+
+def _graph(path):
+    import onnx
+
+    return onnx.load(str(path)).graph
+
+
+def _weight_bytes(graph) -> int:
+    """Bytes of the weight matrices and tables (initializers of two or more dimensions)."""
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(i).nbytes for i in graph.initializer if len(i.dims) >= 2)

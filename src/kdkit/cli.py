@@ -135,7 +135,13 @@ def _other_commands(sub) -> None:
                   "kdkit export runs/digits-kd --format onnx --int8")
     ex.add_argument("run_dir")
     ex.add_argument("--format", default="onnx", help="onnx or torchscript")
-    ex.add_argument("--int8", action="store_true", help="ONNX only: int8 quantisation with onnxruntime (calibrated)")
+    ex.add_argument("--int8", action="store_true", help="ONNX only: int8 quantisation with onnxruntime (static and "
+                    "calibrated for arrays; dynamic for text models and language models)")
+    ex.add_argument("--int8-max-drop", type=float, default=1.0, metavar="POINTS",
+                    help="text classifiers: refuse an int8 file whose test accuracy is more than POINTS below the "
+                    "float model's (default 1.0); language models: its test perplexity more than POINTS %% above")
+    ex.add_argument("--keep-int8", action="store_true",
+                    help="keep an int8 file beyond --int8-max-drop anyway (its model card says so)")
     ex.add_argument("--out", default=None, help="output file (default RUN_DIR/export/model[-int8].onnx or model.pt)")
     ex.add_argument("--samples", type=int, default=256, help="test inputs used for the parity check")
 
@@ -277,7 +283,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    result = export_run(args.run_dir, args.format, int8=args.int8, out=args.out, samples=args.samples)
+    result = export_run(args.run_dir, args.format, int8=args.int8, out=args.out, samples=args.samples,
+                        int8_max_drop=args.int8_max_drop, keep_int8=args.keep_int8)
     print(json.dumps(result, indent=2))
     return 0
 

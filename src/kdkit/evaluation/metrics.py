@@ -228,10 +228,19 @@ def measure_outputs(model: nn.Module, data, teacher: Optional[nn.Module] = None,
 TEXT_LATENCY_BATCHES = (1, 32)
 
 
-def text_latency_input(sample: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """One sequence of ids for timing: the sample's real (non-pad) tokens repeated to its full padded length,
-    so every batch is timed at the same fixed sequence length (no column is padding to trim)."""
+def text_latency_input(sample: torch.Tensor, pad_token_id: int, length: Optional[int] = None) -> torch.Tensor:
+    """One sequence of ids for timing: the sample's real (non-pad) tokens repeated to ``length`` tokens (default:
+    its full padded length), so every batch is timed at one fixed sequence length (no column is padding)."""
     real = sample[sample != pad_token_id]
     if len(real) == 0:
         raise KdkitError("cannot time a text model on a sample of padding only; expected real token ids")
-    return real.repeat(-(-len(sample) // len(real)))[:len(sample)]
+    n = int(length or len(sample))
+    return real.repeat(-(-n // len(real)))[:n]
+
+
+def length_profile(ids: torch.Tensor, pad_token_id: int) -> Dict[str, int]:
+    """The real (non-pad) lengths of tokenised texts (N, L): ``median`` and ``p95`` tokens (at least 2)."""
+    lengths = (torch.as_tensor(ids) != pad_token_id).sum(1).float()
+    if len(lengths) == 0:
+        raise KdkitError("cannot measure text lengths of an empty split")
+    return {"median": max(2, int(lengths.median().item())), "p95": max(2, int(torch.quantile(lengths, 0.95).ceil()))}

@@ -60,6 +60,21 @@ def _loading(files: List[Path], run_dir: Path, card_dir: Path, result: Mapping[s
     dtype = result.get("input_dtype", "float32")  # int64 for token ids
     out = [f"Input `{result.get('input_name', 'input')}` of shape ({shape}), {dtype}; output "
            f"`{result.get('output_name', 'logits')}`. Inputs: {result.get('normalisation', 'unknown')}.", ""]
+    names = {Path(f).name for f in result.get("files", [])}
+    if {"tokenizer.json", "labels.json"} <= names:  # a text classifier: raw strings in, class names out
+        onnx_file = rel(Path(result["file"]))
+        out += ["From raw strings, with onnxruntime, numpy and tokenizers only (`pip install onnxruntime "
+                "tokenizers`), run from this folder:", "", "```python", "import json",
+                "import numpy as np, onnxruntime as ort", "from tokenizers import Tokenizer", "",
+                'meta = json.load(open("labels.json"))  # class names, max length, pad id',
+                'tokenizer = Tokenizer.from_file("tokenizer.json")', 'tokenizer.enable_truncation(meta["max_length"])',
+                f'session = ort.InferenceSession("{onnx_file}", providers=["CPUExecutionProvider"])', "", "",
+                "def classify(texts):", "    rows = [e.ids for e in tokenizer.encode_batch(texts)]",
+                '    x = np.full((len(rows), max(map(len, rows))), meta["pad_token_id"], dtype=np.int64)',
+                "    for i, row in enumerate(rows):", "        x[i, :len(row)] = row  # right-padded with the pad id",
+                '    logits = session.run(["logits"], {"input": x})[0]',
+                '    return [meta["labels"][k] for k in logits.argmax(1)]', "", "",
+                'print(classify(["a text to classify"]))', "```", ""]
     for f in files:
         if f.suffix == ".onnx":
             out += [f"ONNX (`{rel(f)}`), with onnxruntime:", "", "```python", "import numpy as np, onnxruntime as ort",
@@ -141,8 +156,26 @@ def model_card(run_dir, cfg, report: Optional[Mapping[str, Any]], result: Mappin
               f"- Export parity: max abs difference {parity.get('max_abs_diff', 'unknown')} and arg-max agreement "
               f"{parity.get('argmax_agreement', 'unknown')} with PyTorch on {parity.get('samples', 'unknown')} "
               "test inputs" + (" (int8: quantised outputs differ by design)." if result.get("int8") else "."),
+              *_accuracy_lines(result),
               "- Latency is CPU wall time on the machine that trained it; measure on yours."]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_lines(result: Mapping[str, Any]) -> List[str]:
+    """The exported file's own accuracy on the test split, and the int8 bound it was held to."""
+    acc = result.get("test_accuracy") or {}
+    if "accuracy_file" not in acc:
+        return []
+    name = Path(result.get("file", "model.onnx")).name
+    line = (f"- `{name}` on the {acc['samples']:,} test texts: accuracy {_pct(acc['accuracy_file'])} against "
+            f"{_pct(acc['accuracy_pytorch'])} in PyTorch ({_pct(acc['prediction_agreement'])} equal predictions)")
+    if "int8_within_bound" in acc:
+        bound = acc["int8_max_drop_points"]
+        line += (f"; an int8 drop of {acc['accuracy_drop_points']:.2f} points, within the bound of {bound:g}."
+                 if acc["int8_within_bound"] else
+                 f"; kept on request although its int8 drop of {acc['accuracy_drop_points']:.2f} points exceeds "
+                 f"the bound of {bound:g}.")
+    return [line + ("" if line.endswith(".") else ".")]
 
 
 def write_model_card(run_dir, cfg, result: Mapping[str, Any]) -> Path:

@@ -37,7 +37,7 @@ def _load_run_model(run_dir: Path):
 
 
 def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples: int = 256,
-               calibration_samples: int = 512) -> Dict[str, Any]:
+               calibration_samples: int = 512, int8_max_drop: float = 1.0, keep_int8: bool = False) -> Dict[str, Any]:
     """``kdkit export``: export a run directory's model, check parity on test inputs, add it to the report.
 
     The file goes to ``out`` or ``RUN_DIR/export/model[-int8].onnx`` / ``model.pt``; ``<file>.json`` beside it
@@ -57,7 +57,8 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
     if task.writes_model_card:
         check_card_writable(card_path(path))  # before anything is written: an edited or foreign card stops the export
     result, section = task.export(model, splits, path, fmt, int8, samples=samples,
-                                  calibration_samples=calibration_samples, dataset=cfg.data.name)
+                                  calibration_samples=calibration_samples, dataset=cfg.data.name,
+                                  int8_max_drop=int8_max_drop, keep_int8=keep_int8)
     if task.writes_model_card:
         result["model_card"] = str(write_model_card(run_dir, cfg, result))
     write_json(path.with_suffix(".json"), result)

@@ -40,6 +40,12 @@ class HFClassifier(nn.Module):
         self.pad_token_id = int(pad_token_id)
         self.trim = trim
         self.tokenizer = tokenizer
+        self.register_buffer("id_map", None)  # a trimmed vocabulary's lookup (kdkit.hf.slim.trim_vocabulary)
+
+    def set_id_map(self, id_map: torch.Tensor) -> None:
+        """Read every id through ``id_map`` (tokenizer id -> embedding row) before the model: a trimmed vocabulary.
+        The table is a buffer, so it is saved with the weights and exported inside the graph."""
+        self.id_map = id_map.long()
 
     @property
     def num_labels(self) -> int:
@@ -55,6 +61,8 @@ class HFClassifier(nn.Module):
         if self.trim:
             x = trim_to_longest(x, self.pad_token_id)
         mask = (x != self.pad_token_id).long()  # (B, L)
+        if self.id_map is not None:
+            x = self.id_map[x]  # tokenizer ids -> rows of the trimmed embedding table
         return self.hf(input_ids=x, attention_mask=mask).logits  # (B, C)
 
 

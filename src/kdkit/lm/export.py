@@ -82,9 +82,44 @@ def _ort_greedy_seconds(session, prompt: np.ndarray, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def _perplexity(logits: np.ndarray, ids: np.ndarray, pad: int) -> float:
+    """Next-token perplexity of (N, L, V) logits on the ids they were computed from (real positions only)."""
+    logits = logits[:, :-1].astype(np.float64)
+    target = ids[:, 1:]
+    real = (ids[:, :-1] != pad) & (target != pad)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, target[..., None], -1)[..., 0]
+    return float(np.exp(nll[real].mean())) if real.any() else float("nan")
+
+
+def _int8_check(session, model: nn.Module, ids: torch.Tensor, pad: int, max_rise: float, keep: bool,
+                name: str) -> Dict[str, Any]:
+    """The int8 file's perplexity on ``ids`` beside the float model's; beyond ``max_rise`` percent an error."""
+    with torch.inference_mode():
+        ref = model(ids).float().numpy()
+    out = session.run(None, {session.get_inputs()[0].name: ids.numpy().astype(np.int64)})[0]
+    p_ref, p_int8 = _perplexity(ref, ids.numpy(), pad), _perplexity(out, ids.numpy(), pad)
+    rise = 100 * (p_int8 / p_ref - 1)
+    record = {"perplexity_pytorch": p_ref, "perplexity_file": p_int8, "perplexity_rise_percent": rise,
+              "int8_max_rise_percent": float(max_rise), "int8_within_bound": bool(rise <= max_rise),
+              "rows": int(len(ids))}
+    if not record["int8_within_bound"] and not keep:
+        raise KdkitError(f"int8 export {name}: perplexity {p_int8:.3f} against {p_ref:.3f} in float on {len(ids)} "
+                         f"test rows, {rise:.2f}% higher, beyond the bound {max_rise:g}%; not kept (pass "
+                         f"--keep-int8 to keep it, or --int8-max-drop to change the bound)")
+    return record
+
+
 def export_lm(model: nn.Module, ids: torch.Tensor, path, atol: float = 1e-4, rtol: float = 1e-4,
-              timing: bool = True, new_tokens: int = 32, repeats: int = 5) -> Dict[str, Any]:
+              timing: bool = True, new_tokens: int = 32, repeats: int = 5, int8: bool = False,
+              int8_max_rise: float = 1.0, keep_int8: bool = False) -> Dict[str, Any]:
     """Export ``model`` to ONNX, load it back with onnxruntime, check parity on real ``ids`` (N, L), time it.
+
+    ``int8``: onnxruntime's dynamic quantisation of the float file (int8 weights of the matrix products and the
+    embeddings, :func:`kdkit.export.core.quantize_onnx_dynamic`). Its logits differ by design, so it is held to
+    its perplexity on ``ids`` instead: at most ``int8_max_rise`` percent above the float model's (else an error
+    and no file, unless ``keep_int8``).
 
     Returns:
         ``{"file", "format", "bytes", "parity": {...}, "kv_cache": False, ...}`` and, with ``timing``, greedy
@@ -102,7 +137,17 @@ def export_lm(model: nn.Module, ids: torch.Tensor, path, atol: float = 1e-4, rto
     pad = int(getattr(model, "pad_token_id", 0))
     ref_model = _forward_copy(model)
     ids = ids.cpu()
-    export_lm_onnx(ref_model, ids[:2], path)
+    if int8:
+        from ..export.core import quantize_onnx_dynamic
+
+        float_path = path.with_name(f".{path.stem}.float.partial.onnx")
+        try:
+            export_lm_onnx(ref_model, ids[:2], float_path)
+            quantize_onnx_dynamic(float_path, path)
+        finally:
+            float_path.unlink(missing_ok=True)
+    else:
+        export_lm_onnx(ref_model, ids[:2], path)
     import onnx
 
     onnx.checker.check_model(str(path))
@@ -116,30 +161,49 @@ def export_lm(model: nn.Module, ids: torch.Tensor, path, atol: float = 1e-4, rto
     agree = min(c["argmax_agreement"] for c in checks)
     parity = {"max_abs_diff": diff, "argmax_agreement": agree, "tolerance": tol, "samples": int(len(ids)),
               "checks": checks}
-    if not np.isfinite(diff) or diff > tol:
+    int8_record = None
+    if int8:  # held to its perplexity, not to a logit tolerance
+        parity["tolerance"] = None
+        try:
+            int8_record = _int8_check(sess, ref_model, ids[:, :used], pad, int8_max_rise, keep_int8, path.name)
+        except KdkitError:
+            path.unlink(missing_ok=True)
+            raise
+    elif not np.isfinite(diff) or diff > tol:
         path.unlink(missing_ok=True)
         raise KdkitError(f"ONNX export {path.name}: logits differ from the PyTorch model by up to {diff:.3g}, beyond "
                          f"the tolerance {tol:.3g} (arg-max agreement {agree:.4f})")
-    result: Dict[str, Any] = {"format": "onnx", "int8": False, "file": str(path), "bytes": path.stat().st_size,
+    result: Dict[str, Any] = {"format": "onnx", "int8": int8, "file": str(path), "bytes": path.stat().st_size,
                               "input_name": "input", "output_name": "logits",
                               "input_shape": ["batch", "sequence"], "output_shape": ["batch", "sequence", "vocab"],
                               "kv_cache": False, "parity": parity,
                               "normalisation": "none: the file takes token ids right-padded with the pad id "
                                                f"({pad}) and derives the attention mask itself"}
+    if int8_record is not None:
+        result["test_perplexity"] = int8_record
     if timing:
-        from ..training.threads import single_thread
-        from .evaluate import _room, generation_speed
+        result.update(_generation_timing(ref_model, ids, pad, path, new_tokens, repeats))
+    return result
 
-        prompt = ids[:1][:, :8]
-        prompt = prompt[:, :max(1, int((prompt != pad).sum()))]
-        steps = _room(ref_model, prompt.shape[1], new_tokens)
-        with single_thread():
-            sess1 = onnx_session(path, threads=1)
-            _ort_greedy_seconds(sess1, prompt.numpy(), 2)  # warm-up
-            times = [_ort_greedy_seconds(sess1, prompt.numpy(), steps) for _ in range(repeats)]
-            result["onnxruntime"] = {"onnx_gen_tokens_per_s": steps / statistics.median(times)}
-            result["pytorch"] = generation_speed(ref_model, prompt, steps, repeats)
-        result["generation"] = {"prompt_tokens": int(prompt.shape[1]), "new_tokens": steps, "repeats": repeats,
-                                "note": "batch 1, greedy, one thread; onnxruntime reruns the prefix per token "
-                                        "(no KV cache), PyTorch hf.generate uses its KV cache"}
+
+def _generation_timing(ref_model: nn.Module, ids: torch.Tensor, pad: int, path: Path, new_tokens: int,
+                       repeats: int) -> Dict[str, Any]:
+    """Greedy generation at batch 1 on one thread: the file (no KV cache) and PyTorch (hf.generate, KV cache)."""
+    from ..export.core import onnx_session
+    from ..training.threads import single_thread
+    from .evaluate import _room, generation_speed
+
+    prompt = ids[:1][:, :8]
+    prompt = prompt[:, :max(1, int((prompt != pad).sum()))]
+    steps = _room(ref_model, prompt.shape[1], new_tokens)
+    result: Dict[str, Any] = {}
+    with single_thread():
+        sess1 = onnx_session(path, threads=1)
+        _ort_greedy_seconds(sess1, prompt.numpy(), 2)  # warm-up
+        times = [_ort_greedy_seconds(sess1, prompt.numpy(), steps) for _ in range(repeats)]
+        result["onnxruntime"] = {"onnx_gen_tokens_per_s": steps / statistics.median(times)}
+        result["pytorch"] = generation_speed(ref_model, prompt, steps, repeats)
+    result["generation"] = {"prompt_tokens": int(prompt.shape[1]), "new_tokens": steps, "repeats": repeats,
+                            "note": "batch 1, greedy, one thread; onnxruntime reruns the prefix per token "
+                                    "(no KV cache), PyTorch hf.generate uses its KV cache"}
     return result

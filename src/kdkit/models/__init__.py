@@ -42,7 +42,7 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
 
 
 #: What kdkit fills into a model factory from the data when the factory takes it (never a user option).
-INJECTED_MODEL_ARGS = ("num_classes", "input_shape", "vocab_size", "pad_token_id")
+INJECTED_MODEL_ARGS = ("num_classes", "input_shape", "vocab_size", "pad_token_id", "corpus_ids")
 
 
 def create_model(name: str, num_classes: Optional[int] = None, input_shape: Optional[Tuple[int, ...]] = None,

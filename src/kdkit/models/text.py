@@ -111,23 +111,45 @@ def tiny_bert(num_classes: int, input_shape: Tuple[int, ...] = (128,), vocab_siz
 
 @MODELS.register("hf")
 def hf(num_classes: int, path: Optional[str] = None, layers: Optional[List[int]] = None,
-       hidden: Optional[int] = None, init: Optional[str] = None, attention: Optional[str] = None) -> nn.Module:
+       hidden: Optional[int] = None, init: Optional[str] = None, attention: Optional[str] = None,
+       narrow: str = "random", intermediate: Optional[int] = None, trim_vocab: bool = False,
+       corpus_ids: Optional[torch.Tensor] = None) -> nn.Module:
     """A local Hugging Face model directory (``path``; ``minilm``: the MiniLM-L6 of the ``bench`` extra) with
     ``num_classes`` labels, optionally shrunk (``layers``: keep these encoder layers with their weights;
-    ``hidden``: a fresh narrower config). ``init``: a kdkit run directory (or ``.safetensors``) of the same
+    ``hidden``: a narrower model). ``init``: a kdkit run directory (or ``.safetensors``) of the same
     model whose weights are loaded before shrinking, e.g. the fine-tuned teacher. ``attention``: the attention
     implementation (``eager`` when a method reads attention probabilities; default: transformers' choice).
-    Needs the extra ``hf``."""
+
+    ``narrow``: how a ``hidden`` narrower than the model's is made: ``random`` (a fresh config, random weights)
+    or ``prune`` (the hidden dimensions, heads and feed-forward units (``intermediate``) most active on the
+    training texts, sliced from the model's weights: :func:`kdkit.hf.slim.prune_width`). ``trim_vocab``: keep only
+    the embedding rows of the tokens the training texts use (:func:`kdkit.hf.slim.trim_vocabulary`; other tokens
+    read as the unknown token). Needs the extra ``hf``."""
     from ..hf.models import load, shrink
 
     if path is None:
         raise KdkitError("model 'hf' needs path: a local Hugging Face model directory (or 'minilm')")
+    if narrow not in ("random", "prune"):
+        raise KdkitError(f"model 'hf': narrow must be 'random' or 'prune'; given {narrow!r}")
+    if (narrow == "prune" and hidden is not None or trim_vocab) and corpus_ids is None:
+        raise KdkitError("model 'hf': narrow: prune and trim_vocab read the training texts' token ids; build the "
+                         "model from a tokenised text dataset (or pass corpus_ids from Python)")
     model = load(path, num_labels=num_classes, attn_implementation=attention,
                  log=(lambda _: None) if init is not None else print)
     if init is not None:
         from ..training.checkpoint import load_weights
 
         load_weights(model, init)
-    if layers is not None or hidden is not None:
-        model = shrink(model, layers=layers, hidden=hidden)
+    if narrow == "prune" and hidden is not None:
+        from ..hf.slim import prune_width
+
+        if layers is not None:
+            model = shrink(model, layers=layers)
+        model = prune_width(model, corpus_ids[:512], hidden=hidden, intermediate=intermediate)
+    elif layers is not None or hidden is not None:
+        model = shrink(model, layers=layers, hidden=hidden, intermediate=intermediate)
+    if trim_vocab:
+        from ..hf.slim import trim_vocabulary
+
+        model = trim_vocabulary(model, corpus_ids)
     return model

@@ -135,8 +135,10 @@ class Task:
         return ("model-int8" if int8 else "model") + (".onnx" if fmt == "onnx" else ".pt")
 
     def export(self, model: nn.Module, splits, path, fmt: str, int8: bool, *, samples: int = 256,
-               calibration_samples: int = 512, dataset: str = "") -> Tuple[Dict[str, Any], str]:
-        """Write ``model`` to ``path``, check its parity on the test split's inputs, time it.
+               calibration_samples: int = 512, dataset: str = "", int8_max_drop: float = 1.0,
+               keep_int8: bool = False) -> Tuple[Dict[str, Any], str]:
+        """Write ``model`` to ``path``, check its parity on the test split's inputs, time it (``int8_max_drop`` and
+        ``keep_int8``: the accuracy rule of int8 text exports, see :mod:`kdkit.export.text`).
 
         Returns the export record (``export.json``) and the report section (HTML) describing it."""
         from ..evaluation.report import format_table

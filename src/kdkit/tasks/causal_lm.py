@@ -68,23 +68,30 @@ class CausalLM(TokenTask):
         return {"targets": "next-token"}
 
     def export_name(self, fmt: str, int8: bool) -> str:
-        return "model.onnx"
+        return "model-int8.onnx" if int8 else "model.onnx"
 
     def export(self, model: nn.Module, splits, path, fmt: str, int8: bool, *, samples: int = 256,
-               calibration_samples: int = 512, dataset: str = "") -> Tuple[Dict[str, Any], str]:
-        """ONNX only, float: ids in, (B, L, V) logits out, parity on the first test rows."""
-        if fmt != "onnx" or int8:
-            raise KdkitError("causal LMs export to float ONNX only (--format onnx without --int8); see kdkit.lm.export")
+               calibration_samples: int = 512, dataset: str = "", int8_max_drop: float = 1.0,
+               keep_int8: bool = False) -> Tuple[Dict[str, Any], str]:
+        """ONNX only: ids in, (B, L, V) logits out, parity on the first test rows; ``int8``: dynamic quantisation,
+        held to a test perplexity at most ``int8_max_drop`` percent above the float model's."""
+        if fmt != "onnx":
+            raise KdkitError("causal LMs export to ONNX only (--format onnx); see kdkit.lm.export")
         from ..lm.export import export_lm
 
         data = splits.test if splits.test is not None else splits.val
-        result = export_lm(model, data.x[:min(samples, len(data), 32)], path)
+        result = export_lm(model, data.x[:min(samples, len(data), 32)], path, int8=int8,
+                           int8_max_rise=int8_max_drop, keep_int8=keep_int8)
         p = result["parity"]
         speed = ""
         if "onnxruntime" in result:
             speed = (f" Greedy generation at batch 1: onnxruntime "
                      f"{result['onnxruntime']['onnx_gen_tokens_per_s']:.1f} tokens/s (no KV cache), PyTorch "
                      f"{result['pytorch']['gen_tokens_per_s']:.1f} tokens/s (KV cache).")
+        if "test_perplexity" in result:
+            q = result["test_perplexity"]
+            speed += (f" int8: test perplexity {q['perplexity_file']:.3f} against {q['perplexity_pytorch']:.3f} in "
+                      f"float ({q['perplexity_rise_percent']:+.2f}%, bound {q['int8_max_rise_percent']:g}%).")
         section = (f"<h2>Export: {html.escape(path.name)}</h2><p>{result['bytes']:,} bytes; max abs diff vs PyTorch "
                    f"{p['max_abs_diff']:.3g} over real positions, arg-max agreement {p['argmax_agreement']:.4f} on "
                    f"{p['samples']} test rows.{speed}</p>")
