@@ -239,18 +239,20 @@ def latency(teacher, students: Dict[str, Any], files: Dict[str, Path], splits, r
 # ----------------------------------------------------------------------------- the run
 
 def jobs(args) -> List[tuple]:
-    """(student, regime, seed) in priority order: the ship candidates first, then the comparisons."""
+    """(student, regime, seed) in priority order: the two smallest students first, then the comparisons on the
+    ship candidate, then the larger students."""
     order = []
     for seed in args.seeds:
-        for s in ("L2-192", "L2-128", "L3-192", "L2-384"):
+        for s in ("L2-192", "L2-128"):
             for r in ("labels", "kd+transfer"):
                 order.append((s, r, seed))
     for seed in args.seeds:
-        for r in ("kd", "minilm", "labels-long", "textbrewer"):
+        for r in ("kd", "minilm", "textbrewer", "labels-long"):
             order.append(("L2-192", r, seed))
-    for seed in args.seeds:
-        for s in ("L2-128", "L3-192", "L2-384"):
-            order.append((s, "kd", seed))
+    for s in ("L3-192", "L2-384"):
+        for seed in args.seeds:
+            for r in ("labels", "kd+transfer"):
+                order.append((s, r, seed))
     return order
 
 
