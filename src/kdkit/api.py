@@ -348,6 +348,9 @@ def evaluate_run(run_dir, split: str = "test") -> Dict[str, Dict[str, Any]]:
     if not (run_dir / "config.yaml").is_file():
         raise KdkitError(f"{run_dir} is not a kdkit run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
+    from .assemble import check_rebuildable
+
+    check_rebuildable(cfg, run_dir, "evaluate")
     apply_threads(cfg.train.threads)  # the run's thread count, so latency reads as in the run's own report
     splits = build_data(cfg.data, cfg.seed)
     data = getattr(splits, split, None)

@@ -83,6 +83,16 @@ def _model_spec_from_run(run_dir: Path) -> ModelConfig:
     return spec.model_copy(update={"checkpoint": str(run_dir)})
 
 
+def check_rebuildable(cfg: RunConfig, run_dir: Path, command: str) -> None:
+    """Refuse, in one line, a run made from Python objects: its config.yaml cannot rebuild them."""
+    specs = [s for s in (cfg.model, cfg.student) if s is not None]
+    if cfg.data.name == PYTHON or any((s.name or "").startswith(PYTHON + ":") for s in specs):
+        raise KdkitError(f"{run_dir} was made from Python objects (your own data or model), which its config.yaml "
+                         f"cannot rebuild, so `kdkit {command}` cannot load it; from Python use "
+                         + ("kdkit.export.export_model(run.student, inputs, 'model.onnx')" if command == "export"
+                            else "kdkit.evaluate(run.student, data, teacher=teacher)"))
+
+
 def resolve_model_spec(spec: ModelConfig, where: str) -> ModelConfig:
     """Fill a missing ``name`` from a checkpoint run directory; check the name and options exist."""
     if spec.name is None:
@@ -121,7 +131,7 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataSplits:
     if cfg.unlabelled and isinstance(splits.train, ArrayData):
         splits.train = splits.train.without_labels()
     elif cfg.labelled_fraction < 1.0 and isinstance(splits.train, ArrayData):
-        splits.train = hide_labels(splits.train, cfg.labelled_fraction, seed=seed)
+        splits.train = hide_labels(splits.train, cfg.labelled_fraction, seed=cfg.labelled_seed)
     from .teacher.augment import augment_train
 
     splits.train = augment_train(splits.train, cfg, seed, cfg.name)  # crop/flip, mixup/cutmix (function matching)
@@ -228,4 +238,5 @@ def build_parts(cfg: RunConfig, command: str) -> Parts:
 
 
 __all__ = ["PYTHON", "Parts", "build_data", "build_model", "build_parts", "build_teacher", "check_outputs_match",
+           "check_rebuildable",
            "resolve_model_spec", "validate"]

@@ -49,13 +49,15 @@ class _Named(BaseModel):
 class DataConfig(_Named):
     """``data:`` which dataset, how it is batched, how many labels are kept."""
 
-    name: str = "digits"
-    batch_size: int = Field(128, gt=0)
-    eval_batch_size: int = Field(512, gt=0)
+    name: str = Field("digits", description="a registered dataset (see the registries) or a plugin's")
+    batch_size: int = Field(128, gt=0, description="training batch (the global batch under torchrun)")
+    eval_batch_size: int = Field(512, gt=0, description="batch for validation and evaluation")
     labelled_fraction: float = Field(1.0, gt=0.0, le=1.0,
                                      description="keep labels for this fraction of training samples")
+    labelled_seed: int = Field(0, ge=0, description="draws which training samples keep their label "
+                                                    "(its own seed, not the run's: every run sees the same subset)")
     unlabelled: bool = Field(False, description="drop every label: distil from an unlabelled transfer set")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     augment: Optional[Literal["crop_flip"]] = Field(
         None, description="random crop (zero padding) + horizontal flip of training images, replayable per view")
     augment_pad: int = Field(2, ge=0, description="crop_flip: shift of up to this many pixels")
@@ -73,14 +75,14 @@ class ModelConfig(_Named):
     directory and no ``name``, the architecture is read from that run's config.
     """
 
-    name: Optional[str] = None
-    checkpoint: Optional[str] = None
+    name: Optional[str] = Field(None, description="a zoo name, a plugin's name or package.module:factory")
+    checkpoint: Optional[str] = Field(None, description="weights: a .safetensors file or a run directory")
 
 
 class MethodConfig(_Named):
     """``method:`` a registered method name and its options (e.g. ``temperature``, ``alpha``)."""
 
-    name: str = "kd"
+    name: str = Field("kd", description="a registered method (see Methods)")
 
 
 class TrainConfig(_Strict):
@@ -307,8 +309,9 @@ class RunConfig(_Strict):
 
     seed: int = Field(0, ge=0, lt=2**63,
                       description="the one source of randomness of the run (torch takes 64-bit seeds)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    out_dir: Optional[str] = None
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="auto (a GPU when there is one), cpu, cuda, cuda:N or mps")
+    out_dir: Optional[str] = Field(None, description="the run directory: must not exist yet (or be empty)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: Optional[ModelConfig] = None
     teacher: Optional[ModelConfig] = None

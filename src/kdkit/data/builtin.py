@@ -175,23 +175,24 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MAX_IMAGE_PIXELS = 40_000_000
 
 
-@DATASETS.register("image_folder")
-def image_folder(root: Optional[str] = None, image_size: int = 32, grayscale: bool = False,
-                 val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> DataSplits:
-    """Images laid out as ``root/<class name>/<image>``; classes are the sorted folder names.
-
-    All images are loaded once, resized to ``image_size`` squared and standardised.
-    """
+def _read_image_folder(root: str, image_size: int, grayscale: bool, classes: Optional[List[str]] = None,
+                       what: str = "data.root") -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """Images of ``root/<class>/<image>`` resized to ``image_size`` squared, in [0, 1]: (x, y, classes)."""
     from PIL import Image
 
     if root is None or not Path(root).is_dir():
-        raise KdkitError(f"image_folder: data.root must be a folder of class sub-folders; got {root!r}")
-    classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
-    if not classes:
+        raise KdkitError(f"image_folder: {what} must be a folder of class sub-folders; got {root!r}")
+    found = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+    if not found:
         raise KdkitError(f"image_folder: no class sub-folders in {root}")
+    if classes is not None and set(found) - set(classes):
+        raise KdkitError(f"image_folder: {root} has the class folder {sorted(set(found) - set(classes))[0]!r}, "
+                         f"which the training folder lacks; expected the training folder's classes")
+    classes = classes or found
     xs: List[np.ndarray] = []
     ys: List[int] = []
-    for label, cls in enumerate(classes):
+    for cls in found:
+        label = classes.index(cls)
         for f in sorted((Path(root) / cls).iterdir()):
             if f.suffix.lower() not in _IMAGE_SUFFIXES:
                 continue
@@ -211,14 +212,41 @@ def image_folder(root: Optional[str] = None, image_size: int = 32, grayscale: bo
             ys.append(label)
     if not xs:
         raise KdkitError(f"image_folder: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {root}")
-    x = torch.from_numpy(np.stack(xs))
-    y = torch.tensor(ys)
-    n_val, n_test = int(len(x) * val_fraction), int(len(x) * test_fraction)
-    tr, va, te = fixed_split(len(x), n_val, n_test, seed=seed)
-    xtr, xva, xte = _standardise(x[tr], x[va], x[te])
-    return DataSplits(ArrayData(xtr, y[tr]), ArrayData(xva, y[va]), ArrayData(xte, y[te]),
-                      num_classes=len(classes), input_shape=tuple(x.shape[1:]),
-                      info={"source": str(root), "classes": classes, "normalisation": _normalisation(x[tr])})
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys), classes
+
+
+@DATASETS.register("image_folder")
+def image_folder(root: Optional[str] = None, image_size: int = 32, grayscale: bool = False,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                 train_path: Optional[str] = None, val_path: Optional[str] = None,
+                 test_path: Optional[str] = None) -> DataSplits:
+    """Images laid out as ``root/<class name>/<image>``; classes are the sorted folder names, cut into a fixed
+    seeded split by ``val_fraction`` and ``test_fraction``. Or your own splits, one such folder each:
+    ``train_path``, ``val_path`` and ``test_path`` (the last two optional).
+
+    All images are loaded once, resized to ``image_size`` squared and standardised with the training split's
+    mean and std.
+    """
+    files = _split_files(root, train_path, val_path, test_path, "image_folder")
+    if files is None:
+        x, y, classes = _read_image_folder(root, image_size, grayscale)
+        n_val, n_test = int(len(x) * val_fraction), int(len(x) * test_fraction)
+        tr, va, te = fixed_split(len(x), n_val, n_test, seed=seed)
+        parts = [(x[i], y[i]) for i in (tr, va, te)]
+        source = str(root)
+    else:
+        x, y, classes = _read_image_folder(train_path, image_size, grayscale, what="data.train_path")
+        parts = [(x, y)] + [_read_image_folder(f, image_size, grayscale, classes, what)[:2] if f else None
+                            for f, what in ((val_path, "data.val_path"), (test_path, "data.test_path"))]
+        source = ", ".join(f for f in files if f)
+    xtr = parts[0][0]
+    stats = _normalisation(xtr)
+    scaled = _standardise(xtr, *[p[0] for p in parts[1:] if p is not None])
+    it = iter(scaled[1:])
+    data = [ArrayData(scaled[0], parts[0][1])] + [ArrayData(next(it), p[1]) if p is not None else None
+                                                  for p in parts[1:]]
+    return DataSplits(*data, num_classes=len(classes), input_shape=tuple(xtr.shape[1:]),
+                      info={"source": source, "classes": classes, "normalisation": stats})
 
 
 # ----------------------------------------------------------------------------- CSV tables
@@ -290,29 +318,10 @@ def _scale(train: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-@DATASETS.register("csv")
-def csv(path: Optional[str] = None, target: str = "target", task: str = "classification",
-        val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> DataSplits:
-    """A numeric CSV table with a header row: every column but ``target`` is a feature.
-
-    Classification: the target's distinct values become classes 0..C-1, in numeric order when every value
-    is a number (``"1"`` and ``"1.0"`` are one class), else in string order (``info["classes"]``).
-    Regression: the target is a number; an empty or ``nan`` target marks an unlabelled row (NaN).
-
-    Features are standardised per column with the training split's mean and std; regression targets too,
-    so default learning rates fit targets of any scale. Both are recorded in ``info["preprocess"]``
-    (``input_mean``, ``input_std``, ``target_mean``, ``target_std``: model input = (raw - mean) / std,
-    prediction = output * std + mean), which lands in report.json and which ``kdkit export`` folds into the
-    exported file; evaluation reports regression errors in the CSV's units (``ArrayData.target_scale``).
-
-    Raises:
-        KdkitError: a file that is not UTF-8 CSV, rows of the wrong length, non-numeric, NaN or infinite
-            features, or a non-numeric regression target, each naming the line and column.
-    """
+def _csv_table(path: str, target: str) -> Tuple[List[str], np.ndarray, List[str], List[int]]:
+    """A numeric CSV file: (feature names, features (N, F), raw target strings, line numbers)."""
     if path is None or not Path(path).is_file():
         raise KdkitError(f"csv: data.path must be an existing CSV file; got {path!r}")
-    if task not in ("classification", "regression"):
-        raise KdkitError(f"csv: data.task must be 'classification' or 'regression'; got {task!r}")
     header, body = _read_csv(path)
     if target not in header:
         raise KdkitError(f"csv: target column {target!r} not in {path}; columns: {', '.join(header)}")
@@ -329,25 +338,94 @@ def csv(path: Optional[str] = None, target: str = "target", task: str = "classif
                 raise KdkitError(f"csv: {path} line {line}, column {features[c]!r}: value {v!r} {what}; expected "
                                  "numeric features (clean or impute missing values first)")
             feats[r, c] = n
-    raw_targets = [fields[t].strip() for _, fields in body]
-    values: list = []
+    return features, feats, [fields[t].strip() for _, fields in body], [line for line, _ in body]
+
+
+def _csv_targets(path: str, target: str, raw: List[str], lines: List[int], task: str):
     if task == "classification":
-        index, values = _class_values(raw_targets)
-        y = torch.tensor(index, dtype=torch.long)
-        num_classes: Optional[int] = len(values)
+        index, values = _class_values(raw)
+        return torch.tensor(index, dtype=torch.long), values
+    numbers = []
+    for line, v in zip(lines, raw):
+        n = float("nan") if v == "" else _number(v)
+        if n is None or math.isinf(n):
+            raise KdkitError(f"csv: {path} line {line}: target {v!r} in column {target!r} is not a finite number; "
+                             "task: regression needs numeric targets (use task: classification for labels)")
+        numbers.append(n)
+    return torch.tensor(numbers, dtype=torch.float32).unsqueeze(1), []  # (N, 1); NaN = unlabelled
+
+
+def _split_files(path: Optional[str], train_path: Optional[str], val_path: Optional[str],
+                 test_path: Optional[str], what: str) -> Optional[List[Optional[str]]]:
+    """The three split files (val and test optional) when ``train_path`` is given, else None (one ``path``)."""
+    if train_path is None:
+        if val_path is not None or test_path is not None:
+            raise KdkitError(f"{what}: data.val_path and data.test_path need data.train_path too")
+        return None
+    if path is not None:
+        raise KdkitError(f"{what}: give either data.path (one file, split by fractions) or data.train_path "
+                         f"(with val_path and test_path), not both")
+    return [train_path, val_path, test_path]
+
+
+@DATASETS.register("csv")
+def csv(path: Optional[str] = None, target: str = "target", task: str = "classification",
+        val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, train_path: Optional[str] = None,
+        val_path: Optional[str] = None, test_path: Optional[str] = None) -> DataSplits:
+    """A numeric CSV table with a header row: every column but ``target`` is a feature.
+
+    One file (``path``), cut into a fixed seeded split by ``val_fraction`` and ``test_fraction``; or your own
+    splits, one file each: ``train_path``, ``val_path`` and ``test_path`` (the last two optional), with the same
+    columns.
+
+    Classification: the target's distinct values become classes 0..C-1, in numeric order when every value
+    is a number (``"1"`` and ``"1.0"`` are one class), else in string order (``info["classes"]``).
+    Regression: the target is a number; an empty or ``nan`` target marks an unlabelled row (NaN).
+
+    Features are standardised per column with the training split's mean and std; regression targets too,
+    so default learning rates fit targets of any scale. Both are recorded in ``info["preprocess"]``
+    (``input_mean``, ``input_std``, ``target_mean``, ``target_std``: model input = (raw - mean) / std,
+    prediction = output * std + mean), which lands in report.json and which ``kdkit export`` folds into the
+    exported file; evaluation reports regression errors in the CSV's units (``ArrayData.target_scale``).
+
+    Raises:
+        KdkitError: a file that is not UTF-8 CSV, rows of the wrong length, non-numeric, NaN or infinite
+            features, a non-numeric regression target, each naming the line and column; split files whose
+            columns differ, or a validation/test class the training file lacks.
+    """
+    if task not in ("classification", "regression"):
+        raise KdkitError(f"csv: data.task must be 'classification' or 'regression'; got {task!r}")
+    files = _split_files(path, train_path, val_path, test_path, "csv")
+    if files is None:
+        features, feats, raw_targets, lines = _csv_table(path, target)
+        n_val, n_test = int(len(feats) * val_fraction), int(len(feats) * test_fraction)
+        tr, va, te = fixed_split(len(feats), n_val, n_test, seed=seed)
+        source = str(path)
     else:
-        numbers = []
-        for (line, _), v in zip(body, raw_targets):
-            n = float("nan") if v == "" else _number(v)
-            if n is None or math.isinf(n):
-                raise KdkitError(f"csv: {path} line {line}: target {v!r} in column {target!r} is not a finite number; "
-                                 "task: regression needs numeric targets (use task: classification for labels)")
-            numbers.append(n)
-        y = torch.tensor(numbers, dtype=torch.float32).unsqueeze(1)  # (N, 1); NaN = unlabelled
-        num_classes = None
+        tables = [_csv_table(f, target) if f is not None else None for f in files]
+        features = tables[0][0]
+        for f, tab in zip(files[1:], tables[1:]):
+            if tab is not None and tab[0] != features:
+                raise KdkitError(f"csv: {f} has the columns {', '.join(tab[0])} but {files[0]} has "
+                                 f"{', '.join(features)}; expected the same columns in every split file")
+        present = [tab for tab in tables if tab is not None]
+        feats = np.concatenate([tab[1] for tab in present])
+        raw_targets = [v for tab in present for v in tab[2]]
+        lines = [n for tab in present for n in tab[3]]
+        sizes = [0 if tab is None else len(tab[1]) for tab in tables]
+        bounds = np.cumsum([0] + sizes)
+        tr, va, te = (torch.arange(int(bounds[i]), int(bounds[i + 1])) for i in range(3))
+        if task == "classification":
+            known = set(tables[0][2])
+            for f, tab in zip(files[1:], tables[1:]):
+                extra = sorted(set(tab[2]) - known) if tab is not None else []
+                if extra:
+                    raise KdkitError(f"csv: {f} has the class {extra[0]!r} in {target!r}, which {files[0]} never "
+                                     f"has; expected every validation and test class among the training ones")
+        source = ", ".join(f for f in files if f is not None)
+    y, values = _csv_targets(source, target, raw_targets, lines, task)
+    num_classes: Optional[int] = len(values) if task == "classification" else None
     x = torch.from_numpy(feats)
-    n_val, n_test = int(len(x) * val_fraction), int(len(x) * test_fraction)
-    tr, va, te = fixed_split(len(x), n_val, n_test, seed=seed)
     mean, std = _scale(x[tr])
     preprocess: Dict[str, object] = {"input_mean": mean.tolist(), "input_std": std.tolist()}
     target_scale = None
@@ -357,10 +435,10 @@ def csv(path: Optional[str] = None, target: str = "target", task: str = "classif
         target_scale = (t_mean, t_std)
         preprocess.update(target_mean=t_mean.tolist(), target_std=t_std.tolist())
 
-    def split(idx: torch.Tensor) -> ArrayData:
-        return ArrayData((x[idx] - mean) / std, y[idx], target_scale)
+    def split(idx: torch.Tensor) -> Optional[ArrayData]:
+        return ArrayData((x[idx] - mean) / std, y[idx], target_scale) if files is None or len(idx) else None
 
     return DataSplits(split(tr), split(va), split(te), num_classes=num_classes, input_shape=(x.shape[1],), task=task,
                       output_dim=1 if task == "regression" else None,
-                      info={"source": str(path), "features": features, "target": target, "classes": values,
+                      info={"source": source, "features": features, "target": target, "classes": values,
                             "preprocess": preprocess})

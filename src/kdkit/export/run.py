@@ -17,7 +17,7 @@ from .core import FORMATS
 
 def _load_run_model(run_dir: Path):
     """The run's model (best checkpoint, or a compress run's last float model), its config, data splits and task."""
-    from ..assemble import build_data, build_model
+    from ..assemble import build_data, build_model, check_rebuildable
     from ..compress.ladder import is_compress_run, load_compressed
     from ..config import load_config
     from ..tasks import task_for
@@ -25,6 +25,7 @@ def _load_run_model(run_dir: Path):
     if not (run_dir / "config.yaml").is_file():
         raise KdkitError(f"{run_dir} is not a kdkit run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
+    check_rebuildable(cfg, run_dir, "export")
     splits = build_data(cfg.data, cfg.seed)
     task = task_for(splits)
     if is_compress_run(run_dir):

@@ -1,0 +1,89 @@
+"""What a new user meets in the first hour: own split files, the labelled subset's own seed, runs made from
+Python objects, warnings about teachers and students, tracking without its package."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import kdkit
+from kdkit import KdkitError
+from kdkit.assemble import build_data
+from kdkit.config import load_config
+
+
+def _write_csv(path, rows, header=("a", "b", "target")):
+    path.write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_csv_takes_your_own_split_files(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(round(float(a), 3), round(float(b), 3), int(a > 0)) for a, b in rng.normal(size=(40, 2))]
+    train = _write_csv(tmp_path / "train.csv", rows[:30])
+    test = _write_csv(tmp_path / "test.csv", rows[30:])
+    splits = build_data(load_config({"data": {"name": "csv", "train_path": train, "test_path": test}}).data)
+    assert len(splits.train) == 30 and len(splits.test) == 10 and splits.val is None
+    # standardised with the training file's own mean and std (sample std, n - 1), by hand
+    a = np.array([r[0] for r in rows[:30]], dtype=np.float32)
+    expect = (rows[30][0] - a.mean()) / a.std(ddof=1)
+    assert float(splits.test.x[0, 0]) == pytest.approx(float(expect), rel=1e-4, abs=1e-5)
+    assert splits.test.y.tolist() == [r[2] for r in rows[30:]]
+    other = _write_csv(tmp_path / "other.csv", rows[30:], header=("a", "c", "target"))
+    with pytest.raises(KdkitError, match="same columns in every split file"):
+        build_data(load_config({"data": {"name": "csv", "train_path": train, "test_path": other}}).data)
+    extra = _write_csv(tmp_path / "extra.csv", [(0.1, 0.2, 7)])
+    with pytest.raises(KdkitError, match="class '7'.*never"):
+        build_data(load_config({"data": {"name": "csv", "train_path": train, "val_path": extra}}).data)
+    with pytest.raises(KdkitError, match="either data.path .* or data.train_path"):
+        build_data(load_config({"data": {"name": "csv", "path": train, "train_path": train}}).data)
+
+
+def test_image_folder_takes_one_folder_per_split(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 3), ("test", 2)):
+        for cls, value in (("cat", 30), ("dog", 220)):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((6, 6), value + i, dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = {"data": {"name": "image_folder", "train_path": str(tmp_path / "train"),
+                    "test_path": str(tmp_path / "test"), "image_size": 4, "grayscale": True}}
+    splits = build_data(load_config(cfg).data)
+    assert (len(splits.train), len(splits.test), splits.val) == (6, 4, None)
+    assert splits.info["classes"] == ["cat", "dog"] and splits.test.y.tolist() == [0, 0, 1, 1]
+    (tmp_path / "test" / "fox").mkdir()
+    Image.fromarray(np.zeros((6, 6), dtype=np.uint8)).save(tmp_path / "test" / "fox" / "0.png")
+    with pytest.raises(KdkitError, match="class folder 'fox'"):
+        build_data(load_config(cfg).data)
+
+
+def test_the_labelled_subset_has_its_own_seed():
+    """A teacher (seed 0) and a student (seed 3) of one config keep the same labelled rows; labelled_seed moves
+    them."""
+    cfg = {"data": {"name": "digits", "labelled_fraction": 0.1}}
+    a = build_data(load_config({**cfg, "seed": 0}).data, seed=0).train.y
+    b = build_data(load_config({**cfg, "seed": 3}).data, seed=3).train.y
+    assert torch.equal(a >= 0, b >= 0) and int((a >= 0).sum()) == round(0.1 * len(a))
+    c = build_data(load_config({"data": {**cfg["data"], "labelled_seed": 5}}).data).train.y
+    assert not torch.equal(a >= 0, c >= 0)
+
+
+def test_a_run_made_from_python_objects_is_refused_by_export_and_evaluate(tmp_path):
+    from kdkit.api import evaluate_run
+    from kdkit.export import export_run
+
+    x = torch.randn(40, 3)
+    y = (x[:, 0] > 0).long()
+    kdkit.train(torch.nn.Linear(3, 2), (x, y), (x, y), epochs=1, out_dir=str(tmp_path / "run"), quiet=True,
+                progress=False)
+    for call, name in ((lambda: export_run(tmp_path / "run"), "export"), (lambda: evaluate_run(tmp_path / "run"),
+                                                                           "evaluate")):
+        with pytest.raises(KdkitError, match=f"made from Python objects.*kdkit {name}"):
+            call()
+    assert not (tmp_path / "run" / "export").exists()
+    assert json.loads((tmp_path / "run" / "report.json").read_text())
