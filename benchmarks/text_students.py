@@ -239,17 +239,17 @@ def latency(teacher, students: Dict[str, Any], files: Dict[str, Path], splits, r
 # ----------------------------------------------------------------------------- the run
 
 def jobs(args) -> List[tuple]:
-    """(student, regime, seed) in priority order: the two smallest students first, then the comparisons on the
-    ship candidate, then the larger students."""
+    """(student, regime, seed) in priority order: the ship candidates (L2-192, L3-192) from labels and with the
+    transfer set, then the other regimes on L2-192, then the smallest and the largest students."""
     order = []
-    for seed in args.seeds:
-        for s in ("L2-192", "L2-128"):
+    for s in ("L2-192", "L3-192"):
+        for seed in args.seeds:
             for r in ("labels", "kd+transfer"):
                 order.append((s, r, seed))
     for seed in args.seeds:
         for r in ("kd", "minilm", "textbrewer", "labels-long"):
             order.append(("L2-192", r, seed))
-    for s in ("L3-192", "L2-384"):
+    for s in ("L2-128", "L2-384"):
         for seed in args.seeds:
             for r in ("labels", "kd+transfer"):
                 order.append((s, r, seed))
@@ -444,7 +444,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--budget-min", type=float, default=70.0)
+    p.add_argument("--budget-min", type=float, default=85.0)
     p.add_argument("--transfer-limit", type=int, default=None, help="use at most this many transfer texts")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny data, one seed, one epoch, own folders")
     p.add_argument("--table", type=Path, default=None, help="print the table of a results JSON and exit")

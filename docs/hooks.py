@@ -151,3 +151,17 @@ def render(markdown: str) -> str:
 
 def on_page_markdown(markdown: str, page: Any, config: Dict[str, Any], files: Any) -> str:  # MkDocs hook
     return render(markdown)
+
+
+#: Plots the benchmarks write into ``benchmarks/results/``, published under ``assets/`` (never copied by hand).
+PLOTS = ("text_students.png",)
+
+
+def on_files(files: Any, config: Dict[str, Any]) -> Any:  # MkDocs hook
+    from mkdocs.structure.files import File
+
+    for name in PLOTS:
+        path = ROOT / "benchmarks" / "results" / name
+        if path.exists():
+            files.append(File.generated(config, f"assets/{name}", abs_src_path=str(path)))
+    return files

@@ -1,5 +1,5 @@
 """The `kdkit` command describes itself: plain `kdkit`, `--version`, every subcommand's `--help` (a one-line
-description and an example that parses), and the README's command list (complete, and every line parses)."""
+description and an example that parses), and the docs' command synopsis (complete, and every line parses)."""
 
 from __future__ import annotations
 
@@ -75,9 +75,10 @@ def test_every_subcommand_has_a_description_and_an_example(name, capsys):
 
 
 def _readme_command_lines():
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Command line"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    """The synopsis of the docs' command-line page."""
+    text = (ROOT / "docs" / "cli.md").read_text()
+    section = text[text.index("## Synopsis"):]
+    block = re.search(r"```text\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.startswith("kdkit")]
 
 

@@ -87,3 +87,37 @@ def test_a_run_made_from_python_objects_is_refused_by_export_and_evaluate(tmp_pa
             call()
     assert not (tmp_path / "run" / "export").exists()
     assert json.loads((tmp_path / "run" / "report.json").read_text())
+
+
+def test_the_report_says_what_came_out_and_flags_a_worse_teacher_or_a_student_stopped_too_early():
+    from kdkit.evaluation.verdict import headline, run_warnings
+
+    models = {"teacher": {"accuracy": 0.99, "parameters": 65834},
+              "student": {"accuracy": 0.63, "parameters": 2410, "agreement": 0.64}}
+    assert headline(models) == ("The student reached a test accuracy of 63.00% against its teacher's 99.00%, "
+                                "agreeing with it on 64.0% of inputs, with 27.3x fewer parameters.")
+    history = [{"epoch": 1}, {"epoch": 2}]
+    far = run_warnings(models, history, epochs=10, kept_epoch=10)
+    assert len(far) == 1 and "36.0 points below" in far[0] and "train.epochs" in far[0]
+    assert run_warnings(models, history, epochs=10, kept_epoch=4) == []  # it had converged: not "too early"
+    worse = run_warnings({"teacher": {"perplexity": 60.0}, "student": {"perplexity": 40.0}})
+    assert len(worse) == 1 and "teacher (perplexity 60) is worse than its student (40)" in worse[0]
+    assert run_warnings({"teacher": {"accuracy": 0.95}, "student": {"accuracy": 0.953}}) == []  # within 0.5 points
+
+
+def test_a_distilled_run_prints_its_warning_and_puts_it_in_the_report(tmp_path, capsys):
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    teacher = kdkit.train(torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)),
+                          (x, y), epochs=40, lr=1e-2, quiet=True, progress=False).student
+    # A student held back on purpose (a tiny learning rate, two epochs): far below its teacher, still improving.
+    kdkit.distill(teacher, torch.nn.Linear(6, 2), (x, y), (x, y), test_data=(x, y), epochs=2, lr=1e-5,
+                  out_dir=str(tmp_path / "kd"), quiet=True, progress=False)
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "kd" / "report.json").read_text())
+    gap = report["models"]["teacher"]["accuracy"] - report["models"]["student"]["accuracy"]
+    assert gap > 0.05 and report["kept_epoch"] == 2, (gap, report["kept_epoch"])  # the setting is what it should be
+    assert len(report["warnings"]) == 1 and f"warning: {report['warnings'][0]}" in err
+    assert report["headline"].startswith("The student reached a test accuracy of")
+    page = (tmp_path / "kd" / "report.html").read_text()
+    assert report["headline"].replace("'", "&#x27;") in page

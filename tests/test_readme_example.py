@@ -1,4 +1,5 @@
-"""The README's "Adding a method" example, run as written: it registers, trains, caches and combines."""
+"""The docs' "Adding a method" example (docs/methods.md), run as written: it registers, trains, caches and
+combines."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from kdkit.methods import METHODS
 from kdkit.methods.build import build_method
 from kdkit.teacher import Teacher
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 
 
 def _example_source() -> str:

@@ -281,7 +281,7 @@ def test_trials_are_mlflow_children_of_the_sweep_run(teacher_run, tmp_path):
     cfg = _cfg(teacher_run, tmp_path / "s", trials=2, sampler="random", pruner="none")
     cfg["tracking"] = {"backend": "mlflow"}
     result = kdkit.sweep(cfg, space={"method.temperature": "1..8:log"}, quiet=True)
-    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 's' / 'mlflow.db').resolve()}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}")  # beside the runs' store
     exp = client.get_experiment_by_name("kdkit")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("kdkit.kind") == "parent"]

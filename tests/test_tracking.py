@@ -129,12 +129,13 @@ def test_parent_run_holds_children(tmp_path, teacher_run):
     sweep = tmp_path / "sweep"
     parent_cfg = load_config({"tracking": "mlflow"}).tracking
     with tr.parent_run(parent_cfg, sweep, "my-sweep", {"trials": 2}) as child:
-        assert child.uri == f"sqlite:///{(sweep / 'mlflow.db').resolve()}" and child.parent_run_id
+        # the store every run beside the sweep directory uses: mlflow.db in its parent folder
+        assert child.uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}" and child.parent_run_id
         for i in range(2):  # trials in a deeper folder still land in the parent's store
             cfg = tiny_config(sweep / "trials" / f"t{i}", student={"name": "mlp", "hidden": [8]},
                               teacher={"checkpoint": str(teacher_run)}, train={"epochs": 1, "progress": False})
             kdkit.run_config(load_config(cfg).model_copy(update={"tracking": child}), "distill")
-    client = _client(sweep)
+    client = _client(tmp_path)
     exp = client.get_experiment_by_name("kdkit")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == {"my-sweep", "t0", "t1"}
@@ -150,11 +151,11 @@ def test_parent_run_holds_children(tmp_path, teacher_run):
 def test_tracking_config_forms():
     assert load_config({"tracking": "mlflow"}).tracking.backends() == ["mlflow"]
     assert load_config({"tracking": ["tensorboard", "mlflow"]}).tracking.backends() == ["tensorboard", "mlflow"]
-    assert load_config({}).tracking.backends() == ["tensorboard"]  # what every existing config did
+    assert load_config({}).tracking.backends() == ["auto"]  # TensorBoard when installed, quietly nothing else
     assert load_config({"tracking": "none"}).tracking.backends() == []
     cfg = load_config({"tracking": {"backend": "mlflow", "uri": "http://x:5000", "experiment": "e"}})
     assert (cfg.tracking.uri, cfg.tracking.experiment) == ("http://x:5000", "e")
-    with pytest.raises(KdkitError, match="tracking.backend: expected one of tensorboard, mlflow, none"):
+    with pytest.raises(KdkitError, match="tracking.backend: expected one of auto, tensorboard, mlflow, none"):
         load_config({"tracking": "mlfow"})
     with pytest.raises(KdkitError, match="unknown key 'tracking.url'"):
         load_config({"tracking": {"backend": "mlflow", "url": "x"}})
@@ -226,3 +227,21 @@ def test_an_mlflow_store_that_cannot_be_opened_fails_before_the_run_directory_is
     assert not out.exists()  # the retry, with a store that works, is not refused
     cfg["tracking"] = {"backend": "mlflow"}  # the default store beside the run, its artifacts with it
     assert kdkit.run_config(load_config(cfg), "train").dir == out
+
+
+def test_tensorboard_asked_for_by_name_without_its_package_is_an_error(monkeypatch):
+    monkeypatch.setattr(tr, "tensorboard_installed", lambda: False)
+    with pytest.raises(KdkitError, match="tracking: tensorboard needs the tensorboard package"):
+        tr.Tracking.from_config(load_config({"tracking": "tensorboard"}).tracking)
+    quiet = tr.Tracking.from_config(load_config({}).tracking)  # auto: skipped, nothing written
+    assert len(quiet.backends) == 1 and quiet.backends[0].writer is None
+
+
+def test_an_explicit_tensorboard_without_its_package_stops_the_cli_before_the_run_dir(tmp_path, monkeypatch, capsys):
+    from kdkit.cli import main
+
+    monkeypatch.setattr(tr, "tensorboard_installed", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "-q", "configs/digits_scratch.yaml", "tracking=tensorboard", f"out_dir={tmp_path / 'r'}"])
+    assert exit_.value.code == 2 and not (tmp_path / "r").exists()
+    assert capsys.readouterr().err.strip().startswith("error: tracking: tensorboard needs")

@@ -14,6 +14,7 @@ at most 128 tokens; :func:`kdkit.hf.text.tokenize` gives full control.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +169,8 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, val_data=None, *
                    Parts(_api_splits(train_data, val_data, test_data, student, teacher), student, t))
 
 
-def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[Parts] = None) -> Run:
+def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[Parts] = None,
+            warn: bool = True) -> Run:
     """Run ``kdkit train``/``kdkit distill``: the one path for configs and the Python API alike.
 
     validate -> (resume: the stored config must match) -> threads, seed -> build data, models, teacher,
@@ -204,7 +206,7 @@ def execute(cfg: RunConfig, command: str, resume: bool = False, given: Optional[
             return Run(student=method.student, metrics={}, history=history.epochs, dir=None, config=cfg)
         title = f"kdkit {command}: {cfg.data.name}" + (f", {cfg.method.name}" if command == "distill" else "")
         wall = time.perf_counter() - started
-        run = _finish(cfg, method, history, run_dir, parts, title, command=command, wall=wall)
+        run = _finish(cfg, method, history, run_dir, parts, title, command=command, wall=wall, warn=warn)
         if run_dir is not None:
             tracking.log_results(run_dir, run.metrics)
     return run
@@ -264,7 +266,7 @@ def _build_run_method(cfg: RunConfig, command: str, parts: Parts) -> Method:
 
 
 def _finish(cfg: RunConfig, method: Method, history: History, run_dir: Optional[Path], parts: Parts, title: str,
-            command: str = "distill", wall: Optional[float] = None) -> Run:
+            command: str = "distill", wall: Optional[float] = None, warn: bool = True) -> Run:
     """Load the kept weights, evaluate on the test split (else validation) as the task measures, write the report."""
     splits, teacher, task = parts.splits, parts.teacher, parts.task
     student = method.student
@@ -294,7 +296,14 @@ def _finish(cfg: RunConfig, method: Method, history: History, run_dir: Optional[
                                  teacher_val_accuracy=task.teacher_val_accuracy(
                                      teacher, method.teacher_tokens(splits.val) if cross and splits.val is not None
                                      else splits.val))}
-        write_report(run_dir, metrics, {"student": history.epochs}, title=title, extra=extra)
+    from .evaluation.verdict import summary
+
+    verdict = summary(metrics, history.epochs, cfg.train.epochs, history.best_epoch,
+                      "test" if splits.test is not None else "val")
+    for line in verdict["warnings"] if warn else ():  # a sweep's trials keep theirs in their reports
+        print(f"warning: {line}", file=sys.stderr)
+    if run_dir is not None:
+        write_report(run_dir, metrics, {"student": history.epochs}, title=title, extra={**extra, **verdict})
     return Run(student=student, metrics=metrics, history=history.epochs, dir=run_dir, config=cfg)
 
 

@@ -270,7 +270,7 @@ def parse_compress_steps(raw: Sequence[Any]) -> List[_Step]:
     return steps
 
 
-TRACKING_BACKENDS = ("tensorboard", "mlflow", "none")
+TRACKING_BACKENDS = ("auto", "tensorboard", "mlflow", "none")
 
 
 class TrackingConfig(_Strict):
@@ -281,7 +281,8 @@ class TrackingConfig(_Strict):
     """
 
     backend: Union[str, List[str]] = Field(
-        "tensorboard", description="tensorboard (written when the package is installed), mlflow, none, or a list")
+        "auto", description="auto (TensorBoard scalars when the tensorboard package is installed, else nothing), "
+                            "tensorboard (an error without the package), mlflow, none, or a list")
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite:///<run's parent>/mlflow.db)")
     experiment: str = Field("kdkit", min_length=1, description="MLflow experiment name")
     run_name: Optional[str] = Field(None, description="MLflow run name (default: the run directory's name)")

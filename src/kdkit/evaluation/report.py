@@ -82,7 +82,7 @@ def _table_html(models: Dict[str, Dict[str, Any]]) -> str:
             spread = f' <small>({_cell(q1, fmt)}&ndash;{_cell(q3, fmt)})</small>' if q1 is not None else ""
             cells.append(html.escape(text) + spread)
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _latency_note(models: Dict[str, Dict[str, Any]]) -> str:
@@ -247,6 +247,19 @@ def _curves_html(report: Mapping[str, Any], histories: Dict[str, Sequence[Dict[s
             f'<script type="application/json" id="plot-data">{blob}</script>')
 
 
+def _verdict_html(report: Mapping[str, Any]) -> str:
+    """The result in a sentence and the run's warnings, first on the page."""
+    from .verdict import headline
+
+    sentence = report.get("headline")
+    if not isinstance(sentence, str):
+        sentence = headline(report.get("models") or {}, report.get("split") or "test")
+    out = f'<p class="summary"><strong>{html.escape(sentence)}</strong></p>' if sentence else ""
+    for w in report.get("warnings") or []:
+        out += f'<p class="warning">Warning: {html.escape(str(w))}</p>'
+    return out
+
+
 def render_html(report: Mapping[str, Any], histories: Dict[str, Sequence[Dict[str, Any]]],
                 run_dir: Optional[Path] = None, extra_html: str = "") -> str:
     """The report page of ``report`` (the content of ``report.json``) and its training ``histories``."""
@@ -257,8 +270,11 @@ def render_html(report: Mapping[str, Any], histories: Dict[str, Sequence[Dict[st
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
-th{{background:#f3f3f3}}table.run td{{text-align:left}}img{{max-width:100%}}</style></head>
+th{{background:#f3f3f3}}table.run td{{text-align:left}}img{{max-width:100%}}
+p.warning{{background:#fff4e5;border-left:4px solid #e69500;padding:6px 10px}}
+.scroll{{max-width:100%;overflow-x:auto}}</style></head>
 <body><h1>{html.escape(title)}</h1>
+{_verdict_html(report)}
 {_run_html(report, run_dir)}
 <h2>Results</h2>
 <p>{html.escape((split or "test").capitalize())}-split metrics. Agreement: share of inputs where the model's arg-max

@@ -221,6 +221,7 @@ class Space:
                 continue
             _set(raw, key, value)
         raw["out_dir"] = str(out_dir)
+        raw["train"]["quiet"] = True  # a trial is one line of the sweep's; its epochs are in its run directory
         if cache_dir is not None:
             raw["train"]["cache_dir"] = cache_dir
         if tracking is not None:
@@ -441,7 +442,7 @@ class _Objective:
 
         try:
             with epoch_hook(report):
-                execute(cfg, self.space.command)
+                execute(cfg, self.space.command, warn=False)
         except optuna.TrialPruned:
             self._record(trial, cfg, before, epochs, t0)
             self.say(f"trial {trial.number}: {self._show(values)} -> pruned at epoch {epochs[-1]}")

@@ -30,7 +30,7 @@ def task_for(data: Any) -> Task:
     return next(t for t in TASKS if t.matches(train))
 
 
-def evaluate(model: nn.Module, data, teacher: Optional[nn.Module] = None, batch_size: int = 512,
+def evaluate(model: nn.Module, data: Any, teacher: Optional[nn.Module] = None, batch_size: int = 512,
              measure_latency: bool = True, input_shape: Optional[Sequence[int]] = None) -> Dict[str, float]:
     """Everything about ``model`` on ``data``, as its kind of task measures it (``kdkit.evaluate``).
 

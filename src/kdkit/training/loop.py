@@ -235,7 +235,8 @@ def _setup(method: nn.Module, train_data, cfg: TrainConfig, *, run_dir, seed: in
             raise KdkitError(problem)
     cache_cfg = cfg.model_copy(update={"teacher_cache": "off"}) if fsdp else cfg
     cache, history.teacher_cache = prepare_teacher_cache(method, train_data, cache_cfg, batch_size=eval_batch_size,
-                                                         rank=rank, world_size=world, task=task)
+                                                         rank=rank, world_size=world, task=task,
+                                                         log=(lambda _m: None) if cfg.quiet else None)
     if fsdp:
         history.teacher_cache = "off (strategy fsdp: the sharded teacher runs live)"
     # Before sharding: a teacher store is written by rank 0 alone, with the whole teacher.

@@ -2,14 +2,15 @@
 
 The run config chooses (``tracking:``, see :class:`kdkit.config.TrackingConfig`)::
 
-    tracking: tensorboard          # the default: run_dir/tensorboard/ when the tensorboard package is installed
+    tracking: auto                 # the default: run_dir/tensorboard/ when the tensorboard package is installed
+    tracking: tensorboard          # TensorBoard, an error before any work when the package is missing
     tracking: mlflow               # MLflow, in a SQLite store beside the run directory
     tracking: none                 # neither
     tracking: {backend: [tensorboard, mlflow], uri: http://mlflow:5000, experiment: fashion}
 
-Neither backend is needed for training: TensorBoard is skipped silently when it is not installed (as it
-always was), MLflow is imported only when a config asks for it, and without the ``track`` extra that
-config fails before any work starts.
+Neither backend is needed for training: the default ``auto`` skips TensorBoard quietly when it is not
+installed, MLflow is imported only when a config asks for it; a backend named in the config whose package is
+missing (the ``track`` extra) fails before any work starts.
 
 MLflow (rank 0 only, under DDP):
 
@@ -95,17 +96,27 @@ class Backend:
         pass
 
 
-class TensorBoardBackend(Backend):
-    """Per-epoch scalars in ``run_dir/tensorboard`` when the tensorboard package is installed (else nothing)."""
+def tensorboard_installed() -> bool:
+    import importlib.util
 
-    def __init__(self) -> None:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class TensorBoardBackend(Backend):
+    """Per-epoch scalars in ``run_dir/tensorboard``. ``required``: asked for by name, so a missing tensorboard
+    package is an error before any work; else (``tracking: auto``) it is skipped quietly."""
+
+    def __init__(self, required: bool = False) -> None:
         self.writer = None
+        if required and not tensorboard_installed():
+            raise KdkitError("tracking: tensorboard needs the tensorboard package: pip install 'kdkit[track]' "
+                             "(or tracking: auto, which writes TensorBoard scalars only when it is installed)")
 
     def start(self, run_dir: Path, params: Dict[str, Any], resume: bool) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
+        if not tensorboard_installed():
             return
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log_epoch(self, record: Dict[str, Any]) -> None:
@@ -288,8 +299,8 @@ class Tracking:
             return cls()
         backends: List[Backend] = []
         for name in tracking.backends():
-            if name == "tensorboard":
-                backends.append(TensorBoardBackend())
+            if name in ("tensorboard", "auto"):
+                backends.append(TensorBoardBackend(required=name == "tensorboard"))
             elif name == "mlflow":
                 backends.append(MlflowBackend(tracking.uri, tracking.experiment, tracking.run_name,
                                               tracking.artifact_location, tracking.parent_run_id, tracking.tags))
@@ -354,9 +365,10 @@ def parent_run(tracking: Any, directory, name: str, params: Optional[Dict[str, A
     Args:
         tracking: the group's :class:`kdkit.config.TrackingConfig`. Without MLflow in its backends this is a
             no-op that yields ``tracking`` unchanged.
-        directory: the group's folder (the sweep directory). The default store is ``directory/mlflow.db``;
-            the parent's run id is kept in ``directory/tracking.json``, so a resumed group continues the same
-            parent run.
+        directory: the group's folder (the sweep directory). The default store is the one a run directory
+            there would use, ``mlflow.db`` in its parent folder (so ``kdkit sweep`` with ``out_dir: runs/s``
+            and ``kdkit distill`` with ``out_dir: runs/kd`` share ``runs/mlflow.db``); the parent's run id is
+            kept in ``directory/tracking.json``, so a resumed group continues the same parent run.
         name: the parent run's name; ``params`` (flattened if nested) are logged on a new parent run.
 
     Yields:
@@ -377,10 +389,10 @@ def parent_run(tracking: Any, directory, name: str, params: Optional[Dict[str, A
     directory.mkdir(parents=True, exist_ok=True)
     backend = MlflowBackend(tracking.uri, tracking.experiment, name, tracking.artifact_location, None,
                             {**tracking.tags, "kdkit.kind": "parent"})
-    # The parent's own store is directory/mlflow.db: start() treats `directory` as a run directory in its parent.
-    backend.uri = tracking.uri or default_uri(directory)
+    # The parent's store is the one any run directory beside `directory` uses: mlflow.db in the parent folder.
+    backend.uri = tracking.uri or default_uri(directory.resolve().parent)
     if backend.artifact_location is None and tracking.uri is None:
-        backend.artifact_location = (directory.resolve() / DEFAULT_ARTIFACTS).as_uri()
+        backend.artifact_location = (directory.resolve().parent / DEFAULT_ARTIFACTS).as_uri()
     session = Tracking([backend])
     resume = (directory / TRACKING_FILE).is_file()
     with session.session(directory, flatten(params or {}), resume=resume):
