@@ -68,6 +68,7 @@ REGIMES = {
     "labels": "labels only, training split",
     "kd": "logits KD, training split",
     "kd+transfer": "logits KD, training split + unlabelled transfer set",
+    "kd+transfer-long": "the same, twice the epochs",
     "minilm": "MiniLM last-layer attention + value relations (6 relation heads) + logits KD, training split",
     "labels-long": "labels only, training split, as many steps as kd+transfer",
     "textbrewer": "TextBrewer BasicDistiller, same KD loss, training split (untrimmed student)",
@@ -121,11 +122,11 @@ def make_student(name: str, teacher, corpus: torch.Tensor, trim: bool = True):
 def regime_epochs(regime: str, splits, args) -> int:
     if regime == "labels-long":  # the steps of kd+transfer, in epochs of the training split
         return round(args.epochs * len(splits.transfer) / len(splits.train))
-    return args.epochs
+    return 2 * args.epochs if regime.endswith("-long") else args.epochs
 
 
 def train_job(student_name: str, regime: str, seed: int, teacher, splits, args):
-    data = splits.transfer if regime == "kd+transfer" else splits.train
+    data = splits.transfer if regime.startswith("kd+transfer") else splits.train
     torch.manual_seed(seed)
     student = make_student(student_name, teacher, data.x, trim=regime != "textbrewer")
     hidden = STUDENTS[student_name][1]
@@ -247,12 +248,16 @@ def jobs(args) -> List[tuple]:
             for r in ("labels", "kd+transfer"):
                 order.append((s, r, seed))
     for seed in args.seeds:
+        order.append(("L3-192", "kd+transfer-long", seed))
+    for seed in args.seeds:
         for r in ("kd", "minilm", "textbrewer", "labels-long"):
             order.append(("L2-192", r, seed))
     for s in ("L2-128", "L2-384"):
         for seed in args.seeds:
             for r in ("labels", "kd+transfer"):
                 order.append((s, r, seed))
+    if args.regimes:
+        order = [j for j in order if j[1] in args.regimes]
     return order
 
 
@@ -340,7 +345,7 @@ def verdict(table, teacher_rec, lat, seeds) -> Dict[str, Any]:
     beats = {}
     for name in STUDENTS:
         lab = table.get(f"{name}/labels")
-        for regime in ("kd+transfer", "kd", "minilm"):
+        for regime in ("kd+transfer", "kd+transfer-long", "kd", "minilm"):
             kd = table.get(f"{name}/{regime}")
             if lab and kd:
                 gain = kd["fp32"]["accuracy"] - lab["fp32"]["accuracy"]
@@ -373,7 +378,8 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     cell = result["latency"].get("onnxruntime median b1", {}).get("ms", {})
     fig, ax = plt.subplots(figsize=(8, 5.5))
     t = result["teacher"]
-    markers = {"labels": "o", "kd": "s", "kd+transfer": "D", "minilm": "^", "labels-long": "v", "textbrewer": "P"}
+    markers = {"labels": "o", "kd": "s", "kd+transfer": "D", "kd+transfer-long": "d", "minilm": "^",
+               "labels-long": "v", "textbrewer": "P"}
     colors = dict(zip(STUDENTS, ["tab:blue", "tab:orange", "tab:green", "tab:purple"]))
     for kind, face in (("fp32", "k"), ("int8", "none")):
         ms = cell.get(f"teacher {kind}")
@@ -446,6 +452,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--budget-min", type=float, default=85.0)
     p.add_argument("--transfer-limit", type=int, default=None, help="use at most this many transfer texts")
+    p.add_argument("--regimes", nargs="+", default=None, help="run only the jobs of these regimes")
+    p.add_argument("--jobs-only", action="store_true",
+                   help="train and export the jobs, then stop (no latency, no results file): a second process")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny data, one seed, one epoch, own folders")
     p.add_argument("--table", type=Path, default=None, help="print the table of a results JSON and exit")
     args = p.parse_args(argv)
@@ -478,6 +487,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             cut.append(" ".join(map(str, job)))
         else:
             results.append(r)
+    if args.jobs_only:
+        log(f"jobs done: {len(results)}; cut: {cut}")
+        return 0
     table = summarise(results)
     from kdkit.training.checkpoint import load_weights
 

@@ -213,7 +213,7 @@ def test_regression_csv_run_exports_a_file_that_takes_raw_rows(tmp_path):
     kdkit.run_config(load_config(cfg), "train")
     result = export_run(tmp_path / "run", "onnx")
     assert result["normalisation"].startswith("baked in") and result["input_columns"] == ["f1", "f2", "f3"]
-    stored = json.loads((tmp_path / "run" / "export" / "model.json").read_text())
+    stored = json.loads((tmp_path / "run" / "export" / "model.onnx.json").read_text())
     assert stored["preprocess"]["target_mean"] == result["preprocess"]["target_mean"]
     splits = build_data(load_config(cfg).data)
     model = build_model(load_config(cfg).model.model_copy(update={"checkpoint": str(tmp_path / "run")}), splits)

@@ -121,3 +121,57 @@ def test_a_distilled_run_prints_its_warning_and_puts_it_in_the_report(tmp_path, 
     assert report["headline"].startswith("The student reached a test accuracy of")
     page = (tmp_path / "kd" / "report.html").read_text()
     assert report["headline"].replace("'", "&#x27;") in page
+
+
+def test_demo_into_a_taken_folder_suggests_what_the_demo_accepts(tmp_path, capsys):
+    from kdkit.cli import main
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "x").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--out {tmp_path / 'demo'}-2" in err
+    assert "--resume" not in err and "out_dir=" not in err and (tmp_path / "demo" / "x").read_text() == "mine"
+
+
+def test_the_demo_report_says_what_was_run_and_links_each_run(tmp_path):
+    from kdkit.recipes.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", epochs=1, progress=False)
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert [r["name"] for r in report["runs"]][:3] == ["teacher", "scratch", "distilled"]
+    for r in report["runs"]:
+        assert f'href="{r["dir"]}/report.html"' in page and (tmp_path / "demo" / r["dir"] / "report.html").exists()
+    assert "<em>unknown</em>" not in page
+    assert report["headline"].startswith("With every label, the distilled student reached")
+    acc = f"{100 * report['models']['distilled']['accuracy']:.2f}%"
+    assert acc in report["headline"]
+
+
+def test_latency_is_timed_on_one_thread_whatever_the_process_uses():
+    from kdkit.evaluation.metrics import latency
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = latency(torch.nn.Linear(4, 2), (4,), batch_sizes=(1,), repeats=3, warmup=1)
+        assert out["latency_threads"] == 1 and torch.get_num_threads() == 2  # restored afterwards
+        m = kdkit.evaluate(torch.nn.Linear(4, 2), (torch.randn(8, 4), torch.randint(0, 2, (8,))))
+        assert m["latency_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_plots_give_every_line_its_colour_label_every_choice_and_zoom_accuracy():
+    from kdkit.evaluation.plots import accuracy_floor, series_colors
+    from kdkit.recipes.sweep_space import parse_space
+
+    assert len(set(series_colors(12))) == 12 and len(set(series_colors(5))) == 5
+    # first epochs (30 %) are left off the scale; the rest starts just below its lowest value, on a multiple of 5
+    series = [{"y": [30.0, 91.0, 97.5]}, {"y": [40.0, 88.2, 96.0]}]
+    assert accuracy_floor(series, [99.4]) == 85.0 and accuracy_floor([]) is None
+    from kdkit.recipes.sweep_report import axis_labels
+
+    (dim,) = parse_space({"method.name": ["kd", "dist", "dkd"]})
+    assert axis_labels(dim) == [("kd", 0.0), ("dist", 0.5), ("dkd", 1.0)]  # the middle choice is named too

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +265,24 @@ def _weight_bytes(graph) -> int:
     from onnx import numpy_helper
 
     return sum(numpy_helper.to_array(i).nbytes for i in graph.initializer if len(i.dims) >= 2)
+
+
+def test_lm_export_writes_a_model_card_and_a_record_per_file(fortune_file, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from kdkit.export import export_run
+
+    cfg = {"out_dir": str(tmp_path / "lm"), "seed": 0,
+           "data": {"name": "text_lm", "path": str(fortune_file), "vocab_size": 300, "max_length": 16,
+                    "val_fraction": 0.1, "test_fraction": 0.1, "cache_dir": str(tmp_path / "tok"), "batch_size": 16},
+           "model": {"name": "causal_lm", "layers": 1, "hidden": 32, "heads": 2},
+           "train": {"epochs": 1, "lr": 0.01, "progress": False, "quiet": True, "threads": 1}}
+    run = kdkit.run_config(kdkit.load_config(cfg), "train")
+    first = export_run(run.dir, "onnx")
+    second = export_run(run.dir, "onnx", int8=True, int8_max_drop=100.0)
+    folder = Path(first["file"]).parent
+    assert (folder / "model.onnx.json").is_file() and (folder / "model-int8.onnx.json").is_file()
+    assert json.loads((folder / "model.onnx.json").read_text())["int8"] is False  # the first record is kept
+    card = (folder / "MODEL_CARD.md").read_text()
+    ppl = json.loads((run.dir / "report.json").read_text())["models"]["student"]["perplexity"]
+    assert "| perplexity | bits per byte |" in card and f"{ppl:.3f}" in card
+    assert "Predicts the next token" in card and "model-int8.onnx" in card and second["int8"]

@@ -180,7 +180,12 @@ def _other_commands(sub) -> None:
 
 def _demo_dir(out: Optional[str]) -> Path:
     if out is not None:
-        return Path(out)
+        p = Path(out)
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            free = next(f"{p}-{n}" for n in range(2, 10_000) if not Path(f"{p}-{n}").exists())
+            raise KdkitError(f"{p} already exists and is not empty; the demo writes a fresh folder: choose another "
+                             f"with --out (e.g. --out {free}), or leave --out out to get a free runs/demo-N")
+        return p
     base = Path("runs/demo")
     candidate, n = base, 1
     while candidate.exists() and any(candidate.iterdir()):

@@ -264,9 +264,15 @@ def run_compress(cfg: RunConfig) -> Ladder:
     model.eval()
     _save_final(run_dir, setup, model, final, steps, edits)
     summary = _summary(rows)
+    from ..evaluation.report import run_info
+
     write_report(run_dir, rows, recover.histories, title=f"kdkit compress: {cfg.data.name}",
                  extra={"dataset": cfg.data.name, "ladder": records, "summary": summary,
-                        "data_info": setup.splits.info},
+                        "data_info": setup.splits.info, "headline": _headline(summary),
+                        "run": {**run_info(cfg, student=model, teacher=setup.teacher, splits=setup.splits,
+                                           command="compress"),
+                                "method": {"name": "compress", "options": {
+                                    "steps": " -> ".join(r["name"] for r in records)}}}},
                  extra_html=_plot(rows) + _summary_html(summary))
     print(format_table(rows))
     return Ladder(model=final, float_model=model, rows=rows, dir=run_dir, steps=records)
@@ -302,6 +308,20 @@ def _summary(rows: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     if "accuracy" in t and "accuracy" in f:
         out["accuracy_drop_points"] = 100 * (t["accuracy"] - f["accuracy"])
     return out
+
+
+def _headline(summary: Dict[str, Any]) -> str:
+    """The ladder's result in a sentence."""
+    parts = []
+    if "bytes_reduction" in summary:
+        parts.append(f"{summary['bytes_reduction']:.1f}x smaller on disk")
+    if "latency_b1_speedup" in summary:
+        parts.append(f"{summary['latency_b1_speedup']:.1f}x faster at batch 1")
+    text = f"The last step ({summary['final']}) is " + (" and ".join(parts) or "measured") + " than the teacher"
+    if "accuracy_drop_points" in summary:
+        drop = summary["accuracy_drop_points"]
+        text += f", {abs(drop):.2f} accuracy points {'below' if drop >= 0 else 'above'} it"
+    return text + "."
 
 
 def _summary_html(summary: Dict[str, Any]) -> str:

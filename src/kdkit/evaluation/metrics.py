@@ -173,9 +173,19 @@ def latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[
     Inputs are random floats of ``input_shape``, or, with an integer ``example`` (one sample of token ids,
     shape ``input_shape``), that sample repeated over the batch: real ids, the sequence length fixed.
 
+    Always on one CPU thread (whatever the run trained with), so every command times a model alike.
+
     Returns ``latency_ms_b{bs}`` (median), ``latency_ms_b{bs}_q1`` / ``_q3`` (quartiles of the ``repeats``
-    timings), and ``latency_threads`` (torch's CPU threads while timing) and ``latency_repeats``.
+    timings), and ``latency_threads`` (torch's CPU threads while timing: 1) and ``latency_repeats``.
     """
+    from ..training.threads import single_thread
+
+    with single_thread():  # always one thread: the report, kdkit evaluate and kdkit export time alike
+        return _latency(model, input_shape, batch_sizes, repeats, warmup, example)
+
+
+def _latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[int], repeats: int, warmup: int,
+             example: Optional[torch.Tensor]) -> Dict[str, float]:
     model = model.eval()
     device = model_device(model)
     result = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 #: Keys of an epoch record that are not loss parts.
@@ -85,9 +86,14 @@ def curves_png(data: Dict[str, Any]) -> str:
     panels = [p for p in data["panels"] if p["series"]]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for s in panel["series"]:
+        colors = series_colors(len(panel["series"]))
+        for s, color in zip(panel["series"], colors):
             style = ":" if s["key"].startswith("train_") and panel["name"] == "accuracy" else "-"
-            ax.plot(s["x"], s["y"], style, marker="." if len(s["x"]) < 30 else None, label=s["label"])
+            ax.plot(s["x"], s["y"], style, marker="." if len(s["x"]) < 30 else None, label=s["label"], color=color)
+        if panel["name"] == "accuracy":
+            low = accuracy_floor(panel["series"], [h["y"] for h in panel.get("hlines", [])])
+            if low is not None:
+                ax.set_ylim(bottom=low, top=100.5)
         for h in panel.get("hlines", []):
             ax.axhline(h["y"], color="k", linestyle="--", linewidth=1, label=f"{h['label']} ({h['y']:.2f}%)")
         for m in panel.get("markers", []):
@@ -98,9 +104,26 @@ def curves_png(data: Dict[str, Any]) -> str:
         ax.set(xlabel="epoch", ylabel=panel["ylabel"], title=panel["title"])
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
     fig.tight_layout()
     return png_base64(fig)
+
+
+def series_colors(n: int) -> List[Any]:
+    """``n`` distinct colours: matplotlib's 10-colour cycle, or 20 paired colours beyond 10 lines (never a
+    colour used twice in one panel up to 20)."""
+    plt = pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def accuracy_floor(series: Sequence[Mapping[str, Any]], others: Sequence[float] = ()) -> Optional[float]:
+    """The lower edge of an accuracy axis (percent): just below the lowest value after each series' first
+    epoch, so that the epochs that matter are not squeezed into the top of an axis from 30 %. None: no data."""
+    values = [y for s in series for y in list(s["y"])[1:] if y is not None] + list(others)
+    if not values:
+        return None
+    return max(0.0, 5.0 * math.floor((min(values) - 1.0) / 5.0))
 
 
 def ladder_points(rows: Mapping[str, Mapping[str, Any]], key: str) -> List[Dict[str, Any]]:
@@ -126,11 +149,12 @@ def ladder_figure(rows: Mapping[str, Mapping[str, Any]]):
             handles[p["label"]] = ax.scatter([p["x"]], [p["y"]], marker=markers[i % len(markers)], color=f"C{i % 10}",
                                              s=50, zorder=2, label=p["label"])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels of a log axis overlapped
         ax.set(xlabel=label, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
     labels = [n for n in names if n in handles]  # a step measured in either panel is named once
     fig.legend([handles[n] for n in labels], labels, loc="lower center", ncol=min(4, max(1, len(labels))),
-               fontsize=8)
+               fontsize=10)
     fig.suptitle("Compression ladder: accuracy against latency and size")
     fig.tight_layout(rect=(0, 0.08 + 0.05 * ((len(labels) - 1) // 4), 1, 1))
     return fig

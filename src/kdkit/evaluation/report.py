@@ -224,7 +224,27 @@ def run_rows(report: Mapping[str, Any], run_dir: Optional[Path] = None) -> List[
     ]
 
 
+def _runs_html(runs: Sequence[Mapping[str, Any]], run_dir: Optional[Path]) -> str:
+    """A report over several runs (``kdkit demo``): one row per run, linking to its own report."""
+    head = "".join(f"<th>{h}</th>" for h in ("run", "command", "model", "teacher", "method", "labels", "epochs",
+                                            "seed", "report"))
+    rows = []
+    for r in runs:
+        link = f"{r['dir']}/report.html"
+        exists = run_dir is None or (Path(run_dir) / link).exists()
+        cells = [r.get("name"), r.get("command"), r.get("model"), r.get("teacher") or "none", r.get("method"),
+                 r.get("labels"), r.get("epochs"), r.get("seed")]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c)) if c is not None else f'<em>{UNKNOWN}</em>'}</td>"
+                                     for c in cells)
+                    + (f'<td><a href="{html.escape(link)}">{html.escape(link)}</a></td>' if exists else "<td></td>")
+                    + "</tr>")
+    return (f'<h2>What was run</h2><div class="scroll"><table class="run"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
 def _run_html(report: Mapping[str, Any], run_dir: Optional[Path]) -> str:
+    if report.get("runs"):
+        return _runs_html(report["runs"], run_dir)
     cells = []
     for key, label, text, raw in run_rows(report, run_dir):
         value = raw if raw is not None else html.escape(text) if text is not None else f"<em>{UNKNOWN}</em>"

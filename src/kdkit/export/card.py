@@ -111,13 +111,16 @@ def model_card(run_dir, cfg, report: Optional[Mapping[str, Any]], result: Mappin
     opts = ", ".join(f"{k}={v}" for k, v in (method.get("options") or {}).items())
     files = sorted(p for p in card_dir.iterdir() if p.suffix in (".onnx", ".pt") and not p.name.startswith("."))
     split = report.get("split", "test")
+    lm = any(isinstance(r, Mapping) and "perplexity" in r for r in models.values())
+    does = (f"Predicts the next token of text like the `{cfg.data.name}` corpus it was trained on, tokenised with its "
+            "tokenizer (kdkit's run directory holds it)" if lm else
+            f"Classifies inputs like those of the `{cfg.data.name}` dataset it was trained on, prepared exactly as "
+            "kdkit's dataset builder prepares them")
     lines = [
         f"# Model card: {spec.name if spec else 'model'} distilled with kdkit" if cfg.student
         else f"# Model card: {spec.name if spec else 'model'} trained with kdkit", "",
         "## Intended use", "",
-        f"Classifies inputs like those of the `{cfg.data.name}` dataset it was trained on, prepared exactly as "
-        f"kdkit's dataset builder prepares them. A small, fast " + ("student of the teacher below; " if cfg.student
-                                                                     else "model; ")
+        f"{does}. A small, fast " + ("student of the teacher below; " if cfg.student else "model; ")
         + "use it where that teacher's accuracy on this data is enough and its cost is not. Not for inputs from "
         "another distribution, nor for decisions about people without an evaluation on that population.", "",
         "## Data", "",
@@ -137,15 +140,8 @@ def model_card(run_dir, cfg, report: Optional[Mapping[str, Any]], result: Mappin
         f"- Seed: {cfg.seed}; device: {run.get('device', 'unknown')}; kdkit {run.get('kdkit', 'unknown')}, "
         f"torch {run.get('torch', 'unknown')}", "",
         f"## Metrics ({split} split, from `report.json`)", "",
-        "| model | accuracy | agreement w/ teacher | ECE | parameters | bytes | latency b1 (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, row in models.items():
-        if not isinstance(row, Mapping):
-            continue
-        lines.append(f"| {key} | {_pct(row.get('accuracy'))} | {_pct(row.get('agreement'))} | "
-                     f"{_num(row.get('ece'), '{:.4f}')} | {_num(row.get('parameters'))} | {_num(row.get('bytes'))} | "
-                     f"{_num(row.get('latency_ms_b1'), '{:.3f}')} |")
+    lines += _metrics_table(models, lm)
     lines += ["", "## How to load", ""] + _loading(files, run_dir, card_dir, result)
     parity = result.get("parity") or {}
     lines += ["## Limitations", "",
@@ -159,6 +155,29 @@ def model_card(run_dir, cfg, report: Optional[Mapping[str, Any]], result: Mappin
               *_accuracy_lines(result),
               "- Latency is CPU wall time on the machine that trained it; measure on yours."]
     return "\n".join(lines) + "\n"
+
+
+def _metrics_table(models: Mapping[str, Any], lm: bool) -> List[str]:
+    """The card's metrics table: classification figures, or perplexity and bits per byte for language models.
+    The teacher's agreement with itself is not a figure: its cell reads "-"."""
+    if lm:
+        out = ["| model | perplexity | bits per byte | token agreement w/ teacher | parameters | bytes |",
+               "|---|---:|---:|---:|---:|---:|"]
+    else:
+        out = ["| model | accuracy | agreement w/ teacher | ECE | parameters | bytes | latency b1 (ms) |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, row in models.items():
+        if not isinstance(row, Mapping):
+            continue
+        agree = "-" if key == "teacher" else _pct(row.get("agreement"))
+        if lm:
+            out.append(f"| {key} | {_num(row.get('perplexity'), '{:.3f}')} | {_num(row.get('bits_per_byte'), '{:.3f}')}"
+                       f" | {agree} | {_num(row.get('parameters'))} | {_num(row.get('bytes'))} |")
+        else:
+            out.append(f"| {key} | {_pct(row.get('accuracy'))} | {agree} | {_num(row.get('ece'), '{:.4f}')} | "
+                       f"{_num(row.get('parameters'))} | {_num(row.get('bytes'))} | "
+                       f"{_num(row.get('latency_ms_b1'), '{:.3f}')} |")
+    return out
 
 
 def _accuracy_lines(result: Mapping[str, Any]) -> List[str]:

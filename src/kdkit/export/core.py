@@ -19,10 +19,11 @@ and a mismatch beyond tolerance is a :class:`KdkitError`:
 Interface: one input named ``input`` of shape (batch, *input_shape) with a dynamic batch axis, one output named
 ``logits`` of shape (batch, classes) (regression: (batch, targets)). Preprocessing that a dataset records in
 ``info["preprocess"]`` is folded into the file (:class:`Preprocessed`): a ``csv`` run's export takes the CSV's raw
-feature columns (in the order ``export.json`` lists) and, for regression, returns predictions in the CSV's units.
+feature columns (in the order the export's record, ``model.onnx.json``, lists) and, for regression, returns
+predictions in the CSV's units.
 Image datasets record no such step: their inputs are expected exactly as the dataset builder produces them
 (pixels / 255, then standardised with the training split's mean and std, given in the report's
-``data_info.normalisation``). ``export.json`` says which applies beside the file.
+``data_info.normalisation``). The export's record (``model.onnx.json``) says which applies.
 
 ONNX export uses the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): in torch 2.13 the
 default dynamo exporter needs the ``onnxscript`` package, while the legacy path works with ``onnx`` alone and

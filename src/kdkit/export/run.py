@@ -37,13 +37,19 @@ def _load_run_model(run_dir: Path):
     return model, cfg, splits, task
 
 
+def record_path(path: Path) -> Path:
+    """Where the record of an exported file goes: beside it, its name plus ``.json`` (``model.onnx.json``,
+    ``model.pt.json``), so exports of several formats into one folder never share a record."""
+    return path.with_name(path.name + ".json")
+
+
 def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples: int = 256,
                calibration_samples: int = 512, int8_max_drop: float = 1.0, keep_int8: bool = False) -> Dict[str, Any]:
     """``kdkit export``: export a run directory's model, check parity on test inputs, add it to the report.
 
     The file goes to ``out`` or ``RUN_DIR/export/model[-int8].onnx`` / ``model.pt``; ``<file>.json`` beside it
-    holds the numbers, which are also appended to the run's report, and ``MODEL_CARD.md`` beside it describes the
-    model (:mod:`kdkit.export.card`; not for causal LMs).
+    (``model.onnx.json``) holds the numbers, which are also appended to the run's report, and ``MODEL_CARD.md``
+    beside it describes the model (:mod:`kdkit.export.card`).
     """
     from ..evaluation.report import append_report
     from ..training.rundir import read_json, write_json
@@ -62,7 +68,7 @@ def export_run(run_dir, fmt: str = "onnx", int8: bool = False, out=None, samples
                                   int8_max_drop=int8_max_drop, keep_int8=keep_int8)
     if task.writes_model_card:
         result["model_card"] = str(write_model_card(run_dir, cfg, result))
-    write_json(path.with_suffix(".json"), result)
+    write_json(record_path(path), result)
     append_report(run_dir, f"export_{path.stem}", result, section)
     return result
 

@@ -176,10 +176,14 @@ def generation_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 3
     The model is copied to the CPU if it is elsewhere; end-of-text does not stop generation (a fixed length, so
     every repeat does the same work).
     """
+    from ..training.threads import single_thread
+
     cpu = model if _device(model).type == "cpu" else copy.deepcopy(model).cpu()
     was = cpu.training
     cpu.eval()
     new_tokens = _room(cpu, prompt.shape[1], new_tokens)
+    threads = single_thread()
+    threads.__enter__()  # one thread, as every kdkit latency
     try:
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         if hasattr(cpu, "hf"):
@@ -192,9 +196,11 @@ def generation_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 3
             cpu.generate(prompt, **kwargs)
             times.append(time.perf_counter() - t0)
     finally:
+        threads.__exit__(None, None, None)
         cpu.train(was)
     med = statistics.median(times)
-    return {"gen_tokens_per_s": new_tokens / med, "gen_ms_per_token": 1000 * med / new_tokens}
+    return {"gen_tokens_per_s": new_tokens / med, "gen_ms_per_token": 1000 * med / new_tokens,
+            "latency_threads": 1, "latency_repeats": repeats}
 
 
 @torch.inference_mode()

@@ -46,6 +46,41 @@ def demo_configs(out: Path, epochs: int = 30, seed: int = 0) -> Dict[str, Dict[s
     }
 
 
+def _describe(spec: Dict[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    return f"{spec['name']}" + (f" ({opts})" if opts else "")
+
+
+def _runs(configs: Dict[str, Dict[str, Any]], out: Path) -> list:
+    """What each of the demo's runs was, for the report's "What was run" table (with links to their reports)."""
+    rows = []
+    for name, raw in configs.items():
+        distill = "student" in raw
+        fraction = raw["data"].get("labelled_fraction", 1.0)
+        rows.append({"name": name, "command": "distill" if distill else "train",
+                     "model": _describe(raw["student"] if distill else raw["model"]),
+                     "teacher": _describe(TEACHER) + " (the teacher run)" if distill else None,
+                     "method": _describe(METHOD) if distill else "labels only",
+                     "labels": f"{100 * fraction:.0f}% of the training images" + (
+                         " (the rest unlabelled)" if distill and fraction < 1 else ""),
+                     "epochs": raw["train"]["epochs"], "seed": raw.get("seed", 0),
+                     "dir": Path(raw["out_dir"]).relative_to(out).as_posix()})
+    return rows
+
+
+def _headline(rows: Dict[str, Dict[str, Any]]) -> str:
+    """The demo's result in a sentence: distilled against labels-only, with all labels and with a few."""
+    pct = int(SCARCE * 100)
+
+    def acc(name: str) -> str:
+        return f"{100 * rows[name]['accuracy']:.2f}%"
+
+    return (f"With every label, the distilled student reached {acc('distilled')} test accuracy against "
+            f"{acc('scratch')} for the same student trained on labels alone; with {pct}% of the labels, "
+            f"{acc(f'distilled_{pct}pct_labels')} against {acc(f'scratch_{pct}pct_labels')} (teacher "
+            f"{acc('teacher')}, {rows['teacher']['parameters'] // rows['distilled']['parameters']}x the parameters).")
+
+
 def run_demo(out: Path, epochs: int = 30, seed: int = 0, progress: bool = True) -> Dict[str, Any]:
     out = create_run_dir(out)
     configs = demo_configs(out, epochs, seed)
@@ -67,7 +102,8 @@ def run_demo(out: Path, epochs: int = 30, seed: int = 0, progress: bool = True) 
 
     histories = {name: read_metrics(raw["out_dir"]) for name, raw in configs.items()}
     report = write_report(out, rows, histories, title="kdkit demo: digits, CNN teacher -> MLP student",
-                          extra={"split": "test", "dataset": "digits", "labelled_fraction_scarce": SCARCE})
+                          extra={"split": "test", "dataset": "digits", "labelled_fraction_scarce": SCARCE,
+                                 "runs": _runs(configs, out), "headline": _headline(rows)})
     print()
     print(format_table(rows))
     print(f"\nrun directory: {out}  (open {out / 'report.html'})")

@@ -162,7 +162,7 @@ def _curves(history: List[Dict[str, Any]], metric: str) -> Optional[str]:
     ax_val.set(xlabel="epoch", title=metric)
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=10)
     fig.tight_layout()
     return png_base64(fig)
 
@@ -179,6 +179,16 @@ def _position(dim, value: Any) -> Optional[float]:
     if dim.log:
         lo, hi, v = math.log(lo), math.log(hi), math.log(v)
     return (v - lo) / (hi - lo)
+
+
+def axis_labels(dim) -> List[tuple]:
+    """``(text, position 0..1)`` of the labels of one parallel-coordinates axis: every choice of a choice (none
+    left unnamed in the middle), or the two ends of a range. A trial whose method does not take the option has
+    no point on the axis (it is never drawn as a value)."""
+    if dim.is_choice:
+        n = max(1, len(dim.choices) - 1)
+        return [(str(c), i / n) for i, c in enumerate(dim.choices)]
+    return [(f"{dim.low:g}", 0.0), (f"{dim.high:g}", 1.0)]
 
 
 def _parallel(rows: List[Dict[str, Any]], space, metric: str, maximize: bool) -> Optional[str]:
@@ -205,13 +215,12 @@ def _parallel(rows: List[Dict[str, Any]], space, metric: str, maximize: bool) ->
         ax.plot(xs, ys, "-o", color=cmap(quality), alpha=0.8, markersize=3)
     for i, d in enumerate(dims):
         ax.axvline(i, color="#999", lw=0.8)
-        ends = ([str(d.choices[0]), str(d.choices[-1])] if d.is_choice else [f"{d.low:g}", f"{d.high:g}"])
-        ax.annotate(ends[0], (i, 0), textcoords="offset points", xytext=(3, -12), fontsize=7)
-        ax.annotate(ends[1], (i, 1), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        for text, pos in axis_labels(d):
+            ax.annotate(text, (i, pos), textcoords="offset points", xytext=(4, -3), fontsize=9)
     ax.axvline(len(dims), color="#999", lw=0.8)
-    ax.annotate(f"{vlo:.4g}", (len(dims), 0), textcoords="offset points", xytext=(3, -12), fontsize=7)
-    ax.annotate(f"{vhi:.4g}", (len(dims), 1), textcoords="offset points", xytext=(3, 4), fontsize=7)
-    ax.set_xticks(range(len(dims) + 1), [d.key for d in dims] + [metric], fontsize=8)
+    ax.annotate(f"{vlo:.4g}", (len(dims), 0), textcoords="offset points", xytext=(4, -3), fontsize=9)
+    ax.annotate(f"{vhi:.4g}", (len(dims), 1), textcoords="offset points", xytext=(4, -3), fontsize=9)
+    ax.set_xticks(range(len(dims) + 1), [d.key for d in dims] + [metric], fontsize=10)
     ax.set_yticks([])
     ax.set_ylim(-0.12, 1.12)
     ax.set_title("Completed trials (brighter: better score; choices evenly spaced, ranges to scale)")

@@ -140,7 +140,7 @@ class Task:
         """Write ``model`` to ``path``, check its parity on the test split's inputs, time it (``int8_max_drop`` and
         ``keep_int8``: the accuracy rule of int8 text exports, see :mod:`kdkit.export.text`).
 
-        Returns the export record (``export.json``) and the report section (HTML) describing it."""
+        Returns the export's record (``model.onnx.json``) and the report section (HTML) describing it."""
         from ..evaluation.report import format_table
         from ..export.core import Preprocessed, export_model
 
@@ -166,7 +166,7 @@ class Task:
         return result, section
 
     def export_normalisation(self, splits, preprocess: Optional[Dict[str, Any]], dataset: str) -> Dict[str, Any]:
-        """What the exported file expects as input, for ``export.json`` and the model card."""
+        """What the exported file expects as input, for the export's record (``model.onnx.json``) and the model card."""
         if preprocess is None:
             return {"normalisation": "none baked in: feed inputs exactly as kdkit's dataset builder "
                                      f"{dataset!r} produces them"}

@@ -25,7 +25,6 @@ class CausalLM(TokenTask):
     name = "causal_lm"
     cache_refusal = ("a causal LM's teacher outputs are (N, L, V) next-token logits, too large for the dense cache "
                      "(lm_kd keeps a teacher store instead: method.store_kind)")
-    writes_model_card = False
 
     @staticmethod
     def matches(data) -> bool:
