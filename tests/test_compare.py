@@ -134,3 +134,26 @@ def test_absent_section_is_not_a_difference():
     a = RunSummary("a", None, {}, {"model": None, "student.name": "mlp", "seed": 0, "out_dir": "a"})
     b = RunSummary("b", None, {}, {"model.name": "mlp", "student": None, "seed": 0, "out_dir": "b"})
     assert differing_keys([a, b]) == {"model.name": ["-", "mlp"], "student.name": ["mlp", "-"]}
+
+
+def test_a_train_run_and_a_distill_run_differ_by_their_recipe_not_by_role_names(tmp_path):
+    import kdkit
+    from kdkit.evaluation.compare import compare_runs
+
+    base = {"data": {"name": "digits"}, "train": {"epochs": 1, "quiet": True}}
+    kdkit.run_config(kdkit.load_config({**base, "out_dir": str(tmp_path / "t"),
+                                        "model": {"name": "mlp", "hidden": [16]}}), "train")
+    kdkit.run_config(kdkit.load_config({**base, "out_dir": str(tmp_path / "s"),
+                                        "model": {"name": "mlp", "hidden": [16]},
+                                        "train": {"epochs": 1, "quiet": True, "progress": False}}), "train")
+    kdkit.run_config(kdkit.load_config({**base, "out_dir": str(tmp_path / "k"), "teacher": {"checkpoint":
+                                        str(tmp_path / "t")}, "student": {"name": "mlp", "hidden": [16]},
+                                        "method": {"name": "kd"}}), "distill")
+    same = compare_runs([tmp_path / "t", tmp_path / "s"])
+    assert same.differing == {}  # progress is a console setting, not a recipe difference
+    out = tmp_path / "cmp" / "page.html"
+    out.parent.mkdir()
+    both = compare_runs([tmp_path / "t", tmp_path / "k"], out=out)
+    assert not any(k.startswith(("model.", "student.")) for k in both.differing)  # model: = student:
+    page = out.read_text()
+    assert 'href="../t/report.html"' in page and 'href="../k/report.html"' in page

@@ -175,3 +175,21 @@ def test_plots_give_every_line_its_colour_label_every_choice_and_zoom_accuracy()
 
     (dim,) = parse_space({"method.name": ["kd", "dist", "dkd"]})
     assert axis_labels(dim) == [("kd", 0.0), ("dist", 0.5), ("dkd", 1.0)]  # the middle choice is named too
+
+
+def test_kdkit_train_calls_its_model_a_model(tmp_path, capsys):
+    from kdkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "configs/digits_teacher.yaml", "-q", "train.epochs=1", f"out_dir={tmp_path / 't'}"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    table = out.splitlines()
+    assert table[0].startswith("model ") and table[2].startswith("model ") and "student" not in out
+
+
+def test_the_sweep_page_shows_accuracies_in_percent_like_the_other_pages():
+    from kdkit.recipes.sweep_report import _score
+
+    assert _score("val_accuracy", 0.90556) == "90.56%" and _score("val_nll", 0.3123) == "0.3123"
+    assert _score("val_accuracy", None) == "-"

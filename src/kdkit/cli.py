@@ -329,7 +329,10 @@ def _cmd_train_or_distill(args: argparse.Namespace) -> int:
     result = api.run_config(cfg, args.command, resume=bool(args.resume))
     if result.dir is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
-    print(format_table(result.metrics))
+    shown = result.metrics
+    if args.command == "train":  # kdkit train trains one model (often a teacher): it is not a student
+        shown = {("model" if k == "student" else k): v for k, v in result.metrics.items()}
+    print(format_table(shown))
     print(f"run directory: {result.dir}")
     return 0
 

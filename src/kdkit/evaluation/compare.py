@@ -37,7 +37,9 @@ COLUMNS: List[Tuple[str, str, str]] = [
     ("wall_seconds", "wall s", "{:.1f}"),
 ]
 #: Config keys that differ between runs by construction and say nothing about the recipe.
-IGNORED_KEYS = ("out_dir",)
+IGNORED_KEYS = ("out_dir", "train.progress", "train.quiet")
+#: A run of kdkit train names its model ``model:``, one of kdkit distill ``student:``: the same role, compared as one.
+ROLE_ALIASES = (("model.", "student."),)
 MISSING = "-"
 
 
@@ -98,6 +100,20 @@ def load_run(path) -> RunSummary:
         numbers["wall_seconds"] = sum(r["epoch_seconds"] for r in epochs)
     return RunSummary(label=str(path), path=path, numbers=numbers,
                       config=flatten(config) if isinstance(config, dict) else {}, epochs=epochs)
+
+
+def _roles(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """``model.*`` keys of a kdkit train run read as ``student.*`` (the trained model's role), an absent
+    (null) section dropped, so a train run and a distill run of the same model do not differ by their names."""
+    out: Dict[str, Any] = {}
+    for k, v in flat.items():
+        for old, new in ROLE_ALIASES:
+            if k.startswith(old) or k == old[:-1]:
+                k = new + k[len(old):] if k.startswith(old) else new[:-1]
+        if v is None and k in out:
+            continue
+        out[k] = v
+    return out
 
 
 def check_run_dirs(paths: Sequence) -> List[Path]:
@@ -197,7 +213,20 @@ def _value_text(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, default=str)
 
 
-def render_html(comparison: Comparison) -> str:
+def _links(runs: Sequence[RunSummary], page: Optional[Path]) -> str:
+    """Each run's own report, linked from the comparison page (paths relative to where the page is written)."""
+    import os
+
+    items = []
+    for r in runs:
+        target = r.path / "report.html"
+        href = os.path.relpath(target.resolve(), page.resolve().parent) if page is not None else str(target)
+        items.append(f'<li><a href="{html.escape(href)}">{html.escape(r.label)}</a>'
+                     + ("" if target.exists() else " (no report.html)") + "</li>")
+    return f"<ul>{''.join(items)}</ul>"
+
+
+def render_html(comparison: Comparison, page: Optional[Path] = None) -> str:
     runs = comparison.runs
     metrics = _html_table(table_rows(runs))
     if comparison.differing:
@@ -205,7 +234,7 @@ def render_html(comparison: Comparison) -> str:
         rows += [[k] + [_value_text(v) for v in values] for k, values in comparison.differing.items()]
         config = _html_table(rows)
     else:
-        config = "<p>The runs' configs are the same (apart from out_dir).</p>"
+        config = "<p>The runs' configs are the same (apart from out_dir and the console settings).</p>"
     series = curve_series(runs)
     curves = "<p>No per-epoch metrics (metrics.jsonl) to plot.</p>"
     if series:
@@ -218,6 +247,8 @@ def render_html(comparison: Comparison) -> str:
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
 th{{background:#f3f3f3}}img{{max-width:100%}}</style></head>
 <body><h1>kdkit compare: {len(runs)} run(s)</h1>
+<h2>Runs</h2>
+{_links(runs, page)}
 <h2>Metrics</h2>
 <p>From each run's report.json (test split, or validation where there is none): the student, or the model of
 kdkit train. Kept epoch: the epoch whose weights were kept, of the epochs run. Wall s: seconds from set-up to the
@@ -244,10 +275,15 @@ def compare_runs(run_dirs: Sequence, out=None, force: bool = False) -> Compariso
     if out_path is not None and out_path.is_dir():
         raise KdkitError(f"--out {out_path} is a directory; expected an HTML file path")
     runs = [load_run(p) for p in paths]
+    has = {old: any(k.startswith(old) for r in runs for k in r.config if r.config[k] is not None)
+           for pair in ROLE_ALIASES for old in pair}
+    if all(has[a] and has[b] for a, b in ROLE_ALIASES):  # train and distill runs side by side: one role
+        for r in runs:
+            r.config = _roles(r.config)
     comparison = Comparison(runs=runs, differing=differing_keys(runs), table=format_rows(table_rows(runs)))
     if out_path is not None:
         try:
-            write_text_atomic(out_path, render_html(comparison))
+            write_text_atomic(out_path, render_html(comparison, out_path))
         except OSError as e:
             raise KdkitError(f"cannot write {out_path}: {e.strerror or e}") from None
         comparison.html_path = out_path

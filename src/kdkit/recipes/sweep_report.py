@@ -248,6 +248,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _score(metric: str, value: Any) -> str:
+    """A trial's score as the other pages show it: accuracies in percent, other metrics as numbers."""
+    if not isinstance(value, (int, float)):
+        return _fmt(value)
+    return f"{100 * value:.2f}%" if "accuracy" in metric or "f1" in metric else f"{value:.4g}"
+
+
 def _html(summary: Dict[str, Any], best_history, space, block) -> str:
     metric = summary["metric"]
     keys = [d.key for d in space.dims]
@@ -258,12 +265,13 @@ def _html(summary: Dict[str, Any], best_history, space, block) -> str:
     for r in summary["trials"]:
         style = ' style="background:#e8f4e8"' if r["trial"] == best else ""
         cells = [r["trial"], r["state"] + (f" (retry of {r['retry_of']})" if r["retry_of"] is not None else "")]
-        cells += [r["params"].get(k, "n/a") for k in keys] + [r["value"], r["epochs"], r["seconds"], r["teacher"]]
+        cells += [r["params"].get(k, "n/a") for k in keys] + [_score(metric, r["value"]), r["epochs"], r["seconds"],
+                                                              r["teacher"]]
         body.append(f"<tr{style}>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>")
     parts = [f"<h2>Trials</h2><p>Score: {html.escape(metric)} on the validation split at the epoch whose weights "
              f"were kept ({summary['direction']}). n/a: an option the trial's method does not take. Best trial "
              f"highlighted; its config is best.yaml.</p>",
-             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"]
+             f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>']
     t = summary["teacher"]
     parts.append(f"<h2>Teacher</h2><p>Teacher passes over the training set: {t['passes_done']} done "
                  f"({t['shared_cache_builds']} shared-cache build(s); {t['trials_on_shared_cache']} trial(s) read "
@@ -279,12 +287,13 @@ def _html(summary: Dict[str, Any], best_history, space, block) -> str:
         elif title == "Parameter importance":
             parts.append("<h2>Parameter importance</h2><p>Not computed: it needs at least 3 completed trials "
                          "sharing a searched setting.</p>")
-    best_line = (f"best: trial {best}, {metric} {summary['best']['value']:.4f}" if best is not None
+    best_line = (f"best: trial {best}, {metric} {_score(metric, summary['best']['value'])}" if best is not None
                  else "no trial has finished")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>kdkit sweep: {html.escape(summary['study'])}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f3f3f3}}img{{max-width:100%}}</style>
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f3f3f3}}img{{max-width:100%}}
+.scroll{{max-width:100%;overflow-x:auto}}</style>
 </head><body><h1>kdkit sweep: {html.escape(summary['study'])}</h1>
 <p>{html.escape(summary['sampler'])} sampler, pruner {html.escape(summary['pruner'])}, storage
 {html.escape(summary['storage'])}; {html.escape(best_line)}.</p>
