@@ -72,6 +72,7 @@ REGIMES = {
     "minilm": "MiniLM last-layer attention + value relations (6 relation heads) + logits KD, training split",
     "labels-long": "labels only, training split, as many steps as kd+transfer",
     "textbrewer": "TextBrewer BasicDistiller, same KD loss, training split (untrimmed student)",
+    "kd-untrimmed": "logits KD, training split, the student's vocabulary not trimmed (what textbrewer's student is)",
 }
 
 
@@ -128,7 +129,7 @@ def regime_epochs(regime: str, splits, args) -> int:
 def train_job(student_name: str, regime: str, seed: int, teacher, splits, args):
     data = splits.transfer if regime.startswith("kd+transfer") else splits.train
     torch.manual_seed(seed)
-    student = make_student(student_name, teacher, data.x, trim=regime != "textbrewer")
+    student = make_student(student_name, teacher, data.x, trim=regime not in ("textbrewer", "kd-untrimmed"))
     hidden = STUDENTS[student_name][1]
     lr = args.lr_pruned if hidden else args.lr_full
     common = dict(epochs=regime_epochs(regime, splits, args), lr=lr, batch_size=args.batch_size,
@@ -144,7 +145,7 @@ def train_job(student_name: str, regime: str, seed: int, teacher, splits, args):
         ns = argparse.Namespace(seed=seed, batch_size=args.batch_size, temperature=args.temperature,
                                 alpha=args.alpha, lr=lr, epochs=args.epochs)
         student = peer_text.run_textbrewer(teacher, student, data, cached=True, args=ns)["student"]
-    else:
+    else:  # kd, kd-untrimmed, kd+transfer(-long), minilm
         options = dict(temperature=args.temperature, alpha=args.alpha)
         if regime == "minilm":
             options.update(relation_heads=6)
@@ -250,7 +251,7 @@ def jobs(args) -> List[tuple]:
     for seed in args.seeds:
         order.append(("L3-192", "kd+transfer-long", seed))
     for seed in args.seeds:
-        for r in ("kd", "minilm", "textbrewer", "labels-long"):
+        for r in ("kd", "minilm", "textbrewer", "labels-long", "kd-untrimmed"):
             order.append(("L2-192", r, seed))
     for s in ("L2-128", "L2-384"):
         for seed in args.seeds:
@@ -267,14 +268,25 @@ def settings_of(args) -> Dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
-def run_job(job, teacher, splits, args) -> Optional[Dict[str, Any]]:
+def job_key(job) -> str:
     student_name, regime, seed = job
-    key = f"{student_name}_{regime}_{seed}".replace("+", "-")
-    path = OUT / "jobs" / f"{key}.json"
+    return f"{student_name}_{regime}_{seed}".replace("+", "-")
+
+
+def cached_job(job, args) -> Optional[Dict[str, Any]]:
+    """A finished job of the same settings, from ``OUT/jobs`` (None: not run yet)."""
+    path = OUT / "jobs" / f"{job_key(job)}.json"
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("settings") == settings_of(args):
             return saved
+    return None
+
+
+def run_job(job, teacher, splits, args) -> Optional[Dict[str, Any]]:
+    student_name, regime, seed = job
+    key = job_key(job)
+    path = OUT / "jobs" / f"{key}.json"
     if regime == "textbrewer":
         try:
             import textbrewer  # noqa: F401
@@ -378,8 +390,8 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     cell = result["latency"].get("onnxruntime median b1", {}).get("ms", {})
     fig, ax = plt.subplots(figsize=(8, 5.5))
     t = result["teacher"]
-    markers = {"labels": "o", "kd": "s", "kd+transfer": "D", "kd+transfer-long": "d", "minilm": "^",
-               "labels-long": "v", "textbrewer": "P"}
+    markers = {"labels": "o", "kd": "s", "kd-untrimmed": "X", "kd+transfer": "D", "kd+transfer-long": "d",
+               "minilm": "^", "labels-long": "v", "textbrewer": "P"}
     colors = dict(zip(STUDENTS, ["tab:blue", "tab:orange", "tab:green", "tab:purple"]))
     for kind, face in (("fp32", "k"), ("int8", "none")):
         ms = cell.get(f"teacher {kind}")
@@ -479,6 +491,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"teacher: fp32 {100 * t_rec['fp32']['accuracy']:.2f}%, int8 {100 * t_rec['int8']['accuracy']:.2f}%")
     results, cut = [], []
     for job in jobs(args):
+        r = cached_job(job, args)  # finished jobs are read back whatever the budget
+        if r is not None:
+            results.append(r)
+            continue
         if (time.perf_counter() - start) / 60 > args.budget_min:
             cut.append(" ".join(map(str, job)))
             continue
