@@ -314,3 +314,12 @@ def test_ctrl_c_during_a_sweep_is_one_line_with_the_resume_command(tmp_path, qui
     assert proc.returncode == 130
     assert "Traceback" not in err and "failed" not in err
     assert err.strip().splitlines()[-1] == "interrupted; continue the same study with the same command and --resume"
+
+
+def test_a_quiet_sweep_prints_no_line_per_trial_not_even_the_cache(teacher_run, tmp_path, capsys):
+    cfg = _cfg(teacher_run, tmp_path / "s", trials=2, sampler="random", pruner="none")
+    cfg["train"]["quiet"] = False  # the trials are quiet whatever the base config says
+    kdkit.sweep(cfg, space={"method.temperature": "1..8:log"}, quiet=True)
+    captured = capsys.readouterr()
+    assert "teacher cache" not in captured.err + captured.out and "warning:" not in captured.err
+    assert len(list((tmp_path / "s" / "trials").iterdir())) == 2
