@@ -103,6 +103,7 @@ def test_the_report_says_what_came_out_and_flags_a_worse_teacher_or_a_student_st
     worse = run_warnings({"teacher": {"perplexity": 60.0}, "student": {"perplexity": 40.0}})
     assert len(worse) == 1 and "teacher (perplexity 60) is worse than its student (40)" in worse[0]
     assert run_warnings({"teacher": {"accuracy": 0.95}, "student": {"accuracy": 0.953}}) == []  # within 0.5 points
+    assert run_warnings({"teacher": {"perplexity": 115.9}, "student": {"perplexity": 113.5}}) == []  # within 5 %
 
 
 def test_a_distilled_run_prints_its_warning_and_puts_it_in_the_report(tmp_path, capsys):

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 #: A teacher this far (accuracy points / relative perplexity) below its student is flagged.
 TEACHER_WORSE_POINTS = 0.5
-TEACHER_WORSE_PERPLEXITY = 0.02
+TEACHER_WORSE_PERPLEXITY = 0.05
 #: A student this far from its teacher, kept at its last epoch, is flagged as stopped too early.
 FAR_POINTS = 5.0
 FAR_PERPLEXITY = 0.25
