@@ -1,6 +1,6 @@
 """Benchmark: text students that are really smaller and faster than MiniLM-L6, in fp32 and int8 ONNX.
 
-    python benchmarks/text_students.py                 # about an hour of one core once the teacher is cached
+    python benchmarks/text_students.py                 # about 100 minutes of training jobs once the teacher is cached
     python benchmarks/text_students.py --table benchmarks/results/text_students.json
 
 1. Data: the fortunes topics of ``text_classification.py`` (six topics, 625 quotations each, 65 % training / 35 %
@@ -411,6 +411,11 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     for regime, m in markers.items():
         ax.scatter([], [], marker=m, color="gray", label=regime)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
     ax.set_xlabel("onnxruntime latency, batch 1, median test length, one thread (ms, log scale)", fontsize=11)
     ax.set_ylabel("test accuracy (%), mean of seeds", fontsize=11)
     ax.set_title("Fortunes topics: accuracy against latency (filled: fp32, hollow: int8)", fontsize=12)
@@ -469,6 +474,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="train and export the jobs, then stop (no latency, no results file): a second process")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny data, one seed, one epoch, own folders")
     p.add_argument("--table", type=Path, default=None, help="print the table of a results JSON and exit")
+    p.add_argument("--plot", type=Path, default=None, help="redraw the plot of a results JSON (next to it) and exit")
     args = p.parse_args(argv)
     global OUT, RESULT, PLOT
     if args.quick:
@@ -479,6 +485,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         tc.OUT = tc.OUT.with_name("text_classification_quick")
     if args.table:
         print(format_table(json.loads(args.table.read_text())))
+        return 0
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return 0
     torch.set_num_threads(1)
     start = time.perf_counter()
