@@ -128,15 +128,16 @@ class TextClassification(TokenTask):
             timed_lengths,
             write_side_files,
         )
-        from ..hf.models import load_tokenizer
+        from ..hf.models import PACKAGED_MODELS, load_tokenizer
 
         text = splits.info.get("text", {}) if isinstance(splits.info, dict) else {}
         if fmt != "onnx" or getattr(model, "pad_token_id", None) is None or not text:
             return super().export(model, splits, path, fmt, int8, samples=samples,
                                   calibration_samples=calibration_samples, dataset=dataset)
         path = Path(path)
-        tokenizer = load_tokenizer(text["tokenizer"]) if text.get("tokenizer") not in (None, "") and not \
-            text["tokenizer"].endswith("TokenizerFast") else getattr(model, "tokenizer", None)
+        name = text.get("tokenizer")  # the data's tokenizer: a folder or a packaged name (else an object's class)
+        loadable = isinstance(name, str) and (name in PACKAGED_MODELS or Path(name).is_dir())
+        tokenizer = load_tokenizer(name) if loadable else getattr(model, "tokenizer", None)
         if tokenizer is None:
             raise KdkitError("cannot export the text model's tokenizer: the data names none kdkit can load")
         files = side_files(tokenizer, splits.info.get("classes") or list(range(splits.num_classes)),
