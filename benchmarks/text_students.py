@@ -337,7 +337,7 @@ def summarise(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     return table
 
 
-def verdict(table, teacher_rec, lat, seeds) -> Dict[str, Any]:
+def verdict(table, teacher_rec, lat) -> Dict[str, Any]:
     """The ship candidate: the int8 student of the best mean accuracy among those at least 8x faster and 10x
     smaller than the fp32 teacher (else the most accurate int8 student), and what it meets."""
     t_acc, t_bytes, t_int8_bytes = teacher_rec["fp32"]["accuracy"], teacher_rec["fp32"]["bytes"], \
@@ -534,7 +534,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           "cpu_count": os.cpu_count()},
               "students": {k: v[2] for k, v in STUDENTS.items()}, "regimes": REGIMES, "teacher": t_rec,
               "table": table, "latency": lat, "cut": cut, "wall_seconds": time.perf_counter() - start}
-    result["verdict"] = verdict(table, t_rec, lat, args.seeds)
+    result["verdict"] = verdict(table, t_rec, lat)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1))
     plot(result, PLOT)

@@ -107,10 +107,10 @@ def _roles(flat: Dict[str, Any]) -> Dict[str, Any]:
     (null) section dropped, so a train run and a distill run of the same model do not differ by their names."""
     out: Dict[str, Any] = {}
     for k, v in flat.items():
-        for old, new in ROLE_ALIASES:
-            if k.startswith(old) or k == old[:-1]:
-                k = new + k[len(old):] if k.startswith(old) else new[:-1]
-        if v is None and k in out:
+        for old, new in ROLE_ALIASES:  # "model.hidden" -> "student.hidden", "model" -> "student"
+            if k == old[:-1] or k.startswith(old):
+                k = new[:-1] + k[len(old) - 1:]
+        if v is None and k in out:  # an absent section beside the same role's keys
             continue
         out[k] = v
     return out

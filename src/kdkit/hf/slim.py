@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ..data.core import trim_to_longest
 from ..errors import KdkitError
 from .models import HFClassifier
 
@@ -129,8 +130,6 @@ def _importance(model: HFClassifier, ids: torch.Tensor) -> Dict[str, torch.Tenso
         for start in range(0, len(ids), 32):
             batch = ids[start:start + 32]
             if model.trim:
-                from ..data.core import trim_to_longest
-
                 batch = trim_to_longest(batch, model.pad_token_id)
             mask_holder["mask"] = batch != model.pad_token_id
             model(batch)

@@ -182,21 +182,19 @@ def generation_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 3
     was = cpu.training
     cpu.eval()
     new_tokens = _room(cpu, prompt.shape[1], new_tokens)
-    threads = single_thread()
-    threads.__enter__()  # one thread, as every kdkit latency
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if hasattr(cpu, "hf"):
+        kwargs["eos_token_id"] = None
+    times = []
     try:
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        if hasattr(cpu, "hf"):
-            kwargs["eos_token_id"] = None
-        for _ in range(warmup):
-            cpu.generate(prompt, **kwargs)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            cpu.generate(prompt, **kwargs)
-            times.append(time.perf_counter() - t0)
+        with single_thread():  # one thread, as every kdkit latency
+            for _ in range(warmup):
+                cpu.generate(prompt, **kwargs)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                cpu.generate(prompt, **kwargs)
+                times.append(time.perf_counter() - t0)
     finally:
-        threads.__exit__(None, None, None)
         cpu.train(was)
     med = statistics.median(times)
     return {"gen_tokens_per_s": new_tokens / med, "gen_ms_per_token": 1000 * med / new_tokens,
